@@ -1,0 +1,124 @@
+"""Plain SFT on the primitive: cross-entropy with label smoothing, z-loss and
+``num_items_in_batch`` (``objectives.md`` §6), never materialising the logits."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .primitive import (Backend, GradInForwardFunction, LinearLogProbsFunction, LogProbs,
+                        Options, prepare)
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _token_loss(stats: LogProbs, label_smoothing: float, lse_square_scale: float):
+    """Per-token ``-(1-ε)·logp + ε·(lse - mean_v z) + λ·lse²`` (0 at ignored positions)."""
+    loss = -(1.0 - label_smoothing) * stats.logprobs
+    if label_smoothing:
+        loss = loss + label_smoothing * (stats.lse - stats.logits_mean)
+    if lse_square_scale:
+        loss = loss + lse_square_scale * stats.lse.square()
+    return loss
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: Backend = "auto",
+    grad_in_forward: bool | None = None,
+    filter_eps: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets``; agrees with
+    ``F.cross_entropy(hidden @ weight.T, targets)``.
+
+    Per token: ``-(1-ε)·log p(y) + ε·(lse - mean_v z) + λ·lse²`` with ε = ``label_smoothing``
+    (the same smoothing as ``F.cross_entropy``) and λ = ``lse_square_scale`` (z-loss).
+
+    Args:
+        hidden (Tensor): [..., H]; float32, bfloat16 or float16.
+        weight (Tensor): [V, H]; same dtype as ``hidden``.
+        targets (LongTensor): [...]; aligned with ``hidden`` (no shift).
+        bias (Tensor, optional): [V]. Default: None.
+        ignore_index (int): ignored targets cost nothing and count for nothing. Default: -100.
+        reduction (str): ``"mean"`` over scored tokens, ``"sum"`` or ``"none"`` (per-token
+            float32, shaped like ``targets``). All tokens ignored gives 0, not NaN.
+            Default: "mean".
+        num_items_in_batch (int or Tensor, optional): divide the summed loss by this count
+            instead (correct normalisation under gradient accumulation); with ``"mean"`` or
+            ``"sum"``. Default: None.
+        label_smoothing (float): in [0, 1]. Default: 0.0.
+        lse_square_scale (float): >= 0, z-loss weight. Default: 0.0.
+        temperature (float), softcap (float, optional), backend (str), filter_eps,
+            chunk_size: as in :func:`fused_losses.linear_logprobs`.
+        grad_in_forward (bool, optional): for ``"mean"``/``"sum"`` the upstream gradient is
+            known in forward, so gradients can be formed in the same pass as the loss (3
+            matmuls instead of 4, as Liger does). The trade-off: dW ([V, H]) is then held from
+            forward until backward, on top of the weight's own gradient buffer. Default (None):
+            on for the torch backend, whose one-pass chunks save the fourth matmul (see
+            README, "Benchmarks"); off for Triton, whose kernels recompute either way, so
+            holding dW would buy nothing.
+
+    Returns:
+        Tensor: scalar float32, or per-token [...] float32 for ``reduction="none"``.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if not lse_square_scale >= 0.0:
+        raise ValueError(f"lse_square_scale must be >= 0, got {lse_square_scale!r}")
+    if num_items_in_batch is not None:
+        if reduction == "none":
+            raise ValueError("num_items_in_batch divides a summed loss; it needs "
+                             "reduction='mean' or 'sum', got reduction='none'")
+        if not bool(torch.as_tensor(num_items_in_batch) > 0):
+            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch!r}")
+    backend_module, hidden_2d, rows, flat_targets = prepare(
+        hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
+        softcap=softcap, backend=backend)
+    opts = Options(temperature=float(temperature),
+                   softcap=None if softcap is None else float(softcap),
+                   with_logits_mean=label_smoothing > 0, filter_eps=filter_eps,
+                   chunk_size=chunk_size, ignore_index=ignore_index)
+
+    if reduction == "none" or not _use_grad_in_forward(grad_in_forward, backend_module):
+        stats = LogProbs(*LinearLogProbsFunction.apply(
+            hidden_2d, weight, bias, rows, flat_targets, backend_module, opts))
+        per_token = _token_loss(stats, label_smoothing, lse_square_scale)
+        if reduction == "none":
+            return per_token.view(targets.shape)
+        return per_token.sum() * _scale(reduction, num_items_in_batch, rows.numel())
+
+    scale = _scale(reduction, num_items_in_batch, rows.numel())
+
+    def head(stats: LogProbs) -> torch.Tensor:
+        return _token_loss(stats, label_smoothing, lse_square_scale).sum() * scale
+
+    return GradInForwardFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
+                                       backend_module, opts, head)
+
+
+def _use_grad_in_forward(requested: bool | None, backend_module) -> bool:
+    if requested is not None:
+        return bool(requested)
+    return hasattr(backend_module, "forward_backward")
+
+
+def _scale(reduction: str, num_items_in_batch, num_scored: int):
+    if num_items_in_batch is not None:
+        return 1.0 / num_items_in_batch
+    if reduction == "mean":
+        return 1.0 / max(num_scored, 1)
+    return 1.0

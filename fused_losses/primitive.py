@@ -1,0 +1,395 @@
+"""The one primitive: per-token target log-probs of ``softmax(hidden @ weight.T + bias)``.
+
+Everything in this library is a function of the per-token outputs computed here
+(``logprobs``, ``lse``, ``argmax``, ``entropy``, ``logits_mean``). The ``[tokens x vocab]``
+logits are never materialised: a backend walks them in tiles (Triton) or token chunks
+(PyTorch), keeps O(tokens) statistics, and recomputes the tiles in backward.
+
+Upstream gradients ``g = dL/dlogprobs``, ``h = dL/dlse``, ``e = dL/dentropy``,
+``u = dL/dlogits_mean`` turn into the logit gradient (``objectives.md``, Notation)::
+
+    dL/dz = p * (h - g - e * (z - mu)) + g * onehot(y) + u / V,   p = softmax(z), mu = sum_v p z
+
+followed by the soft-cap chain rule ``1 - (z/s)^2`` and ``1/temperature``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple
+
+import torch
+
+from . import _torch_backend
+
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS = ("auto", "triton", "torch")
+
+
+class LogProbs(NamedTuple):
+    """Per-token outputs of :func:`linear_logprobs`, each shaped like ``targets``.
+
+    ``logprobs``, ``lse``, ``entropy`` and ``logits_mean`` are float32 and differentiable;
+    ``argmax`` is int64. Ignored positions hold 0 (``argmax``: ``ignore_index``). Outputs not
+    asked for are ``None``.
+    """
+
+    logprobs: torch.Tensor
+    lse: torch.Tensor | None = None
+    argmax: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    logits_mean: torch.Tensor | None = None
+
+
+class Grads(NamedTuple):
+    """Per-token upstream gradients, [N] float32 each; ``None`` where no gradient flows."""
+
+    logprobs: torch.Tensor | None
+    lse: torch.Tensor | None
+    entropy: torch.Tensor | None
+    logits_mean: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything the backends need besides tensors; one frozen object so autograd stays simple."""
+
+    temperature: float = 1.0
+    softcap: float | None = None
+    with_argmax: bool = False
+    with_entropy: bool = False
+    with_logits_mean: bool = False
+    filter_eps: float | None = None
+    chunk_size: int | None = None  # torch backend: tokens per chunk; None = sized by memory
+    ignore_index: int = -100  # the argmax of an ignored position
+
+    def kernel_kwargs(self) -> dict:
+        return dict(temperature=self.temperature, softcap=self.softcap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checking: every error names the argument, what came and what was expected.
+# ---------------------------------------------------------------------------------------------
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _describe(name: str, t: torch.Tensor) -> str:
+    return f"{name} (shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device})"
+
+
+def validate(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    check_target_range: bool = True,
+) -> None:
+    """Raise a ``TypeError``/``ValueError`` naming the bad argument; return quietly otherwise."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _FLOATS:
+        raise TypeError(f"{_describe('hidden', hidden)}: expected a floating dtype {_FLOATS}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"{_describe('weight', weight)}: expected the dtype of hidden ({hidden.dtype})")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{_describe('targets', targets)}: expected integer token ids (int64)")
+    if hidden.dim() < 1:
+        raise ValueError(f"{_describe('hidden', hidden)}: expected shape [..., H]")
+    if weight.dim() != 2:
+        raise ValueError(f"{_describe('weight', weight)}: expected shape [V, H]")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{_describe('weight', weight)}: expected [V, {hidden.shape[-1]}] to match the "
+            f"last dim of {_describe('hidden', hidden)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{_describe('weight', weight)}: the vocabulary V must be >= 1")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{_describe('targets', targets)}: expected shape {tuple(hidden.shape[:-1])}, the "
+            f"leading shape of {_describe('hidden', hidden)} (targets are aligned, not shifted)")
+    for name, t in (("weight", weight), ("targets", targets)):
+        if t.device != hidden.device:
+            raise ValueError(f"{_describe(name, t)}: expected device {hidden.device} (of hidden)")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{_describe('bias', bias)}: expected shape [{weight.shape[0]}] (V)")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(
+                f"{_describe('bias', bias)}: expected dtype {hidden.dtype} on {hidden.device}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
+    if check_target_range and targets.numel():
+        vocab = weight.shape[0]
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):
+            first = targets[bad][0].item()
+            raise ValueError(
+                f"{_describe('targets', targets)}: {int(bad.sum())} id(s) outside [0, {vocab}) "
+                f"that are not ignore_index={ignore_index} (first: {first})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend dispatch
+# ---------------------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_backend():
+    from . import kernels  # lazy: triton is optional
+
+    return kernels
+
+
+def resolve_backend(backend: str, device: torch.device):
+    """The backend module for ``backend`` on ``device``; errors list the valid names."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            try:
+                return _triton_backend()
+            except ImportError:
+                return _torch_backend
+        return _torch_backend
+    if backend == "torch":
+        return _torch_backend
+    if device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got device {device}); CPU tensors run only "
+            "under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
+    return _triton_backend()
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+def _scatter(values: torch.Tensor | None, rows: torch.Tensor, size: int, fill=0):
+    if values is None:
+        return None
+    out = torch.full((size,), fill, dtype=values.dtype, device=values.device)
+    return out.index_copy_(0, rows, values)
+
+
+class LinearLogProbsFunction(torch.autograd.Function):
+    """Forward: per-token statistics of the scored rows. Backward: recompute tiles.
+
+    Saves only the inputs and [N]-sized statistics: nothing ``tokens x vocab`` and no
+    ``[V, H]`` gradient survives from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, targets, backend, opts: Options):
+        # hidden [M, H] (all rows); rows [N] int64, the scored rows; targets [N]
+        size = hidden.shape[0]
+        stats = LogProbs(*backend.forward(hidden, weight, bias, rows, targets,
+                                          **_forward_kwargs(opts)))
+        ctx.save_for_backward(hidden, weight, bias, rows, targets, stats.lse, stats.entropy)
+        ctx.backend, ctx.opts = backend, opts
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*(t for t in (stats.argmax,) if t is not None))
+        return (
+            _scatter(stats.logprobs, rows, size),
+            _scatter(stats.lse, rows, size),
+            _scatter(stats.argmax, rows, size, fill=opts.ignore_index),
+            _scatter(stats.entropy, rows, size),
+            _scatter(stats.logits_mean, rows, size),
+        )
+
+    @staticmethod
+    def backward(ctx, g_logprobs, g_lse, _g_argmax, g_entropy, g_logits_mean):
+        hidden, weight, bias, rows, targets, lse, entropy = ctx.saved_tensors
+        grads = Grads(*(None if g is None else g.index_select(0, rows).to(lse.dtype)
+                        for g in (g_logprobs, g_lse, g_entropy, g_logits_mean)))
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if all(g is None for g in grads) or rows.numel() == 0:
+            return _zero_grads(hidden, weight, bias, ctx.needs_input_grad)
+        grad_hidden, grad_weight, grad_bias = ctx.backend.backward(
+            hidden, weight, bias, rows, targets, lse, entropy, *grads,
+            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+            filter_eps=ctx.opts.filter_eps, **_backward_kwargs(ctx.opts))
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _zero_grads(hidden, weight, bias, needs):
+    return tuple(torch.zeros_like(t) if (t is not None and need) else None
+                 for t, need in zip((hidden, weight, bias), needs[:3])) + (None,) * 4
+
+
+def _forward_kwargs(opts: Options) -> dict:
+    kwargs = dict(opts.kernel_kwargs(), with_argmax=opts.with_argmax,
+                  with_entropy=opts.with_entropy, with_logits_mean=opts.with_logits_mean)
+    if opts.chunk_size is not None:
+        kwargs["chunk_size"] = opts.chunk_size
+    return kwargs
+
+
+def _backward_kwargs(opts: Options) -> dict:
+    kwargs = opts.kernel_kwargs()
+    if opts.chunk_size is not None:
+        kwargs["chunk_size"] = opts.chunk_size
+    return kwargs
+
+
+# A loss head for the gradient-in-forward path: maps a chunk's per-token statistics to the
+# chunk's (already normalised) scalar loss. Only valid when the loss is a sum of per-token
+# terms whose normaliser is known before the pass. Its upstream gradients come from
+# autograd on the [n]-sized statistics, so a head is written once, as plain math.
+TokenLossHead = Callable[[LogProbs], torch.Tensor]
+
+
+def _loss_and_grads(head: TokenLossHead, stats: tuple) -> tuple[torch.Tensor, Grads]:
+    with torch.enable_grad():
+        leaves = [s if s is None or not s.is_floating_point() else s.detach().requires_grad_()
+                  for s in stats]
+        loss = head(LogProbs(*leaves))
+        wrt = [leaves[i] for i in (0, 1, 3, 4)]
+        present = [t for t in wrt if t is not None]
+        found = iter(torch.autograd.grad(loss, present, allow_unused=True)) if loss.requires_grad \
+            else iter([None] * len(present))
+    return loss.detach(), Grads(*(None if t is None else next(found) for t in wrt))
+
+
+class GradInForwardFunction(torch.autograd.Function):
+    """A summed per-token loss whose input gradients are formed during the forward pass.
+
+    On a backend with a one-pass ``forward_backward`` (the torch backend) each chunk's logits
+    are formed once for the loss and its gradients: 3 matmuls instead of 4. The price: dW
+    ([V, H]) is held from forward to backward. Backward only scales by the incoming scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, targets, backend, opts: Options,
+                head: TokenLossHead):
+        needs = dict(need_hidden=hidden.requires_grad, need_weight=weight.requires_grad,
+                     need_bias=bias is not None and bias.requires_grad)
+        typed_head = lambda stats: _loss_and_grads(head, stats)  # noqa: E731
+        one_pass = getattr(backend, "forward_backward", None)
+        if one_pass is not None:
+            loss, *input_grads = one_pass(hidden, weight, bias, rows, targets, typed_head,
+                                          filter_eps=opts.filter_eps, **needs,
+                                          **_forward_kwargs(opts))
+        else:  # forward, then the backward kernels with the head's gradients
+            stats = backend.forward(hidden, weight, bias, rows, targets, **_forward_kwargs(opts))
+            loss, grads = typed_head(stats)
+            input_grads = backend.backward(hidden, weight, bias, rows, targets, stats[1],
+                                           stats[3], *grads, filter_eps=opts.filter_eps,
+                                           **needs, **_backward_kwargs(opts))
+        ctx.save_for_backward(*input_grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        scaled = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        return scaled + (None,) * 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+def prepare(hidden, weight, targets, bias, *, ignore_index, temperature, softcap, backend):
+    """Validate, flatten to [M, H] and list the scored rows; shared by every fused entry point."""
+    validate(hidden, weight, targets, bias, ignore_index=ignore_index,
+             temperature=temperature, softcap=softcap)
+    backend_module = resolve_backend(backend, hidden.device)
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    # Ignored rows are never visited: they cost no FLOPs and get zero gradient.
+    rows = (flat_targets != ignore_index).nonzero().squeeze(-1)
+    return backend_module, hidden_2d, rows, flat_targets.index_select(0, rows).long()
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    return_argmax: bool = False,
+    return_entropy: bool = False,
+    return_logits_mean: bool = False,
+    backend: Backend = "auto",
+    deterministic: bool = False,
+    filter_eps: float | None = None,
+    chunk_size: int | None = None,
+) -> LogProbs:
+    """Log-probs of ``targets`` under ``softmax(logits)``; the ``[N, V]`` logits are never formed.
+
+    ``logits = (hidden @ weight.T + bias) / temperature``, then ``softcap·tanh(logits/softcap)``
+    if ``softcap`` is set. ``targets[i]`` is predicted from ``hidden[i]`` (no shift).
+
+    Args:
+        hidden (Tensor): [..., H]; float32, bfloat16, float16 (or float64, torch backend).
+        weight (Tensor): [V, H]; same dtype and device as ``hidden``.
+        targets (LongTensor): [...] (the leading shape of ``hidden``); ids in [0, V) or
+            ``ignore_index``.
+        bias (Tensor, optional): [V]. Default: None.
+        ignore_index (int): positions with this target cost no FLOPs, output 0 and get zero
+            gradient. Default: -100.
+        temperature (float): > 0; logits are divided by it. Default: 1.0.
+        softcap (float, optional): > 0; Gemma-2 style ``softcap·tanh(z/softcap)``. Default: None.
+        return_lse (bool): also return the log-sum-exp of the logits. Default: False.
+        return_argmax (bool): also return the greedy token (int64). Default: False.
+        return_entropy (bool): also return the entropy of ``softmax(logits)``. Default: False.
+        return_logits_mean (bool): also return the mean logit over the vocabulary (used by
+            label smoothing and the ``logits/chosen`` metric). Default: False.
+        backend (str): ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
+            (chunked PyTorch, any device) or ``"auto"`` (Triton on CUDA when it imports, else
+            torch). Default: "auto".
+        deterministic (bool): request bitwise-identical results run to run. Every current
+            kernel and the torch backend are deterministic (no atomics: each program owns the
+            rows of the gradient it writes), so this is a guarantee, not a slower mode.
+            Default: False.
+        filter_eps (float, optional): skip backward tiles whose logit gradient is below this
+            in magnitude (Cut Cross-Entropy's gradient filtering). Changes the gradient,
+            most where the distribution is flat (see README); exact when None. Default: None.
+        chunk_size (int, optional): torch backend only: tokens per chunk. Default: sized so a
+            chunk's fp32 logits take about 32 MiB.
+
+    Returns:
+        LogProbs: ``logprobs`` [...] float32 (0 where ignored), and ``lse`` / ``argmax`` /
+        ``entropy`` / ``logits_mean`` shaped like ``targets`` or None when not asked.
+        Backward accepts any combination of upstream gradients for the float outputs.
+    """
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    if filter_eps is not None and not filter_eps >= 0:
+        raise ValueError(f"filter_eps must be None or >= 0, got {filter_eps!r}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    backend_module, hidden_2d, rows, flat_targets = prepare(
+        hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
+        softcap=softcap, backend=backend)
+    opts = Options(temperature=float(temperature),
+                   softcap=None if softcap is None else float(softcap),
+                   with_argmax=return_argmax, with_entropy=return_entropy,
+                   with_logits_mean=return_logits_mean, filter_eps=filter_eps,
+                   chunk_size=chunk_size, ignore_index=ignore_index)
+    logprobs, lse, argmax, entropy, logits_mean = LinearLogProbsFunction.apply(
+        hidden_2d, weight, bias, rows, flat_targets, backend_module, opts)
+    shape = targets.shape
+    return LogProbs(
+        logprobs.view(shape),
+        lse.view(shape) if return_lse else None,
+        argmax.view(shape) if return_argmax else None,
+        entropy.view(shape) if return_entropy else None,
+        logits_mean.view(shape) if return_logits_mean else None,
+    )
