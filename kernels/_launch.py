@@ -1,0 +1,42 @@
+"""Host-side helpers shared by the launchers: input checks, configs and launch flags."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import configs
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_inputs(hidden, weight, bias) -> None:
+    if hidden.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"the Triton kernels take float32, bfloat16 or float16; got hidden "
+                        f"dtype {hidden.dtype} (use backend='torch' for float64)")
+    if hidden.device.type != "cuda" and not interpreting():
+        raise ValueError(f"the Triton kernels need CUDA tensors, got device {hidden.device}")
+    if bias is not None and not bias.is_contiguous():
+        raise ValueError("bias must be contiguous for the Triton kernels")
+
+
+def config(kernel: str, hidden: torch.Tensor) -> dict:
+    return configs.config_for(kernel, hidden.dtype, interpreting())
+
+
+def dot_flags(hidden: torch.Tensor) -> dict:
+    # fp32 inputs get IEEE fp32 products (not TF32) so results match torch's fp32 matmul.
+    return dict(DOT_FP32=interpreting() and hidden.dtype != torch.float32,
+                DOT_PRECISION="ieee")
+
+
+def vocab_splits(token_tiles: int, vocab_tiles: int, device: torch.device) -> int:
+    """Enough vocabulary splits that the grid fills the device about four times over."""
+    if device.type != "cuda":
+        return 1
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(vocab_tiles, -(-programs // token_tiles)))

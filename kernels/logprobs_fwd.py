@@ -1,0 +1,133 @@
+"""Forward: per-token lse, target logit, argmax, entropy and mean-logit statistics.
+
+Grid ``(cdiv(N, BLOCK_N), SPLITS)``: program (i, s) owns token tile i and the s-th contiguous
+range of vocabulary tiles. It walks its range with an online log-sum-exp (running max ``m``,
+``sum exp(z - m)``, and ``sum exp(z - m) * z`` for the entropy) and writes one partial per
+(split, token); ``_combine`` merges the SPLITS partials on the host side in O(SPLITS * N).
+No atomics, so results are bitwise reproducible.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+from ._tl_helpers import logits_tile
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr,        # [M,H] [V,H] [V] [N] [N]
+    max_ptr, sumexp_ptr, zdot_ptr, zsum_ptr, argmax_ptr, target_ptr,  # -> [SPLITS, N] each
+    N, V, H, tiles_per_split,
+    stride_hm, stride_hh, stride_wv, stride_wh,
+    inv_temperature, softcap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, WITH_LOGITS_MEAN: tl.constexpr, WITH_ARGMAX: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
+
+    running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zdot = tl.zeros((BLOCK_N,), dtype=tl.float32)      # sum exp(z - m) * z
+    zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)      # sum z
+    best = tl.zeros((BLOCK_N,), dtype=tl.int64)
+    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+    v_begin = pid_s * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    for v_start in range(v_begin, v_end, BLOCK_V):
+        offs_v = (v_start + tl.arange(0, BLOCK_V)).to(tl.int64)
+        mask_v = offs_v < V
+        logits = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v,
+                             H, stride_hm, stride_hh, stride_wv, stride_wh,
+                             inv_temperature, softcap, BLOCK_N, BLOCK_V, BLOCK_H,
+                             HAS_BIAS, HAS_SOFTCAP, DOT_FP32, DOT_PRECISION)
+        logits_or_ninf = tl.where(mask_v[None, :], logits, float("-inf"))
+        logits_or_zero = tl.where(mask_v[None, :], logits, 0.0)
+        tile_max = tl.max(logits_or_ninf, axis=1)
+        new_max = tl.maximum(running_max, tile_max)
+        rescale = tl.exp(running_max - new_max)
+        probs = tl.exp(logits_or_ninf - new_max[:, None])        # 0 on masked columns
+        sumexp = sumexp * rescale + tl.sum(probs, axis=1)
+        if WITH_ENTROPY:
+            zdot = zdot * rescale + tl.sum(probs * logits_or_zero, axis=1)
+        if WITH_LOGITS_MEAN:
+            zsum += tl.sum(logits_or_zero, axis=1)
+        if WITH_ARGMAX:
+            # strict > keeps the first maximum, as torch.argmax does
+            tile_arg = v_start + tl.argmax(logits_or_ninf, axis=1).to(tl.int64)
+            best = tl.where(tile_max > running_max, tile_arg, best)
+        hit = offs_v[None, :] == targets[:, None]
+        target_logit += tl.sum(tl.where(hit, logits_or_zero, 0.0), axis=1)
+        running_max = new_max
+
+    out = pid_s * N + offs_n
+    tl.store(max_ptr + out, running_max, mask=mask_n)
+    tl.store(sumexp_ptr + out, sumexp, mask=mask_n)
+    tl.store(target_ptr + out, target_logit, mask=mask_n)
+    if WITH_ENTROPY:
+        tl.store(zdot_ptr + out, zdot, mask=mask_n)
+    if WITH_LOGITS_MEAN:
+        tl.store(zsum_ptr + out, zsum, mask=mask_n)
+    if WITH_ARGMAX:
+        tl.store(argmax_ptr + out, best, mask=mask_n)
+
+
+def _combine(split_max, sumexp, zdot, zsum, argmax, target_logit, vocab, with_flags):
+    """Merge [SPLITS, N] partials into the five per-token outputs."""
+    with_argmax, with_entropy, with_logits_mean = with_flags
+    token_max = split_max.max(dim=0).values
+    weights = torch.exp(split_max - token_max)
+    total = (sumexp * weights).sum(0)
+    lse = token_max + torch.log(total)
+    logprobs = target_logit.sum(0) - lse
+    entropy = lse - (zdot * weights).sum(0) / total if with_entropy else None
+    logits_mean = zsum.sum(0) / vocab if with_logits_mean else None
+    # argmax over splits: ties resolve to the lowest split, hence the lowest id
+    best_split = (split_max == token_max).int().argmax(dim=0) if with_argmax else None
+    best = argmax.gather(0, best_split.unsqueeze(0)).squeeze(0) if with_argmax else None
+    return logprobs, lse, best, entropy, logits_mean
+
+
+def forward(hidden, weight, bias, rows, targets, *, temperature=1.0, softcap=None,
+            with_argmax=False, with_entropy=False, with_logits_mean=False, num_splits=None,
+            config=None):
+    """hidden [M, H], weight [V, H], bias [V] | None, rows [N], targets [N] -> 5 x [N]."""
+    _launch.check_inputs(hidden, weight, bias)
+    num_rows, vocab, width = rows.numel(), weight.shape[0], weight.shape[1]
+    cfg = config or _launch.config("fwd", hidden)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    if num_rows == 0:
+        empty = torch.zeros(0, **f32)
+        return (empty, empty, rows.new_zeros(0) if with_argmax else None,
+                empty if with_entropy else None, empty if with_logits_mean else None)
+    token_tiles = triton.cdiv(num_rows, cfg["BLOCK_N"])
+    vocab_tiles = triton.cdiv(vocab, cfg["BLOCK_V"])
+    splits = num_splits or _launch.vocab_splits(token_tiles, vocab_tiles, hidden.device)
+    tiles_per_split = triton.cdiv(vocab_tiles, min(splits, vocab_tiles))
+    splits = triton.cdiv(vocab_tiles, tiles_per_split)  # every split starts inside V
+    split_max, sumexp, target_logit = (torch.empty(splits, num_rows, **f32) for _ in range(3))
+    zdot = torch.empty(splits, num_rows, **f32) if with_entropy else sumexp
+    zsum = torch.empty(splits, num_rows, **f32) if with_logits_mean else sumexp
+    argmax = torch.empty(splits, num_rows, dtype=torch.int64, device=hidden.device) \
+        if with_argmax else rows
+    _logprobs_fwd_kernel[(token_tiles, splits)](
+        hidden, weight, bias if bias is not None else weight, rows, targets,
+        split_max, sumexp, zdot, zsum, argmax, target_logit,
+        num_rows, vocab, width, tiles_per_split,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        1.0 / temperature, softcap or 1.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        WITH_ENTROPY=with_entropy, WITH_LOGITS_MEAN=with_logits_mean, WITH_ARGMAX=with_argmax,
+        **_launch.dot_flags(hidden), **cfg)
+    return _combine(split_max, sumexp, zdot, zsum, argmax, target_logit, vocab,
+                    (with_argmax, with_entropy, with_logits_mean))
