@@ -1,0 +1,70 @@
+"""The kernel launchers directly: vocabulary splits, block configs, strides, empty input."""
+import pytest
+import torch
+
+from fused_losses import _torch_backend
+from tests.helpers import HAS_TRITON, assert_close, make_inputs
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+FLAGS = dict(with_argmax=True, with_entropy=True, with_logits_mean=True)
+
+
+def _rows(targets):
+    rows = (targets != -100).nonzero().squeeze(-1)
+    return rows, targets[rows]
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 50])
+def test_forward_vocab_splits_merge_exactly(num_splits):
+    from fused_losses import kernels
+    hidden, weight, targets, bias = make_inputs(19, 23, 201, torch.float32, bias=True)
+    rows, tgt = _rows(targets)
+    with torch.no_grad():
+        got = kernels.forward(hidden, weight, bias, rows, tgt, softcap=4.0, temperature=0.8,
+                              num_splits=num_splits, **FLAGS)
+        want = _torch_backend.forward(hidden.double(), weight.double(), bias.double(), rows,
+                                      tgt, softcap=4.0, temperature=0.8, **FLAGS)
+    for name, a, b in zip(("logprobs", "lse", "argmax", "entropy", "mean"), got, want):
+        if name == "argmax":
+            assert torch.equal(a, b)
+        else:
+            assert_close(a, b, torch.float32, name=name)
+
+
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16, num_warps=4, num_stages=1),
+    dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=1),
+])
+def test_backward_block_configs_and_strided_hidden(config):
+    from fused_losses import kernels
+    hidden, weight, targets, bias = make_inputs(21, 40, 99, torch.float32, bias=True)
+    wide = torch.randn(21, 80)
+    wide[:, ::2] = hidden.detach()
+    strided = wide[:, ::2]  # non-contiguous rows: strides must be honoured
+    rows, tgt = _rows(targets)
+    lse = torch.logsumexp(strided.double() @ weight.double().T + bias.double(), -1)[rows].float()
+    g = torch.randn(rows.numel())
+    args = (rows, tgt, lse, None, g, None, None, None)
+    got = kernels.backward(strided, weight.detach(), bias.detach(), *args, config=config)
+    want = _torch_backend.backward(strided.double(), weight.detach().double(),
+                                   bias.detach().double(), rows, tgt, lse.double(), None,
+                                   g.double(), None, None, None)
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float32, scale=4.0)
+
+
+def test_empty_rows():
+    from fused_losses import kernels
+    hidden, weight, _, _ = make_inputs(3, 16, 20, torch.float32)
+    empty = torch.zeros(0, dtype=torch.int64)
+    out = kernels.forward(hidden.detach(), weight.detach(), None, empty, empty, **FLAGS)
+    assert all(t.numel() == 0 for t in out)
+
+
+def test_float64_is_refused_with_a_pointer_to_the_torch_backend():
+    from fused_losses import kernels
+    hidden, weight, targets, _ = make_inputs(3, 16, 20, torch.float64)
+    rows, tgt = _rows(targets)
+    with pytest.raises(TypeError, match="backend='torch' for float64"):
+        kernels.forward(hidden, weight, None, rows, tgt)
