@@ -1,0 +1,36 @@
+# One command each: `make test`, `make demo`, `make bench`. Each sets up .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pinned so a CPU machine takes the CPU build (this workplace serves 2.13.0+cpu from local
+# wheels). On another CPU-only machine add PyTorch's CPU wheel index with TORCH_PIP_ARGS.
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench compile-check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# The whole suite; Triton kernels run on the CPU under the interpreter.
+test: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+
+# The main job: fused vs unfused training side by side on the embedded default (SFT, DPO).
+demo: setup
+	$(BIN)/python -m fused_losses.train --compare --objective sft --output-dir runs/demo-sft
+	$(BIN)/python -m fused_losses.train --compare --objective dpo --output-dir runs/demo-dpo
+
+# The primitive's benchmark against naive PyTorch (CPU: minutes; GPU: the full sweep).
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis
