@@ -1,0 +1,134 @@
+"""``nn.Module`` wrappers: each stores a loss's hyper-parameters and calls the functional.
+
+Swap one line in a training loop::
+
+    loss_fn = FusedDPOLoss(beta=0.1, loss_type="ipo")
+    out = loss_fn(hidden, model.lm_head.weight, labels, ref_logprobs=ref)
+    out.loss.backward()
+
+Defaults live only in the functionals (no copies to drift). Options given at construction
+are checked against the functional's keywords; per-call tensors (``ref_logprobs``,
+``rewards``) go to ``forward``, whose keywords override the stored ones.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .objectives import (LossOutput, cpo_loss, dil_loss, dpo_loss, ift_loss, orpo_loss,
+                         reinforce_loss, sft_loss, simpo_loss)
+from .primitive import linear_logprobs
+
+
+def _keywords(fn: Callable) -> set[str]:
+    return {name for name, p in inspect.signature(fn).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+_PRIMITIVE_OPTIONS = {name for name in _keywords(linear_logprobs)
+                      if not name.startswith("return_")} | {"bias"}
+
+
+class FusedLoss(nn.Module):
+    """Base class: keeps ``options`` and forwards ``(*tensors, **options)`` to ``loss_fn``."""
+
+    loss_fn: Callable[..., LossOutput]
+
+    def __init__(self, **options):
+        super().__init__()
+        valid = _keywords(self.loss_fn) | _PRIMITIVE_OPTIONS
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown option(s) {unknown}; valid: "
+                            f"{sorted(valid)}")
+        self.options = options
+
+    def forward(self, *args, **kwargs) -> LossOutput:
+        return self.loss_fn(*args, **{**self.options, **kwargs})
+
+    def default(self, name: str):
+        """The option's value: as given, else the functional's default."""
+        if name in self.options:
+            return self.options[name]
+        return inspect.signature(self.loss_fn).parameters[name].default
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedSFTLoss(FusedLoss):
+    """:func:`sft_loss` (f-divergence SFT); ``forward(hidden, weight, labels, **kw)``."""
+
+    loss_fn = staticmethod(sft_loss)
+
+
+class FusedDPOLoss(FusedLoss):
+    """:func:`dpo_loss`; ``forward(hidden, weight, labels, ref_logprobs=..., **kw)``.
+
+    With ``loss_type="bco_pair"`` the running mean reward δ and the number of batches it
+    averages are buffers (``bco_delta``, ``bco_count``, saved in the state dict), updated
+    after each call in training mode, as TRL's running moments are.
+    """
+
+    loss_fn = staticmethod(dpo_loss)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.tracks_delta = self.default("loss_type") == "bco_pair"
+        if self.tracks_delta:
+            self.register_buffer("bco_delta", torch.zeros(()))
+            self.register_buffer("bco_count", torch.zeros(()))
+
+    def forward(self, *args, **kwargs) -> LossOutput:
+        if not self.tracks_delta:
+            return super().forward(*args, **kwargs)
+        out = super().forward(*args, bco_delta=self.bco_delta, bco_count=self.bco_count,
+                              **kwargs)
+        if self.training:
+            with torch.no_grad():
+                self.bco_delta.copy_(out.metrics["bco/delta"])
+                self.bco_count.add_(1)
+        return out
+
+
+class FusedSimPOLoss(FusedLoss):
+    """:func:`simpo_loss`; ``forward(hidden, weight, labels, **kw)``."""
+
+    loss_fn = staticmethod(simpo_loss)
+
+
+class FusedORPOLoss(FusedLoss):
+    """:func:`orpo_loss`; ``forward(hidden, weight, labels, **kw)``."""
+
+    loss_fn = staticmethod(orpo_loss)
+
+
+class FusedCPOLoss(FusedLoss):
+    """:func:`cpo_loss`; ``forward(hidden, weight, labels, **kw)``."""
+
+    loss_fn = staticmethod(cpo_loss)
+
+
+class FusedDILLoss(FusedLoss):
+    """:func:`dil_loss`; ``forward(hidden, weight, labels, ref_logprobs=..., **kw)``."""
+
+    loss_fn = staticmethod(dil_loss)
+
+
+class FusedIFTLoss(FusedLoss):
+    """:func:`ift_loss`; ``forward(model, input_ids, labels, attention_mask=None, **kw)``."""
+
+    loss_fn = staticmethod(ift_loss)
+
+
+class FusedReinforceLoss(FusedLoss):
+    """:func:`reinforce_loss`; ``forward(hidden, weight, labels, rewards=..., **kw)``."""
+
+    loss_fn = staticmethod(reinforce_loss)
+
+
+__all__ = ["FusedLoss", "FusedSFTLoss", "FusedDPOLoss", "FusedSimPOLoss", "FusedORPOLoss",
+           "FusedCPOLoss", "FusedDILLoss", "FusedIFTLoss", "FusedReinforceLoss"]

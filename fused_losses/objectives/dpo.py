@@ -1,0 +1,170 @@
+"""The DPO family (``objectives.md`` §2): one primitive call, then a per-pair loss from a table.
+
+Rows ``[:B]`` are chosen, ``[B:]`` rejected. ``ρ_w = S_w − S_w^ref``, ``ρ_l = S_l − S_l^ref``
+(summed, or length-normalised with ``average_log_prob``), ``h = ρ_w − ρ_l``. Conventions are
+TRL's (≤ 0.28) and Liger's. Paper: Rafailov et al. 2023, "Direct Preference Optimization", Eq. 7.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (NLL_LOSS, LossOutput, check_choice, check_labels, check_pairs,
+                      check_positive, check_range, chosen_nll, pair_metrics,
+                      reference_logprobs, sequence_logps, split_pairs, token_stats)
+
+# Each entry: (ρ_w, ρ_l, β, ε, extra) -> per-pair loss [B]. ``extra`` holds discopop's τ and
+# bco_pair's δ. Citations: TRL's DPOTrainer.dpo_loss and the papers it names.
+PairLoss = Callable[[torch.Tensor, torch.Tensor, float, float, dict], torch.Tensor]
+
+
+def _sigmoid(w, l, beta, eps, extra):  # DPO Eq. 7; conservative DPO (Mitchell 2023) with ε
+    x = beta * (w - l)
+    return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+
+
+def _robust(w, l, beta, eps, extra):  # Chowdhury et al. 2024, Eq. 9 (unbiased under noise)
+    x = beta * (w - l)
+    return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+
+
+def _hinge(w, l, beta, eps, extra):  # SLiC (Zhao et al. 2023)
+    return torch.relu(1 - beta * (w - l))
+
+
+def _ipo(w, l, beta, eps, extra):  # Azar et al. 2023, Eq. 17 (on length-normalised logps)
+    return (w - l - 1 / (2 * beta)).square()
+
+
+def _exo_pair(w, l, beta, eps, extra):  # Ji et al. 2024, Eq. 16 with ε := 1e-3 if 0
+    eps = eps or 1e-3
+    x = beta * (w - l)
+    return torch.sigmoid(x) * (F.logsigmoid(x) - math.log(1 - eps)) \
+        + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps))
+
+
+def _nca_pair(w, l, beta, eps, extra):  # Chen et al. 2024 (NCA), pairwise form
+    return -F.logsigmoid(beta * w) - 0.5 * F.logsigmoid(-beta * w) \
+        - 0.5 * F.logsigmoid(-beta * l)
+
+
+def _bco_pair(w, l, beta, eps, extra):  # Jung et al. 2024 (BCO), δ = running mean reward
+    delta = extra["delta"]
+    return -F.logsigmoid(beta * w - delta) - F.logsigmoid(-(beta * l - delta))
+
+
+def _sppo_hard(w, l, beta, eps, extra):  # Wu et al. 2024 (SPPO), hard-label form
+    return (w - 1 / (2 * beta)).square() + (l + 1 / (2 * beta)).square()
+
+
+def _apo_zero(w, l, beta, eps, extra):  # D'Oosterlinck et al. 2024 (APO-zero)
+    return (1 - torch.sigmoid(beta * w)) + torch.sigmoid(beta * l)
+
+
+def _apo_down(w, l, beta, eps, extra):  # D'Oosterlinck et al. 2024 (APO-down)
+    return torch.sigmoid(beta * w) + (1 - torch.sigmoid(beta * (w - l)))
+
+
+def _discopop(w, l, beta, eps, extra):  # Chan et al. 2024 (DiscoPOP, log-ratio modulation)
+    x = beta * (w - l)
+    blend = torch.sigmoid(x / extra["tau"])
+    # σ(x/τ)·e^(−x) as one exponent: finite where e^(−x) alone overflows and σ(x/τ) is 0.
+    return -F.logsigmoid(x) * (1 - blend) + torch.exp(F.logsigmoid(x / extra["tau"]) - x)
+
+
+DPO_LOSSES: dict[str, PairLoss] = {
+    "sigmoid": _sigmoid, "robust": _robust, "hinge": _hinge, "ipo": _ipo,
+    "exo_pair": _exo_pair, "nca_pair": _nca_pair, "bco_pair": _bco_pair,
+    "sppo_hard": _sppo_hard, "apo_zero": _apo_zero, "apo_down": _apo_down,
+    "discopop": _discopop,
+}
+
+
+def dpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair",
+                       "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop"] = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    average_log_prob: bool = False,
+    rpo_alpha: float | None = None,
+    discopop_tau: float = 0.05,
+    bco_delta: float | torch.Tensor = 0.0,
+    bco_count: float | torch.Tensor = 0,
+    **primitive_options,
+) -> LossOutput:
+    """Direct preference optimisation and its relatives, on the fused LM head.
+
+    ``loss = mean_pairs DPO_LOSSES[loss_type](ρ_w, ρ_l) (+ rpo_alpha · NLL_w)``.
+
+    Args:
+        hidden (Tensor): [2B, T, H]; rows [:B] chosen, [B:] rejected.
+        weight (Tensor): [V, H] LM-head weight.
+        labels (LongTensor): [2B, T] Hugging Face labels (-100 on prompt and padding).
+        ref_logprobs (Tensor, optional): [2B, T] reference log-probs, labels layout.
+        ref_hidden, ref_weight, ref_bias (Tensor, optional): the reference head's inputs
+            instead of ``ref_logprobs`` (computed fused, under no_grad). One of the two is
+            required.
+        loss_type (str): a key of ``DPO_LOSSES``. Default: "sigmoid".
+        beta (float): > 0. Default: 0.1.
+        label_smoothing (float): ε in [0, 0.5) for ``sigmoid``/``robust``/``exo_pair``.
+            Default: 0.0.
+        average_log_prob (bool): length-normalise the sequence log-probs (``ipo`` always
+            does, as TRL does). Default: False.
+        rpo_alpha (float, optional): add ``rpo_alpha`` × token-mean NLL of the chosen rows
+            (RPO, Pang et al. 2024). Default: None.
+        discopop_tau (float): > 0, DiscoPOP's τ. Default: 0.05.
+        bco_delta (float or Tensor): ``bco_pair``'s running mean reward δ before this batch.
+            Default: 0.0.
+        bco_count (float or Tensor): how many batches ``bco_delta`` averages; this batch's
+            mean reward is folded in, ``δ = (count·δ + mean r) / (count + 1)``, as TRL's
+            running mean does. :class:`FusedDPOLoss` keeps both. Default: 0.
+        **primitive_options: passed to :func:`linear_logprobs`.
+
+    Returns:
+        LossOutput: loss; metrics ``rewards/{chosen,rejected,accuracies,margins}`` (rewards
+        ``β·ρ``), ``logps/{chosen,rejected}``, ``logits/{chosen,rejected}``, ``nll_loss``
+        (with ``rpo_alpha``), ``bco/delta`` (with ``bco_pair``).
+
+    Paper: Rafailov et al. 2023, §4 Eq. 7; the variants as cited beside ``DPO_LOSSES``.
+    """
+    check_labels(hidden, labels)
+    check_pairs(labels)
+    check_choice("loss_type", loss_type, DPO_LOSSES)
+    check_positive("beta", beta)
+    check_range("label_smoothing", label_smoothing, 0.0, 0.5)
+    check_positive("discopop_tau", discopop_tau)
+    if rpo_alpha is not None:
+        check_range("rpo_alpha", rpo_alpha, 0.0, math.inf)
+    ref = reference_logprobs(labels, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
+                             ref_weight=ref_weight, ref_bias=ref_bias, **primitive_options)
+    stats = token_stats(hidden, weight, labels, return_logits_mean=True, **primitive_options)
+    average = average_log_prob or loss_type == "ipo"
+    policy = sequence_logps(stats.out.logprobs, stats.mask, average)
+    reference = sequence_logps(ref.to(policy.dtype), stats.mask, average)
+    rho_w, rho_l = split_pairs(policy - reference)
+    extra = {"tau": discopop_tau}
+    metrics = {}
+    if loss_type == "bco_pair":
+        batch_mean = beta * torch.cat((rho_w, rho_l)).detach().mean()
+        delta = (bco_count * bco_delta + batch_mean) / (bco_count + 1)
+        extra["delta"] = delta
+        metrics["bco/delta"] = delta.detach()
+    loss = DPO_LOSSES[loss_type](rho_w, rho_l, beta, label_smoothing, extra).mean()
+    if rpo_alpha is not None:
+        nll = chosen_nll(stats)
+        loss = loss + rpo_alpha * nll
+        metrics[NLL_LOSS] = nll.detach()
+    logps_w, logps_l = split_pairs(policy)
+    metrics = {**pair_metrics(beta * rho_w, beta * rho_l, logps_w, logps_l, stats), **metrics}
+    return LossOutput(loss, metrics)

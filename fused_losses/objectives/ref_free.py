@@ -1,0 +1,148 @@
+"""Reference-free preference objectives (``objectives.md`` §2): SimPO, ORPO, CPO.
+
+Rows ``[:B]`` are chosen, ``[B:]`` rejected; no reference model. ``S`` is a summed and ``Ā``
+a length-normalised sequence log-prob; ``NLL_w`` is the token-mean NLL of the chosen rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (NLL_LOSS, LossOutput, check_labels, check_pairs, check_positive,
+                      check_range, chosen_nll, log1mexp, pair_metrics, sequence_logps,
+                      split_pairs, token_stats)
+
+
+def _pair_logps(hidden, weight, labels, average, primitive_options):
+    check_labels(hidden, labels)
+    check_pairs(labels)
+    stats = token_stats(hidden, weight, labels, return_logits_mean=True, **primitive_options)
+    return stats, sequence_logps(stats.out.logprobs, stats.mask, average)
+
+
+def _smoothed(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``−(1−ε)·logσ(x) − ε·logσ(−x)``."""
+    return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+
+
+def simpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    **primitive_options,
+) -> LossOutput:
+    """SimPO: ``−logσ(β·(Ā_w − Ā_l) − γ)``, smoothed by ε as conservative DPO is.
+
+    Args:
+        hidden (Tensor): [2B, T, H]; rows [:B] chosen, [B:] rejected.
+        weight (Tensor): [V, H].
+        labels (LongTensor): [2B, T] Hugging Face labels.
+        beta (float): > 0, reward scale β. Default: 2.0.
+        gamma (float): target reward margin γ (TRL's ``simpo_gamma``; γ/β = 0.25 by
+            default). Default: 0.5.
+        label_smoothing (float): ε in [0, 0.5). Default: 0.0.
+        **primitive_options: passed to :func:`linear_logprobs`.
+
+    Returns:
+        LossOutput: loss; ``rewards/*`` are ``β·Ā``; ``logps/*`` are ``Ā``; ``logits/*``.
+
+    Paper: Meng et al. 2024, "SimPO", §2.2 Eq. 6.
+    """
+    check_positive("beta", beta)
+    check_range("gamma", gamma, -math.inf, math.inf)
+    check_range("label_smoothing", label_smoothing, 0.0, 0.5)
+    stats, logps = _pair_logps(hidden, weight, labels, True, primitive_options)
+    logps_w, logps_l = split_pairs(logps)
+    loss = _smoothed(beta * (logps_w - logps_l) - gamma, label_smoothing).mean()
+    return LossOutput(loss, pair_metrics(beta * logps_w, beta * logps_l, logps_w, logps_l,
+                                         stats))
+
+
+def orpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lam: float = 0.1,
+    **primitive_options,
+) -> LossOutput:
+    """ORPO: ``NLL_w − λ·logσ(LO)``, ``LO = (Ā_w − Ā_l) − (log1mexp(Ā_w) − log1mexp(Ā_l))``.
+
+    ``log1mexp(Ā) = log(1 − e^Ā)``, the log-odds' denominator, computed stably (Ā is clamped
+    just below 0 so a sequence of certain tokens gives a large finite value, not inf).
+
+    Args:
+        hidden (Tensor): [2B, T, H]; rows [:B] chosen, [B:] rejected.
+        weight (Tensor): [V, H].
+        labels (LongTensor): [2B, T] Hugging Face labels.
+        lam (float): > 0, weight λ of the odds-ratio term (TRL and Liger call it ``beta``).
+            Default: 0.1.
+        **primitive_options: passed to :func:`linear_logprobs`.
+
+    Returns:
+        LossOutput: loss; ``rewards/*`` are ``λ·Ā`` (as TRL logs them), ``logps/*``,
+        ``logits/*``, ``nll_loss``, ``log_odds_ratio`` (mean logσ(LO)), ``log_odds_chosen``
+        (mean LO).
+
+    Paper: Hong et al. 2024, "ORPO", §4 Eq. 6-7.
+    """
+    check_positive("lam", lam)
+    stats, logps = _pair_logps(hidden, weight, labels, True, primitive_options)
+    logps_w, logps_l = split_pairs(logps)
+    tiny = torch.finfo(logps.dtype).tiny
+    log_odds = (logps_w - logps_l) - (log1mexp((-logps_w).clamp_min(tiny))
+                                      - log1mexp((-logps_l).clamp_min(tiny)))
+    ratio = F.logsigmoid(log_odds)
+    nll = chosen_nll(stats)
+    loss = nll - lam * ratio.mean()
+    metrics = pair_metrics(lam * logps_w, lam * logps_l, logps_w, logps_l, stats)
+    metrics.update({NLL_LOSS: nll.detach(), "log_odds_ratio": ratio.detach().mean(),
+                    "log_odds_chosen": log_odds.detach().mean()})
+    return LossOutput(loss, metrics)
+
+
+def cpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    alpha: float = 1.0,
+    label_smoothing: float = 0.0,
+    average_log_prob: bool = False,
+    **primitive_options,
+) -> LossOutput:
+    """CPO: ``−logσ(β·(S_w − S_l)) + α·NLL_w`` (ε-smoothed like conservative DPO).
+
+    Args:
+        hidden (Tensor): [2B, T, H]; rows [:B] chosen, [B:] rejected.
+        weight (Tensor): [V, H].
+        labels (LongTensor): [2B, T] Hugging Face labels.
+        beta (float): > 0, scale of the preference term. Default: 0.1.
+        alpha (float): >= 0, weight of the chosen rows' NLL (behaviour cloning). Default: 1.0.
+        label_smoothing (float): ε in [0, 0.5). Default: 0.0.
+        average_log_prob (bool): use ``Ā`` instead of ``S``. Default: False.
+        **primitive_options: passed to :func:`linear_logprobs`.
+
+    Returns:
+        LossOutput: loss; ``rewards/*`` are ``β·S`` (as TRL logs them), ``logps/*``,
+        ``logits/*``, ``nll_loss``.
+
+    Paper: Xu et al. 2024, "Contrastive Preference Optimization", §3 Eq. 3-4.
+    """
+    check_positive("beta", beta)
+    check_range("alpha", alpha, 0.0, math.inf)
+    check_range("label_smoothing", label_smoothing, 0.0, 0.5)
+    stats, logps = _pair_logps(hidden, weight, labels, average_log_prob, primitive_options)
+    logps_w, logps_l = split_pairs(logps)
+    nll = chosen_nll(stats)
+    loss = _smoothed(beta * (logps_w - logps_l), label_smoothing).mean() + alpha * nll
+    metrics = pair_metrics(beta * logps_w, beta * logps_l, logps_w, logps_l, stats)
+    metrics[NLL_LOSS] = nll.detach()
+    return LossOutput(loss, metrics)

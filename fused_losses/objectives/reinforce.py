@@ -1,0 +1,117 @@
+"""Dense-Path REINFORCE and its token rewards (``objectives.md`` §5).
+
+The SFT model's log-probs against an earlier SFT checkpoint's are a dense, baseline-relative
+token reward ``r̂_t = logp_t^SFT − logp_t^ref`` (Eq. 5); the policy is trained by REINFORCE
+on the returns of those rewards. Paper: ``seeds/dense-path-reinforce.txt`` §4.3, Algorithm 1.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import (LossOutput, check_labels, check_range, discounted_suffix_sum,
+                      masked_mean, reference_logprobs, to_prediction_layout, token_stats)
+from .logprobs import token_logprobs
+
+KL_CLAMP = 10.0  # |k1| is clamped to this before the penalty
+
+
+@torch.no_grad()
+def token_rewards(
+    sft_model: torch.nn.Module,
+    ref_model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **primitive_options,
+) -> torch.Tensor:
+    """Dense token rewards ``r̂_t = log π_SFT(y_t | s_t) − log π_ref(y_t | s_t)`` (Eq. 5).
+
+    Both models run fused and under ``no_grad``; ``ref_model`` is the SFT checkpoint at about
+    half the training steps. See :func:`render_token_rewards` to look at the credit assignment.
+
+    Args:
+        sft_model, ref_model (nn.Module): Hugging Face causal LMs with the same vocabulary.
+        input_ids (LongTensor): [B, T].
+        labels (LongTensor): [B, T] Hugging Face labels; only scored positions get a reward.
+        attention_mask (Tensor, optional): [B, T]. Default: None.
+        **primitive_options: passed to :func:`linear_logprobs`.
+
+    Returns:
+        Tensor: [B, T] float32 in the labels' layout (0 where ignored and in column 0), ready
+        for :func:`reinforce_loss`'s ``rewards``.
+
+    Paper: dense-path-reinforce §4.3 Eq. 5 and Figure 1.
+    """
+    args = (input_ids, labels, attention_mask)
+    return token_logprobs(sft_model, *args, **primitive_options) \
+        - token_logprobs(ref_model, *args, **primitive_options)
+
+
+def reinforce_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    rewards: torch.Tensor,
+    gamma: float = 1.0,
+    whiten: bool = False,
+    kl_coef: float = 0.0,
+    init_logprobs: torch.Tensor | None = None,
+    init_hidden: torch.Tensor | None = None,
+    init_weight: torch.Tensor | None = None,
+    init_bias: torch.Tensor | None = None,
+    **primitive_options,
+) -> LossOutput:
+    """Dense-Path REINFORCE: ``L = −(1/B)·Σ_i Σ_t m_t·logp_t·G_t``.
+
+    ``G_t = Σ_{k≥t} γ^{k−t}·r_k`` over raw positions, with ``r_k = r̂_k − kl_coef·k1_k``
+    when ``kl_coef > 0`` (``k1 = clamp(logp − logp_init, ±10)``, detached: the penalty is
+    folded into the reward before the return). ``G`` is a constant for the gradient;
+    ``whiten`` standardises it over the batch's scored tokens.
+
+    Args:
+        hidden (Tensor): [B, T, H] the policy's final hidden states (rolled-out sequences).
+        weight (Tensor): [V, H].
+        labels (LongTensor): [B, T] Hugging Face labels; the response tokens are scored.
+        rewards (Tensor): [B, T] token rewards in the labels' layout (from
+            :func:`token_rewards`); read only where ``labels`` is scored.
+        gamma (float): discount γ in [0, 1]. Default: 1.0 (the paper's).
+        whiten (bool): ``(G − mean)/(std + 1e-8)`` over the batch's scored tokens.
+            Default: False.
+        kl_coef (float): >= 0, λ_KL of the per-token k1 penalty. Default: 0.0.
+        init_logprobs (Tensor, optional): [B, T] the initial policy's log-probs, labels
+            layout; needed when ``kl_coef > 0`` (or ``init_hidden``/``init_weight``/
+            ``init_bias``). Default: None.
+        **primitive_options: passed to :func:`linear_logprobs`.
+
+    Returns:
+        LossOutput: loss; metrics ``reward/mean`` (per scored token), ``return/mean``, and
+        ``kl/mean`` (mean k1) with ``kl_coef``.
+
+    Paper: dense-path-reinforce §4.3, Algorithm 1 (steps 6-9).
+    """
+    check_labels(hidden, labels)
+    check_range("gamma", gamma, 0.0, 1.0 + 1e-12)
+    check_range("kl_coef", kl_coef, 0.0, float("inf"))
+    if not isinstance(rewards, torch.Tensor) or tuple(rewards.shape) != tuple(labels.shape):
+        raise ValueError(f"rewards must have the shape of labels {tuple(labels.shape)}, got "
+                         f"{tuple(getattr(rewards, 'shape', ()))}")
+    init = reference_logprobs(labels, ref_logprobs=init_logprobs, ref_hidden=init_hidden,
+                              ref_weight=init_weight, ref_bias=init_bias,
+                              required=kl_coef > 0, name="init", **primitive_options)
+    stats = token_stats(hidden, weight, labels, **primitive_options)
+    logp, mask = stats.out.logprobs, stats.mask
+    reward = to_prediction_layout(rewards.detach()).to(logp.dtype) * mask
+    metrics = {"reward/mean": masked_mean(reward, mask)}
+    if kl_coef > 0:
+        k1 = (logp.detach() - init.to(logp.dtype)).clamp(-KL_CLAMP, KL_CLAMP) * mask
+        reward = reward - kl_coef * k1
+        metrics["kl/mean"] = masked_mean(k1, mask)
+    returns = discounted_suffix_sum(reward, gamma) * mask
+    if whiten:
+        mean = masked_mean(returns, mask)
+        var = masked_mean((returns - mean).square(), mask)
+        returns = (returns - mean) / (var.sqrt() + 1e-8) * mask
+    metrics["return/mean"] = masked_mean(returns, mask)
+    loss = -(logp * returns).sum() / labels.shape[0]
+    return LossOutput(loss, metrics)

@@ -1,0 +1,179 @@
+"""f-divergence SFT against the naive float64 reference on materialised logits."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_losses import linear_logprobs  # noqa: F401  (the primitive the losses run on)
+from fused_losses.objectives import DIVERGENCES, phi_safe, sft_loss
+from tests.helpers import HAS_TRITON, assert_close
+from tests.objectives import naive
+from tests.objectives.naive import batch, grads
+
+F64 = torch.float64
+TORCH = dict(backend="torch")
+
+
+def _check(out_loss, expected, hidden, weight, bias=None, scale=1.0):
+    assert_close(out_loss, expected, F64, scale=scale, name="loss")
+    for got, want, name in zip(grads(out_loss, hidden, weight, bias),
+                               grads(expected, hidden, weight, bias), ("dH", "dW", "db")):
+        assert_close(got, want, F64, scale=scale, name=name)
+
+
+def test_total_variation_is_cross_entropy():
+    hidden, weight, labels, bias = batch(bias=True)
+    out = sft_loss(hidden, weight, labels, bias=bias, **TORCH)
+    z = naive.logits_of(hidden, weight, bias)[:, :-1]
+    expected = F.cross_entropy(z.reshape(-1, z.shape[-1]), labels[:, 1:].reshape(-1))
+    _check(out.loss, expected, hidden, weight, bias)
+    assert_close(out.metrics["nll"], expected.detach(), F64, name="nll")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_total_variation_triton_interpreter_float32():
+    hidden, weight, labels, _ = batch(rows=2, T=5, H=16, V=33)
+    h32, w32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
+    out = sft_loss(h32, w32, labels, backend="triton")
+    z = naive.logits_of(hidden, weight)[:, :-1]
+    expected = F.cross_entropy(z.reshape(-1, z.shape[-1]), labels[:, 1:].reshape(-1))
+    assert_close(out.loss, expected, torch.float32, name="loss")
+    dh, dw = torch.autograd.grad(out.loss, (h32, w32))
+    eh, ew = torch.autograd.grad(expected, (hidden, weight))
+    assert_close(dh, eh, torch.float32, name="dH")
+    assert_close(dw, ew, torch.float32, name="dW")
+
+
+def _ref_near(hidden, weight, labels, spread=0.5, seed=0):
+    """Reference log-probs = policy's ± noise: some u inside each domain, some outside."""
+    logps, _, mask = naive.labels_logps(hidden.detach(), weight.detach(), labels)
+    g = torch.Generator().manual_seed(seed)
+    return (logps + spread * torch.randn(logps.shape, generator=g, dtype=F64)) * mask
+
+
+@pytest.mark.parametrize("value_grad", [False, True])
+@pytest.mark.parametrize("value_mode", ["token", "sequence"])
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+def test_divergences_match_naive(divergence, value_mode, value_grad):
+    hidden, weight, labels, _ = batch()
+    ref = _ref_near(hidden, weight, labels)
+    beta = 0.7
+    out = sft_loss(hidden, weight, labels, ref_logprobs=ref, divergence=divergence,
+                   beta=beta, value_mode=value_mode, value_grad=value_grad, **TORCH)
+    expected = naive.sft(hidden, weight, labels, ref, divergence=divergence, beta=beta,
+                         value_mode=value_mode, value_grad=value_grad)
+    _check(out.loss, expected, hidden, weight, scale=10)
+
+
+def test_sequence_mode_last_label_at_final_column():
+    """No padding: the last scored label sits in column T-1, whose hidden state has no
+    target at all; the loss must still use that position's lse."""
+    hidden, weight, labels, _ = batch(rows=2)
+    labels[:, -1] = torch.tensor([3, 5])
+    ref = _ref_near(hidden, weight, labels)
+    out = sft_loss(hidden, weight, labels, ref_logprobs=ref, divergence="kl",
+                   value_mode="sequence", value_grad=True, **TORCH)
+    expected = naive.sft(hidden, weight, labels, ref, divergence="kl", value_mode="sequence",
+                         value_grad=True)
+    _check(out.loss, expected, hidden, weight, scale=10)
+
+
+@pytest.mark.parametrize("value_mode", ["token", "sequence"])
+def test_num_items_in_batch_divides_the_sum(value_mode):
+    hidden, weight, labels, _ = batch()
+    ref = _ref_near(hidden, weight, labels)
+    out = sft_loss(hidden, weight, labels, ref_logprobs=ref, divergence="pearson_chi2",
+                   value_mode=value_mode, num_items_in_batch=37, **TORCH)
+    expected = naive.sft(hidden, weight, labels, ref, divergence="pearson_chi2",
+                         value_mode=value_mode, num_items=37)
+    _check(out.loss, expected, hidden, weight)
+
+
+def test_reference_from_hidden_equals_precomputed():
+    hidden, weight, labels, _ = batch()
+    ref_hidden = torch.randn_like(hidden.detach())
+    ref_weight = torch.randn_like(weight.detach())
+    ref = naive.labels_logps(ref_hidden, ref_weight, labels)[0]
+    a = sft_loss(hidden, weight, labels, ref_logprobs=ref, divergence="jensen_shannon",
+                 **TORCH)
+    b = sft_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                 divergence="jensen_shannon", **TORCH)
+    assert_close(a.loss, b.loss.detach(), F64, name="loss")
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+def test_guards_are_finite_far_outside_domains(divergence):
+    u = torch.cat([-torch.logspace(-6, 4, 60, dtype=F64), torch.zeros(1, dtype=F64),
+                   torch.logspace(-6, 4, 60, dtype=F64)]).requires_grad_()
+    value, guarded = phi_safe(divergence, u)
+    (grad,) = torch.autograd.grad(value.sum(), u)
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+    cut = naive.cutoff(divergence, 0.1, 10.0)
+    if cut is not None:  # C¹ at the cut-off: value and slope agree from both sides
+        assert bool(guarded[u.argmin()]) and not bool(guarded[u.argmax()])
+        pts = torch.tensor([cut - 1e-7, cut + 1e-7], dtype=F64, requires_grad=True)
+        v, _ = phi_safe(divergence, pts)
+        (g,) = torch.autograd.grad(v.sum(), pts)
+        slope = max(1.0, abs(float(g[0])))
+        assert abs(float(v[1] - v[0])) < 1e-5 * slope
+        assert abs(float(g[1] - g[0])) < 1e-4 * slope
+    inside = u.detach()[~guarded] if cut is not None else u.detach()
+    want = torch.stack([torch.as_tensor(naive._phi(divergence, float(x)), dtype=F64)
+                        for x in inside[inside > -50]])
+    assert_close(phi_safe(divergence, inside[inside > -50])[0], want, F64, scale=1e3,
+                 name="phi")
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+def test_sft_finite_for_extreme_references(divergence):
+    hidden, weight, labels, _ = batch()
+    for ref_value in (-1e3, 1e3):
+        ref = torch.full(labels.shape, ref_value, dtype=F64)
+        for mode in ("token", "sequence"):
+            out = sft_loss(hidden, weight, labels, ref_logprobs=ref, divergence=divergence,
+                           value_mode=mode, value_grad=True, **TORCH)
+            dh, dw = grads(out.loss, hidden, weight)
+            assert torch.isfinite(out.loss) and torch.isfinite(dh).all() \
+                and torch.isfinite(dw).all()
+            assert all(torch.isfinite(v) for v in out.metrics.values())
+
+
+def test_guard_metric_reports_the_linear_extension():
+    hidden, weight, labels, _ = batch()
+    ref = torch.full(labels.shape, 1e3, dtype=F64)  # ρ ≪ 0: every u below the cut-off
+    out = sft_loss(hidden, weight, labels, ref_logprobs=ref, divergence="reverse_kl",
+                   **TORCH)
+    assert float(out.metrics["guard/fraction"]) == 1.0
+    out = sft_loss(hidden, weight, labels, ref_logprobs=-ref, divergence="reverse_kl",
+                   **TORCH)
+    assert float(out.metrics["guard/fraction"]) == 0.0
+
+
+def test_all_ignored_gives_zero_not_nan():
+    hidden, weight, labels, _ = batch()
+    labels[:] = -100
+    for divergence in ("total_variation", "kl"):
+        out = sft_loss(hidden, weight, labels, ref_logprobs=torch.zeros(labels.shape),
+                       divergence=divergence, **TORCH)
+        assert float(out.loss) == 0.0
+        dh, dw = grads(out.loss, hidden, weight)
+        assert torch.count_nonzero(dh) == 0 and torch.count_nonzero(dw) == 0
+
+
+def test_bad_inputs_are_clear_errors():
+    hidden, weight, labels, _ = batch()
+    with pytest.raises(ValueError, match="divergence must be one of .*'gan'.*'kl'"):
+        sft_loss(hidden, weight, labels, divergence="kld", **TORCH)
+    with pytest.raises(ValueError, match="value_mode must be one of"):
+        sft_loss(hidden, weight, labels, value_mode="seq", **TORCH)
+    with pytest.raises(ValueError, match="beta must be a positive number"):
+        sft_loss(hidden, weight, labels, beta=0.0, **TORCH)
+    with pytest.raises(ValueError, match="needs a reference"):
+        sft_loss(hidden, weight, labels, divergence="kl", **TORCH)
+    with pytest.raises(ValueError, match="ref_logprobs must have the shape of labels"):
+        sft_loss(hidden, weight, labels, divergence="kl",
+                 ref_logprobs=torch.zeros(labels.shape[0], labels.shape[1] + 1), **TORCH)
+    with pytest.raises(ValueError, match="hidden must have shape"):
+        sft_loss(hidden[:, :-1], weight, labels, **TORCH)
+    assert math.isfinite(float(sft_loss(hidden, weight, labels, **TORCH).loss))
