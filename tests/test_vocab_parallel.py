@@ -262,8 +262,7 @@ def check_dpo_end_to_end():
 
 
 def _library_dpo(dpo_loss, hidden, weight, labels, ref_logps, parallel):
-    ref = (ref_logps * (labels != -100)).sum(-1)
-    out = dpo_loss(hidden, weight, labels, ref_logprobs=ref, backend="torch",
+    out = dpo_loss(hidden, weight, labels, ref_logprobs=ref_logps, backend="torch",
                    **(parallel or {}))
     return out.loss if hasattr(out, "loss") else out[0] if isinstance(out, tuple) else out
 

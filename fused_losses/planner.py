@@ -1,0 +1,519 @@
+"""``fused-losses plan``: per-GPU training memory, unfused vs fused loss, and what fits.
+
+    fused-losses plan --model llama3-8b --seq-len 32768 --micro-batch 1 --gpus 8 \\
+        --gpu-mem 80 --objective dpo --fsdp --activation-checkpointing --plot plan.png
+
+The estimate is a sum of analytic terms per GPU (bytes), peak taken over the phases of one
+step (reference forward, policy forward + head backward, decoder backward)::
+
+    static  = parameters + gradients + optimizer state + FSDP buffers + reference weights
+    policy  = stored activations + max(loss/head, one decoder layer's backward)
+    peak    = static + max(policy, reference forward)
+
+- parameters / gradients / optimizer: ``--precision mixed`` keeps fp32 parameters and fp32
+  gradients with fp32 AdamW moments (16 B/param, the ZeRO paper's count); ``bf16`` keeps bf16
+  parameters and gradients and bf16 moments (8 B/param). ``--optimizer adamw-8bit`` stores
+  2 B/param of moments, ``sgd`` none. Divided by ``--tp`` and, with ``--fsdp``, by the
+  data-parallel size ``gpus / tp`` (ZeRO-3 / FSDP2 ``fully_shard``); offload is not modelled.
+- FSDP buffers: two decoder layers gathered in bf16 (current + prefetch), the root unit
+  (embeddings + head) gathered for the whole step, and one layer's unsharded gradient.
+  Without FSDP under mixed precision, a bf16 working copy of all weights (autocast's cache).
+- activations: a Llama-style decoder layer with fused SDPA attention (no ``T^2`` scores)
+  and Hugging Face eager RMSNorm/SwiGLU (:func:`layer_activation_bytes`); with
+  ``--activation-checkpointing`` only each layer's input is stored, one layer is recomputed.
+  ``--tp`` assumes sequence parallelism (activations divided by tp).
+- loss/head: :func:`head_bytes`, the one part validated against measurements
+  (``python -m fused_losses.planner_validate``; ``docs/planner.md`` states the error).
+  ``unfused`` is the trainer's ``--impl unfused`` path: ``[tokens, V]`` logits in the compute
+  dtype, upcast to fp32, ``log_softmax``, gather (12 B per token per vocab entry at its peak;
+  a Hugging Face model that also returns ``outputs.logits`` holds 2 B more). ``fused`` is
+  :func:`fused_losses.linear_logprobs` (dH, fp32 dW accumulator, O(tokens) statistics).
+  With ``--tp`` the head is vocabulary-parallel: each GPU holds ``V / tp`` columns.
+
+Preference objectives (dpo, simpo, orpo, cpo, dil) run chosen and rejected sequences in one
+forward, so a micro-batch of ``b`` pairs is ``2 b`` sequences of ``--seq-len`` tokens. DPO
+and DIL hold a frozen bf16 reference model unless ``--ref precomputed``. Every token is
+assumed scored (the fused head skips unscored tokens; the unfused head cannot).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, replace
+
+GiB = 1 << 30
+_CHUNK_BYTES = 32 << 20  # the torch backend's chunk of fp32 logits (_torch_backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The shapes that set memory: a Llama-style decoder (GQA attention, gated MLP)."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    head_dim: int | None = None  # default hidden // heads
+    tied: bool = False  # lm_head shares the embedding matrix
+    qkv_bias: bool = False
+    norms_per_layer: int = 2  # Gemma 2 has 4
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    def layer_params(self) -> int:
+        h, hd = self.hidden, self.hd
+        attn = h * hd * (self.heads + 2 * self.kv_heads) + self.heads * hd * h
+        if self.qkv_bias:
+            attn += hd * (self.heads + 2 * self.kv_heads)
+        return attn + 3 * h * self.intermediate + self.norms_per_layer * h
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    def head_params(self) -> int:
+        return 0 if self.tied else self.vocab * self.hidden
+
+    def params(self) -> int:
+        return (self.layers * self.layer_params() + self.embedding_params()
+                + self.head_params() + self.hidden)
+
+
+# Hard-coded from the public Hugging Face config.json of each model (no downloads).
+PRESETS = {m.name: m for m in (
+    ModelDims("llama3-8b", 4096, 32, 32, 8, 14336, 128256),
+    ModelDims("llama3.1-8b", 4096, 32, 32, 8, 14336, 128256),
+    ModelDims("llama3-70b", 8192, 80, 64, 8, 28672, 128256),
+    ModelDims("llama3.2-1b", 2048, 16, 32, 8, 8192, 128256, head_dim=64, tied=True),
+    ModelDims("llama3.2-3b", 3072, 28, 24, 8, 8192, 128256, head_dim=128, tied=True),
+    ModelDims("mistral-7b", 4096, 32, 32, 8, 14336, 32768),
+    ModelDims("qwen2.5-0.5b", 896, 24, 14, 2, 4864, 151936, tied=True, qkv_bias=True),
+    ModelDims("qwen2.5-1.5b", 1536, 28, 12, 2, 8960, 151936, tied=True, qkv_bias=True),
+    ModelDims("qwen2.5-7b", 3584, 28, 28, 4, 18944, 152064, qkv_bias=True),
+    ModelDims("gemma2-2b", 2304, 26, 8, 4, 9216, 256000, head_dim=256, tied=True,
+              norms_per_layer=4),
+    ModelDims("gemma2-9b", 3584, 42, 16, 8, 14336, 256000, head_dim=256, tied=True,
+              norms_per_layer=4),
+    ModelDims("tiny-llama", 256, 2, 4, 4, 512, 32000),  # the trainer's tiny preset
+)}
+
+
+def model_from_config(config: dict, name: str = "config") -> ModelDims:
+    """A :class:`ModelDims` from a Hugging Face ``config.json`` dict (or its ``text_config``)."""
+    config = config.get("text_config", config)
+    try:
+        heads = int(config["num_attention_heads"])
+        dims = ModelDims(
+            name=name, hidden=int(config["hidden_size"]),
+            layers=int(config["num_hidden_layers"]), heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            intermediate=int(config["intermediate_size"]), vocab=int(config["vocab_size"]),
+            head_dim=config.get("head_dim"),
+            tied=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+            norms_per_layer=4 if str(config.get("model_type", "")).startswith("gemma2") else 2)
+    except KeyError as err:
+        raise ValueError(f"--model: config lacks {err.args[0]!r}; expected a transformers "
+                         "decoder config with hidden_size, num_hidden_layers, "
+                         "num_attention_heads, intermediate_size, vocab_size") from None
+    return dims
+
+
+def load_model(spec: str) -> ModelDims:
+    """A preset name or a path to a ``config.json``."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    try:
+        with open(spec) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--model: {spec!r} is neither a preset ({', '.join(sorted(PRESETS))})"
+                         " nor a config.json path") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model: {spec} is not valid JSON ({err.msg})") from None
+    return model_from_config(config, name=spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss/head term (validated on CPU by fused_losses.planner_validate)
+# ---------------------------------------------------------------------------------------------
+
+def head_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab: int,
+               dtype_bytes: int = 2, backend: str = "triton", path: str = "logprobs") -> int:
+    """Peak bytes of the LM head + loss, forward and backward, gradients included.
+
+    ``rows`` hidden rows [M, H] enter the head, ``scored`` of them have a target; ``vocab``
+    columns on this GPU; ``dtype_bytes`` of the compute dtype (2 bf16, 4 fp32). Excludes the
+    inputs (hidden, weight) themselves.
+
+    impl ``"unfused"``: logits [M, V] (compute dtype, then fp32), ``log_softmax`` saved,
+    and in backward the gather's and ``log_softmax``'s fp32 gradients: 3 fp32 ``[M, V]``
+    live at once. impl ``"fused"``: ``backend="triton"`` (``fused_losses.kernels``: fp32
+    compact dH, then fp32 dW accumulator and its cast) or ``"torch"`` (chunked backend:
+    fp32 dW accumulator, dH, one chunk of logits); ``path="ce"`` is
+    ``linear_cross_entropy``'s gradient-in-forward path (torch backend), whose gradients are
+    formed in forward, saved, and scaled into new tensors in backward.
+    """
+    m, n, h, v, d = rows, scored, hidden, vocab, dtype_bytes
+    low = d < 4  # bf16/fp16: casts make copies
+    grads = d * (v * h + m * h)  # dW and dH in the compute dtype
+    stats = 16 * max(n, 1)  # [N] fp32 statistics, targets, rows
+    if impl == "unfused":
+        peak_logits = 12 * m * v
+        at_matmul = (4 + (d if low else 0)) * m * v + grads
+        return max(peak_logits, at_matmul) + stats
+    if impl != "fused":
+        raise ValueError(f"impl must be 'unfused' or 'fused', got {impl!r}")
+    acc = 4 * v * h  # fp32 dW accumulator
+    if backend == "triton":
+        dh = 4 * n * h + d * m * h + (d * n * h if low else 0)
+        dw = d * m * h + acc + (d * v * h if low else 0)
+        return max(dh, dw) + stats
+    # Torch backend: a chunk of c rows has fp32 logits [c, V] (low precision: the matmul's
+    # output first); the previous chunk's gradient is still referenced while the next
+    # chunk's logits are formed; a low-precision dW term is formed and upcast per chunk.
+    chunk = max(1, min(n, _CHUNK_BYTES // (4 * v)))
+    cv = chunk * v
+    prev = 4 * cv if n > chunk else 0
+    form = prev + 4 * cv + (d * cv if low else 0)
+    if path == "ce":  # the forward statistics run next to the gradient (logsumexp's temporary)
+        form = max(form, prev + 8 * cv)
+    dw_term = 4 * cv + ((d * cv + (d + 4) * v * h) if low else 0)
+    loop = acc + d * m * h + max(form, dw_term)
+    end = acc + d * m * h + (d * v * h if low else 0)
+    peak = max(loop, end)
+    if path == "ce":  # gradients saved in forward, scaled into new tensors in backward
+        peak = max(peak, 2 * grads)
+    return peak + stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The rest of the model
+# ---------------------------------------------------------------------------------------------
+
+OBJECTIVES = {  # sequences per example, holds a frozen reference model
+    "sft": (1, False), "ift": (1, False), "reinforce": (1, True),
+    "dpo": (2, True), "dil": (2, True), "simpo": (2, False), "orpo": (2, False),
+    "cpo": (2, False),
+}
+OPTIMIZER_BYTES = {("adamw", "mixed"): 8, ("adamw", "bf16"): 4,
+                   ("adamw-8bit", "mixed"): 2, ("adamw-8bit", "bf16"): 2,
+                   ("sgd", "mixed"): 0, ("sgd", "bf16"): 0}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training configuration (the command line, one field per flag)."""
+
+    seq_len: int = 32768  # tokens per sequence
+    micro_batch: int = 1  # examples (pairs for preference objectives) per GPU per micro-step
+    gpus: int = 8
+    gpu_mem: float = 80.0  # GiB per GPU
+    reserve: float = 2.0  # GiB kept back: CUDA context, NCCL buffers, allocator slack
+    objective: str = "dpo"
+    fsdp: bool = False
+    tp: int = 1
+    checkpointing: bool = False
+    precision: str = "mixed"  # mixed | bf16
+    optimizer: str = "adamw"  # adamw | adamw-8bit | sgd
+    ref: str = "resident"  # resident | precomputed (reference log-probs computed offline)
+    backend: str = "triton"  # fused head implementation on the GPU
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // self.tp
+
+    @property
+    def budget(self) -> float:
+        return (self.gpu_mem - self.reserve) * GiB
+
+
+def layer_activation_bytes(model: ModelDims, d: int = 2) -> int:
+    """Saved-for-backward bytes per token of one decoder layer (no recompute).
+
+    Per RMSNorm (HF eager): its fp32 input (4H) and its output (dH). Attention (SDPA /
+    flash): q, k, v after RoPE, its output, fp32 log-sum-exp per head. Gated MLP: gate, up,
+    act(gate) and their product (4 x I).
+    """
+    h, hd = model.hidden, model.hd
+    norms = 2 * (4 * h + d * h)
+    attn = d * hd * (model.heads + 2 * model.kv_heads) + d * hd * model.heads + 4 * model.heads
+    mlp = 4 * d * model.intermediate
+    extra_norms = (model.norms_per_layer - 2) * d * h  # Gemma 2's post-norms
+    return norms + attn + mlp + extra_norms
+
+
+def layer_backward_bytes(model: ModelDims, d: int = 2) -> int:
+    """Transient gradient buffers per token while one layer runs backward."""
+    return d * (4 * model.hidden + 2 * model.intermediate)
+
+
+def breakdown(model: ModelDims, setup: Setup, fused: bool) -> dict:
+    """Per-GPU bytes by component, and ``peak``."""
+    if setup.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, "
+                         f"got {setup.objective!r}")
+    seqs, has_ref = OBJECTIVES[setup.objective]
+    has_ref = has_ref and setup.ref == "resident"
+    t, dp, d = setup.tp, setup.dp, 2
+    shard = t * (dp if setup.fsdp else 1)
+    p = model.params()
+    p_bytes, g_bytes = (4, 4) if setup.precision == "mixed" else (2, 2)
+    o_bytes = OPTIMIZER_BYTES[(setup.optimizer, setup.precision)]
+    out = {
+        "parameters": p * p_bytes / shard,
+        "gradients": p * g_bytes / shard,
+        "optimizer state": p * o_bytes / shard,
+    }
+    layer = model.layer_params()
+    root = model.embedding_params() + model.head_params() + model.hidden
+    if setup.fsdp:
+        buffers = (d * (2 * layer + root) + g_bytes * layer) / t
+    else:
+        buffers = d * p / t if setup.precision == "mixed" else 0.0
+    out["fsdp/working copies"] = buffers
+    out["reference model"] = d * p / shard if has_ref else 0.0
+
+    tokens = seqs * setup.micro_batch * setup.seq_len
+    per_layer = layer_activation_bytes(model, d)
+    edges = (d * model.hidden + 4 * model.hidden + d * model.hidden) * tokens  # embed, final norm
+    if setup.checkpointing:
+        stored = (model.layers * d * model.hidden * tokens + edges) / t
+        layer_peak = (per_layer + layer_backward_bytes(model, d)) * tokens / t
+    else:
+        stored = (model.layers * per_layer * tokens + edges) / t
+        layer_peak = layer_backward_bytes(model, d) * tokens / t
+    out["activations"] = stored
+    head = head_bytes("fused" if fused else "unfused", rows=tokens, scored=tokens,
+                      hidden=model.hidden, vocab=math.ceil(model.vocab / t), dtype_bytes=d,
+                      backend=setup.backend)
+    out["loss/head"] = head
+    static = sum(out.values()) - stored - head
+    policy = stored + max(head, layer_peak)
+    ref_fwd = 0.0
+    if has_ref:  # no-grad forward: one layer's activations, the head's forward logits
+        ref_tokens = tokens
+        ref_head = (10 * ref_tokens * math.ceil(model.vocab / t) if not fused
+                    else 4 * ref_tokens * model.hidden)
+        ref_fwd = (per_layer * ref_tokens / t) + ref_head
+    out["peak"] = static + max(policy, ref_fwd)
+    out["_layer_backward"] = layer_peak
+    return out
+
+
+def fits(model: ModelDims, setup: Setup, fused: bool) -> bool:
+    return breakdown(model, setup, fused)["peak"] <= setup.budget
+
+
+def max_seq_len(model: ModelDims, setup: Setup, fused: bool, limit: int = 1 << 24) -> int:
+    """Largest ``seq_len`` whose peak fits (0 if not even one token fits)."""
+    if not fits(model, replace(setup, seq_len=1), fused):
+        return 0
+    lo, hi = 1, limit
+    if fits(model, replace(setup, seq_len=hi), fused):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(model, replace(setup, seq_len=mid), fused) else (lo, mid)
+    return lo
+
+
+def min_gpus(model: ModelDims, setup: Setup, fused: bool, limit: int = 4096) -> int | None:
+    """Fewest GPUs (a multiple of ``tp``) for which the run fits; None if none up to limit.
+
+    Without ``--fsdp`` more data-parallel GPUs do not lower per-GPU memory, so the answer is
+    ``tp`` or None.
+    """
+    for dp in range(1, limit // setup.tp + 1):
+        if fits(model, replace(setup, gpus=dp * setup.tp), fused):
+            return dp * setup.tp
+        if not setup.fsdp:
+            return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+ROWS = ("parameters", "gradients", "optimizer state", "fsdp/working copies", "reference model",
+        "activations", "loss/head", "peak")
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:8.2f}"
+
+
+def _tokens(n: int) -> str:
+    return f"{n:,}" + (f" (~{n / 1024:.1f}k)" if n >= 1024 else "")
+
+
+def report(model: ModelDims, setup: Setup) -> str:
+    parts = {name: breakdown(model, setup, fused) for name, fused in
+             (("unfused", False), ("fused", True))}
+    lines = [
+        f"model {model.name}: {model.params() / 1e9:.2f}B params, H={model.hidden}, "
+        f"L={model.layers}, V={model.vocab}",
+        f"{setup.objective}, seq-len {setup.seq_len}, micro-batch {setup.micro_batch}, "
+        f"{setup.gpus} GPU(s) x {setup.gpu_mem:g} GiB (budget {setup.budget / GiB:.1f} GiB "
+        f"after {setup.reserve:g} GiB reserve), tp {setup.tp}, "
+        f"{'FSDP' if setup.fsdp else 'no FSDP'}, checkpointing "
+        f"{'on' if setup.checkpointing else 'off'}, precision {setup.precision}, "
+        f"optimizer {setup.optimizer}"
+        + (f", reference {setup.ref}" if OBJECTIVES[setup.objective][1] else ""),
+        "",
+        f"{'per GPU (GiB)':<22}{'unfused':>10}{'fused':>10}",
+    ]
+    for row in ROWS:
+        if row == "peak":
+            lines.append("-" * 42)
+        lines.append(f"{row:<22}{_gib(parts['unfused'][row]):>10}{_gib(parts['fused'][row]):>10}")
+    lines.append("")
+    for name, fused in (("unfused", False), ("fused", True)):
+        ok = "fits" if parts[name]["peak"] <= setup.budget else "does NOT fit"
+        longest = max_seq_len(model, setup, fused)
+        fewest = min_gpus(model, setup, fused)
+        lines.append(
+            f"{name:>8}: {ok}; longest seq-len that fits on {setup.gpus} GPU(s): "
+            f"{_tokens(longest) if longest else 'none (the model state alone does not fit)'}; "
+            f"fewest GPUs at seq-len {setup.seq_len}: "
+            f"{fewest if fewest else 'none' + ('' if setup.fsdp else ' (try --fsdp or --tp)')}")
+    return "\n".join(lines)
+
+
+def plot(model: ModelDims, setup: Setup, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, curve) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [r for r in ROWS if r != "peak"]
+    for i, fused in enumerate((False, True)):
+        parts = breakdown(model, setup, fused)
+        bottom = 0.0
+        for j, row in enumerate(names):
+            value = parts[row] / GiB
+            bars.bar(i, value, bottom=bottom, color=f"C{j}", label=row if i == 0 else None)
+            bottom += value
+    bars.axhline(setup.budget / GiB, color="k", ls="--", lw=1, label="budget")
+    bars.set_xticks([0, 1], ["unfused", "fused"])
+    bars.set_ylabel("GiB per GPU (stacked; peak takes max over phases)")
+    bars.set_title(f"{model.name} {setup.objective}, {setup.seq_len} tokens, {setup.gpus} GPU(s)")
+    bars.legend(fontsize=7)
+    lengths = [2 ** k for k in range(9, 21)]
+    for fused, style in ((False, "C3-o"), (True, "C2-o")):
+        peaks = [breakdown(model, replace(setup, seq_len=s), fused)["peak"] / GiB
+                 for s in lengths]
+        curve.plot(lengths, peaks, style, ms=3, label="fused" if fused else "unfused")
+    curve.axhline(setup.budget / GiB, color="k", ls="--", lw=1, label="budget")
+    curve.set_xscale("log", base=2)
+    curve.set_yscale("log")
+    curve.set_xlabel("sequence length (tokens)")
+    curve.set_ylabel("peak GiB per GPU")
+    curve.legend()
+    curve.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fused-losses plan",
+        description="Per-GPU memory of a training run, unfused vs fused loss: breakdown, "
+                    "longest sequence that fits, fewest GPUs.")
+    p.add_argument("--model", required=True,
+                   help=f"config.json path or preset: {', '.join(sorted(PRESETS))}")
+    p.add_argument("--seq-len", type=int, default=32768, help="tokens per sequence")
+    p.add_argument("--micro-batch", type=int, default=1,
+                   help="examples per GPU per micro-step (pairs for preference objectives)")
+    p.add_argument("--gpus", type=int, default=8, help="total GPUs")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--reserve", type=float, default=2.0,
+                   help="GiB per GPU kept back for the CUDA context, NCCL, allocator slack")
+    p.add_argument("--objective", default="dpo", choices=sorted(OBJECTIVES))
+    p.add_argument("--fsdp", action="store_true", help="shard model state over data parallel")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (with sequence "
+                   "parallelism; the head is vocabulary-parallel)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--precision", default="mixed", choices=("mixed", "bf16"),
+                   help="mixed: fp32 params/grads/moments (16 B/param); bf16: bf16 params, "
+                        "grads and moments (8 B/param)")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw-8bit", "sgd"))
+    p.add_argument("--ref", default="resident", choices=("resident", "precomputed"),
+                   help="DPO/DIL reference: a frozen bf16 model in memory, or log-probs "
+                        "computed beforehand")
+    p.add_argument("--backend", default="triton", choices=("triton", "torch"),
+                   help="fused head implementation whose memory is modelled")
+    p.add_argument("--plot", metavar="PNG", help="write a bar chart and a peak-vs-length curve")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON instead")
+    return p
+
+
+def setup_from_args(args) -> Setup:
+    return Setup(seq_len=args.seq_len, micro_batch=args.micro_batch, gpus=args.gpus,
+                 gpu_mem=args.gpu_mem, reserve=args.reserve, objective=args.objective,
+                 fsdp=args.fsdp, tp=args.tp, checkpointing=args.activation_checkpointing,
+                 precision=args.precision, optimizer=args.optimizer, ref=args.ref,
+                 backend=args.backend)
+
+
+def summary(model: ModelDims, setup: Setup) -> dict:
+    """The report's numbers as plain data (``--json``)."""
+    result = {"model": asdict(model), "params": model.params(), "setup": asdict(setup)}
+    for name, fused in (("unfused", False), ("fused", True)):
+        parts = breakdown(model, setup, fused)
+        result[name] = {
+            "GiB": {row: parts[row] / GiB for row in ROWS},
+            "fits": parts["peak"] <= setup.budget,
+            "max_seq_len": max_seq_len(model, setup, fused),
+            "min_gpus": min_gpus(model, setup, fused),
+        }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    problems = []
+    for flag in ("seq_len", "micro_batch", "gpus", "tp"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.gpus >= 1 and args.tp >= 1 and args.gpus % args.tp:
+        problems.append(f"--gpus {args.gpus} is not a multiple of --tp {args.tp}")
+    if not args.gpu_mem > args.reserve >= 0:
+        problems.append(f"--gpu-mem {args.gpu_mem} must exceed --reserve {args.reserve} >= 0")
+    try:
+        model = load_model(args.model)
+    except ValueError as err:
+        problems.append(str(err))
+    if problems:
+        print("fused-losses plan: error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    setup = setup_from_args(args)
+    if args.json:
+        print(json.dumps(summary(model, setup), indent=2))
+    else:
+        print(report(model, setup))
+    if args.plot:
+        plot(model, setup, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
