@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 IGNORE = -100
-GENERATOR_VERSION = 1  # bump when the generated text changes: it keys the tokenizer cache
+GENERATOR_VERSION = 2  # bump when the generated text changes: it keys the tokenizer cache
 
 NAMES = ["Ada", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jun", "Kofi",
          "Lena", "Mateo", "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq"]
@@ -94,7 +94,7 @@ def default_records(split: str, kind: str, n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(f"fused-losses/{GENERATOR_VERSION}/{split}/{seed}")
     records = []
     for _ in range(n):
-        prompt, start, ops, item = _problem(rng, num_steps=rng.randint(3, 5))
+        prompt, start, ops, item = _problem(rng, num_steps=rng.randint(4, 8))
         chosen = _worked(start, ops, item)
         if kind == "sft":
             records.append({"prompt": prompt, "completion": chosen})

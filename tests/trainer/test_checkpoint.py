@@ -1,0 +1,74 @@
+"""Checkpoints: resume after SIGKILL reproduces the uninterrupted run; bad checkpoints are refused."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from fused_losses.trainer import loop
+
+from .trainer_helpers import losses, tiny_args
+
+# Large enough that a step takes a noticeable time, so the kill lands mid-run.
+SLOW = dict(max_steps=16, save_every=4, batch_size=8, max_length=200)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tok_cache):
+    whole = tmp_path / "whole"
+    loop.train(loop.parse_args(tiny_args(whole, "dpo", **SLOW)))
+
+    killed = tmp_path / "killed"
+    argv = tiny_args(killed, "dpo", **SLOW)
+    proc = subprocess.Popen([sys.executable, "-m", "fused_losses.train", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics, deadline = killed / "metrics.jsonl", time.time() + 120
+    # Kill once a checkpoint exists and the run has gone past it.
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "checkpoint.pt").exists() and metrics.exists() \
+                and len(metrics.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed: " + \
+        proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    done = len(metrics.read_text().splitlines())
+    assert 4 <= saved < SLOW["max_steps"] and done < SLOW["max_steps"]
+
+    loop.train(loop.parse_args(tiny_args(killed, "dpo", resume=True, **SLOW)))
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, SLOW["max_steps"] + 1))
+    torch.testing.assert_close(torch.tensor(losses(killed)), torch.tensor(losses(whole)),
+                               rtol=0, atol=1e-6)
+
+
+def test_corrupted_checkpoint_is_refused_and_left_alone(tmp_path, tok_cache, capsys):
+    out = tmp_path / "run"
+    loop.train(loop.parse_args(tiny_args(out, "sft", max_steps=2)))
+    ckpt = out / "checkpoint.pt"
+    blob = ckpt.read_bytes()
+    ckpt.write_bytes(blob[: len(blob) // 2])
+    before = (ckpt.read_bytes(), (out / "metrics.jsonl").read_bytes())
+    assert loop.main(tiny_args(out, "sft", max_steps=4, resume=True)) == 2
+    assert "corrupted or unreadable" in capsys.readouterr().err
+    assert (ckpt.read_bytes(), (out / "metrics.jsonl").read_bytes()) == before
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path, tok_cache, capsys):
+    out = tmp_path / "run"
+    loop.train(loop.parse_args(tiny_args(out, "sft", max_steps=2)))
+    before = (out / "checkpoint.pt").read_bytes()
+    assert loop.main(tiny_args(out, "sft", max_steps=4, batch_size=8, resume=True)) == 2
+    err = capsys.readouterr().err
+    assert "incompatible run" in err and "batch_size" in err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    # A fresh run into a directory holding a checkpoint must not overwrite it either.
+    assert loop.main(tiny_args(out, "sft", max_steps=4)) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before

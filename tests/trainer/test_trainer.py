@@ -1,0 +1,138 @@
+"""End-to-end trainer tests on tiny random models (in-process where possible)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fused_losses.trainer import loop
+from fused_losses.trainer.data import DataError, read_jsonl
+
+from .trainer_helpers import TINY, losses, tiny_args
+
+
+def run(argv) -> dict:
+    return loop.train(loop.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    """A second random tiny Llama: the 'SFT model' whose log-prob ratio gives token rewards."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(TINY["llama"])
+    torch.manual_seed(1)
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
+    path = tmp_path_factory.mktemp("reward_model")
+    lm.save_pretrained(path)
+    return str(path)
+
+
+OBJECTIVES = [("sft", {}), ("dpo", {}), ("dpo", {"loss_type": "ipo"}), ("simpo", {}),
+              ("orpo", {}), ("cpo", {}), ("dil", {}), ("ift", {}), ("reinforce", {})]
+
+
+@pytest.mark.parametrize("objective,flags", OBJECTIVES,
+                         ids=[o + "".join(f"-{v}" for v in f.values()) for o, f in OBJECTIVES])
+def test_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache, reward_model, objective, flags):
+    if objective == "reinforce":
+        flags = {**flags, "reward_model": reward_model}
+    fused = run(tiny_args(tmp_path / "f", objective, impl="fused", **flags))
+    unfused = run(tiny_args(tmp_path / "u", objective, impl="unfused", **flags))
+    a, b = losses(tmp_path / "f"), losses(tmp_path / "u")
+    assert len(a) == len(b) == 3
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
+    assert fused["eval/loss"] == pytest.approx(unfused["eval/loss"], rel=1e-4, abs=1e-5)
+    if objective in ("dpo", "dil", "simpo", "orpo", "cpo"):
+        assert 0.0 <= fused["eval/rewards/accuracies"] <= 1.0
+
+
+def test_qwen2_architecture(tmp_path, tok_cache):
+    run(tiny_args(tmp_path / "f", "dpo", arch="qwen2", impl="fused"))
+    run(tiny_args(tmp_path / "u", "dpo", arch="qwen2", impl="unfused"))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "f")),
+                               torch.tensor(losses(tmp_path / "u")), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, tok_cache, objective):
+    # grad_clip 0: clipping acts on the summed gradient either way, but keep the test about sums.
+    run(tiny_args(tmp_path / "k1", objective, grad_accum=1, grad_clip=0))
+    run(tiny_args(tmp_path / "k4", objective, grad_accum=4, grad_clip=0))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "k1")),
+                               torch.tensor(losses(tmp_path / "k4")), rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_log_and_too_long_records_are_counted(tmp_path, tok_cache):
+    summary = run(tiny_args(tmp_path, "sft", max_length=100, too_long="truncate"))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert all("loss" in x and "tokens_per_s" in x for x in lines)
+    counts = summary["data"]["train"]
+    assert counts["truncated"] > 0 and counts["kept"] == counts["records"]
+    summary = run(tiny_args(tmp_path / "drop", "sft", max_length=100, too_long="drop"))
+    counts = summary["data"]["train"]
+    assert counts["dropped"] > 0 and counts["kept"] + counts["dropped"] == counts["records"]
+
+
+def test_user_jsonl(tmp_path, tok_cache):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Q{i}: 2+{i}?", "chosen": f" {2 + i}", "rejected": f" {3 + i}"}
+            for i in range(20)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = run(tiny_args(tmp_path / "out", "dpo", data=path, eval_size=4))
+    assert summary["data"]["train"]["records"] == 16
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, tok_cache, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", "completion": \n')
+    with pytest.raises(DataError, match=rf"{path}:3: malformed JSON"):
+        read_jsonl(path, "sft")
+    path.write_text('{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: missing key\(s\) \['rejected'\]"):
+        read_jsonl(path, "preference")
+    code = loop.main(tiny_args(tmp_path / "out", "dpo", data=path))
+    assert code == 2 and "bad.jsonl:1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--output-dir", "x"], "--objective is required"),
+    (["--objective", "nope", "--output-dir", "x"], "invalid choice"),
+    (["--objective", "sft"], "--output-dir is required"),
+    (["--objective", "sft", "--output-dir", "x", "--impl", "both"], "invalid choice"),
+    (["--objective", "sft", "--output-dir", "x", "--batch-size", "6", "--grad-accum", "4"],
+     "not divisible"),
+    (["--objective", "sft", "--output-dir", "x", "--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--objective", "dpo", "--output-dir", "x", "--loss-kwargs", "{oops"], "not valid JSON"),
+    (["--objective", "reinforce", "--output-dir", "x"], "needs --reward-model"),
+    (["--objective", "sft", "--output-dir", "x", "--max-steps", "ten"], "invalid int value"),
+])
+def test_cli_errors(capsys, argv, message):
+    assert loop.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_errors_at_setup(tmp_path, tok_cache, capsys):
+    assert loop.main(["--objective", "sft", "--output-dir", str(tmp_path / "a"),
+                      "--model", "no-such-model"]) == 2
+    assert "neither a local directory nor a preset" in capsys.readouterr().err
+    assert loop.main(["--objective", "sft", "--output-dir", str(tmp_path / "b"),
+                      "--model-config", '{"hidden_size": 8}']) == 2
+    assert "model_type" in capsys.readouterr().err
+    assert loop.main(tiny_args(tmp_path / "c", "sft", resume=True)) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_help(capsys):
+    assert loop.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--objective", "--impl", "--compare", "--model", "--model-config", "--data",
+                 "--max-steps", "--save-every", "--resume", "--output-dir"):
+        assert flag in text
+
+
+def test_config_maps_one_to_one_onto_the_cli(tmp_path):
+    cfg = loop.parse_args(tiny_args(tmp_path, "dpo", beta=0.2, fsdp=True))
+    assert loop.parse_args(loop.to_argv(cfg)) == cfg

@@ -1,0 +1,34 @@
+"""Tiny models and argv helpers for the trainer tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TINY = {"llama": dict(model_type="llama", vocab_size=1024, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=False),
+        "qwen2": dict(model_type="qwen2", vocab_size=1024, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=256, tie_word_embeddings=False)}
+
+
+def tiny_args(out: Path, objective: str, arch: str = "llama", **flags) -> list[str]:
+    """argv for a fast run on a tiny random model."""
+    base = {"objective": objective, "output_dir": str(out), "model_config": json.dumps(TINY[arch]),
+            "max_steps": 3, "batch_size": 4, "train_size": 64, "eval_size": 8,
+            "max_length": 160, "warmup_steps": 1, "threads": 1}
+    base.update(flags)
+    argv = []
+    for key, value in base.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + flag[2:])
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv + ["--no-progress"]
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
