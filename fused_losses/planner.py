@@ -342,6 +342,20 @@ def min_gpus(model: ModelDims, setup: Setup, fused: bool, limit: int = 4096) -> 
     return None
 
 
+def fewest_gpus_any_layout(model: ModelDims, setup: Setup, fused: bool,
+                           tps=(1, 2, 4, 8)) -> tuple[int, int] | None:
+    """(GPUs, tp): the fewest GPUs over tensor-parallel sizes ``tps`` with FSDP on, keeping
+    the other flags; ties go to the smaller tp. None if no layout fits."""
+    best = None
+    for tp in tps:
+        if model.heads % tp:  # attention heads split evenly (kv heads may replicate)
+            continue
+        gpus = min_gpus(model, replace(setup, tp=tp, fsdp=True), fused)
+        if gpus is not None and (best is None or gpus < best[0]):
+            best = (gpus, tp)
+    return best
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +402,11 @@ def report(model: ModelDims, setup: Setup) -> str:
             f"{_tokens(longest) if longest else 'none (the model state alone does not fit)'}; "
             f"fewest GPUs at seq-len {setup.seq_len}: "
             f"{fewest if fewest else 'none' + ('' if setup.fsdp else ' (try --fsdp or --tp)')}")
+    for name, fused in (("unfused", False), ("fused", True)):
+        layout = fewest_gpus_any_layout(model, setup, fused)
+        lines.append(
+            f"{name:>8}: fewest GPUs at seq-len {setup.seq_len} with FSDP and any tp in "
+            f"1/2/4/8: " + (f"{layout[0]} (tp {layout[1]})" if layout else "none"))
     return "\n".join(lines)
 
 
@@ -479,6 +498,7 @@ def summary(model: ModelDims, setup: Setup) -> dict:
             "fits": parts["peak"] <= setup.budget,
             "max_seq_len": max_seq_len(model, setup, fused),
             "min_gpus": min_gpus(model, setup, fused),
+            "fewest_gpus_any_tp_with_fsdp": fewest_gpus_any_layout(model, setup, fused),
         }
     return result
 

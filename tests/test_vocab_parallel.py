@@ -240,31 +240,47 @@ def check_dpo_end_to_end():
     torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(w.grad, w_ref.grad[start:start + size], rtol=1e-9, atol=1e-12)
 
-    # The library's own objective, once linear_logprobs routes the two keywords here.
+    # The library's own objective, through the two keywords on linear_logprobs. Until the
+    # lead wires them, a stand-in for that hook (route to vocab_parallel_logprobs when
+    # process_group/vocab_start are given) is patched into the objectives' import.
     import inspect
 
     import fused_losses
-    import fused_losses.primitive as prim
-    dpo_loss = getattr(fused_losses, "dpo_loss", None)
-    wired = "process_group" in inspect.signature(prim.linear_logprobs).parameters
-    if dpo_loss is None or not wired:
-        return
-    lib = _library_dpo(dpo_loss, hidden, weight, labels, ref_logps, None)
-    h, w = hidden.clone().requires_grad_(), weight[start:start + size].clone().requires_grad_()
-    par = _library_dpo(dpo_loss, h, w, labels, ref_logps, dict(process_group=dist.group.WORLD,
-                                                                vocab_start=start))
-    par.backward()
-    torch.testing.assert_close(par.detach(), lib.detach(), rtol=1e-9, atol=1e-12)
-    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    _library_dpo(dpo_loss, h_ref, w_ref, labels, ref_logps, None).backward()
+    from fused_losses.objectives import _common
+    from fused_losses.primitive import linear_logprobs as plain
+
+    wired = "process_group" in inspect.signature(plain).parameters
+    if not wired:
+        def hook(hidden, weight, targets, bias=None, *, process_group=None, vocab_start=None,
+                 **options):
+            if process_group is None and vocab_start is None:
+                return plain(hidden, weight, targets, bias, **options)
+            return vocab_parallel_logprobs(hidden, weight, targets, bias,
+                                           process_group=process_group,
+                                           vocab_start=vocab_start, **options)
+        _common.linear_logprobs = hook
+    try:
+        parallel = dict(process_group=dist.group.WORLD, vocab_start=start)
+        h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lib = _library_dpo(fused_losses.dpo_loss, h_ref, w_ref, labels, ref_logps, {})
+        lib.loss.backward()
+        h, w = hidden.clone().requires_grad_(), \
+            weight[start:start + size].clone().requires_grad_()
+        par = _library_dpo(fused_losses.dpo_loss, h, w, labels, ref_logps, parallel)
+        par.loss.backward()
+    finally:
+        _common.linear_logprobs = plain
+    torch.testing.assert_close(par.loss, lib.loss, rtol=1e-10, atol=1e-12)
+    for name, value in lib.metrics.items():  # rewards, logps, logits/chosen (mean logit)
+        torch.testing.assert_close(par.metrics[name], value, rtol=1e-9, atol=1e-12,
+                                   msg=lambda m: f"metric {name}: {m}")
     torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(w.grad, w_ref.grad[start:start + size], rtol=1e-9, atol=1e-12)
 
 
 def _library_dpo(dpo_loss, hidden, weight, labels, ref_logps, parallel):
-    out = dpo_loss(hidden, weight, labels, ref_logprobs=ref_logps, backend="torch",
-                   **(parallel or {}))
-    return out.loss if hasattr(out, "loss") else out[0] if isinstance(out, tuple) else out
+    return dpo_loss(hidden, weight, labels, ref_logprobs=ref_logps, backend="torch",
+                    **parallel)
 
 
 def check_errors_name_the_argument():
