@@ -8,10 +8,11 @@ that summing micro-batch gradients gives exactly the big-batch gradient.
 - ``fused``: the library's objectives (``fused_losses.sft_loss`` ...) on the decoder's last
   hidden state and the head weight; ``[tokens x vocab]`` is never formed.
 - ``unfused``: what users run today: full logits ``hidden @ W.T`` for every position,
-  ``log_softmax``, gather (``fused_losses.reference``), then the same objective math written
-  out here on per-token log-probs. Until the library exposes its objectives' math on given
-  per-token log-probs, that math is restated below from ``objectives.md``; the trainer tests
-  check that both paths give the same losses step by step, so any drift is caught.
+  ``log_softmax``, gather (``fused_losses.reference``), then the same objective math on the
+  per-token log-probs. The per-pair tables (``DPO_LOSSES``, ``DIL_LOSSES``) and ``phi_safe``
+  are the library's; the few lines around them (sequence sums, returns, IFT weights) are
+  restated here from ``objectives.md``, because the library's objectives take hidden states,
+  not log-probs. The trainer tests check both paths step by step, so drift is caught.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_losses
+from fused_losses.objectives import DIL_LOSSES, DPO_LOSSES, phi_safe
 from fused_losses.reference import linear_cross_entropy_reference, linear_logprobs_reference
 
 IGNORE = -100
@@ -66,32 +68,26 @@ def to_label_layout(per_hidden: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-token log-probs in the labels' layout: the only place the two paths differ
+# The unfused path: materialised logits, then the objectives' math on per-token log-probs.
+# The per-pair tables (DPO_LOSSES, DIL_LOSSES) and phi_safe are the library's own, so only
+# the way per-token log-probs are obtained differs from the fused path.
 # ---------------------------------------------------------------------------------------------
 
-def token_logprobs_fused(hidden, weight, labels, return_lse=False):
-    out = fused_losses.linear_logprobs(hidden, weight, shift(labels), return_lse=return_lse)
-    return to_label_layout(out.logprobs), (to_label_layout(out.lse) if return_lse else None)
-
-
 def token_logprobs_unfused(hidden, weight, labels, return_lse=False):
+    """Full [B, T, V] logits, log_softmax, gather; labels' layout, [B, T] each."""
     out = linear_logprobs_reference(hidden, weight, shift(labels), return_lse=return_lse)
     return to_label_layout(out.logprobs), (to_label_layout(out.lse) if return_lse else None)
 
 
-TOKEN_LOGPROBS = {"fused": token_logprobs_fused, "unfused": token_logprobs_unfused}
-
-
 @torch.no_grad()
 def reference_logprobs(ref_lm, batch, impl: str) -> torch.Tensor:
-    """Per-token log-probs of the frozen reference, labels' layout, [B', T] float32."""
+    """Per-token log-probs of a frozen model, labels' layout, [B', T] float32."""
+    if impl == "fused":
+        return fused_losses.token_logprobs(ref_lm, batch["input_ids"], batch["labels"],
+                                           batch["attention_mask"]).float()
     hidden = decode(ref_lm, batch)
-    return TOKEN_LOGPROBS[impl](hidden, head_weight(ref_lm, hidden), batch["labels"])[0].float()
+    return token_logprobs_unfused(hidden, head_weight(ref_lm, hidden), batch["labels"])[0]
 
-
-# ---------------------------------------------------------------------------------------------
-# Objective math on per-token log-probs (objectives.md), shared by the unfused path
-# ---------------------------------------------------------------------------------------------
 
 def _seq(logp, mask, average):
     total = (logp * mask).sum(-1)
@@ -110,20 +106,8 @@ def _pair_metrics(r_w, r_l, logp_w, logp_l):
             "logps/chosen": logp_w.mean().detach(), "logps/rejected": logp_l.mean().detach()}
 
 
-_DPO = {
-    "sigmoid": lambda h, b, eps: -(1 - eps) * F.logsigmoid(b * h) - eps * F.logsigmoid(-b * h),
-    "robust": lambda h, b, eps: (-(1 - eps) * F.logsigmoid(b * h)
-                                 + eps * F.logsigmoid(-b * h)) / (1 - 2 * eps),
-    "hinge": lambda h, b, eps: torch.relu(1 - b * h),
-    "ipo": lambda h, b, eps: (h - 1 / (2 * b)) ** 2,
-}
-
-_DIL = {
-    "lsif": lambda rw, rl, aw, b: -torch.exp(rw) + 0.5 * torch.exp(2 * rl),
-    "ukl": lambda rw, rl, aw, b: -aw + torch.exp(rl),
-    "bce": lambda rw, rl, aw, b: -F.logsigmoid(rw) - F.logsigmoid(-rl),
-    "dpo": lambda rw, rl, aw, b: -F.logsigmoid(b * (rw - rl)),
-}
+def _smoothed(x, eps):
+    return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
 
 
 def _log1mexp(x):
@@ -131,75 +115,106 @@ def _log1mexp(x):
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def preference_math(objective, logp, mask, ref, opts):
-    """Loss (mean over pairs) and metrics for the preference objectives, on [2B, T] log-probs."""
+def preference_unfused(objective, logp, mask, ref, opts):
+    """Loss (mean over pairs) and metrics of a preference objective, [2B, T] log-probs."""
     if objective == "dpo":
-        loss_type = opts.get("loss_type", "sigmoid")
-        if loss_type not in _DPO:
-            raise ValueError(f"--impl unfused supports dpo loss_type in {sorted(_DPO)}, "
-                             f"got {loss_type!r}")
-        beta, eps = opts.get("beta", 0.1), opts.get("label_smoothing", 0.0)
-        average = opts.get("average_log_prob", loss_type == "ipo")
+        loss_type, beta = opts.get("loss_type", "sigmoid"), opts.get("beta", 0.1)
+        if loss_type == "bco_pair":
+            raise ValueError("--impl unfused does not implement loss_type='bco_pair'")
+        average = opts.get("average_log_prob", False) or loss_type == "ipo"
         s = _seq(logp, mask, average)
         rho_w, rho_l = _split(s - _seq(ref, mask, average))
-        loss = _DPO[loss_type](rho_w - rho_l, beta, eps)
+        extra = {"tau": opts.get("discopop_tau", 0.05)}
+        loss = DPO_LOSSES[loss_type](rho_w, rho_l, beta, opts.get("label_smoothing", 0.0), extra)
         return loss.mean(), _pair_metrics(beta * rho_w, beta * rho_l, *_split(s))
     if objective == "dil":
         variant, beta = opts.get("variant", "lsif"), opts.get("beta", 0.1)
-        s = _seq(logp, mask, opts.get("average_log_prob", True))
-        rho_w, rho_l = _split(s - _seq(ref, mask, opts.get("average_log_prob", True)))
-        loss = _DIL[variant](rho_w, rho_l, _split(s)[0], beta)
-        return loss.mean(), _pair_metrics(rho_w, rho_l, *_split(s))
-    avg_w, avg_l = _split(_seq(logp, mask, True))
-    sum_w, sum_l = _split(_seq(logp, mask, False))
+        average = opts.get("average_log_prob", True)
+        s = _seq(logp, mask, average)
+        rho_w, rho_l = _split(s - _seq(ref, mask, average))
+        loss = DIL_LOSSES[variant](rho_w, rho_l, _split(s)[0], beta)
+        scale = beta if variant == "dpo" else 1.0
+        return loss.mean(), _pair_metrics(scale * rho_w, scale * rho_l, *_split(s))
+    eps = opts.get("label_smoothing", 0.0)
+    nll_w = -_split(logp * mask)[0].sum() / _split(mask)[0].sum().clamp(min=1)  # chosen tokens
     if objective == "simpo":
         beta, gamma = opts.get("beta", 2.0), opts.get("gamma", 0.5)
-        loss = -F.logsigmoid(beta * (avg_w - avg_l) - gamma)
-        return loss.mean(), _pair_metrics(beta * avg_w, beta * avg_l, avg_w, avg_l)
-    nll_w = -sum_w.sum() / _split(mask)[0].sum().clamp(min=1)  # token mean over chosen
+        w, l = _split(_seq(logp, mask, True))
+        loss = _smoothed(beta * (w - l) - gamma, eps).mean()
+        return loss, _pair_metrics(beta * w, beta * l, w, l)
     if objective == "orpo":
-        lam = opts.get("beta", 0.1)
-        log_odds = (avg_w - avg_l) - (_log1mexp(avg_w) - _log1mexp(avg_l))
+        lam = opts.get("lam", 0.1)
+        w, l = _split(_seq(logp, mask, True))
+        log_odds = (w - l) - (_log1mexp(w) - _log1mexp(l))
         loss = nll_w - lam * F.logsigmoid(log_odds).mean()
-        return loss, _pair_metrics(lam * avg_w, lam * avg_l, avg_w, avg_l)
-    if objective == "cpo":
-        beta, alpha = opts.get("beta", 0.1), opts.get("alpha", 1.0)
-        loss = -F.logsigmoid(beta * (sum_w - sum_l)).mean() + alpha * nll_w
-        return loss, _pair_metrics(beta * sum_w, beta * sum_l, sum_w, sum_l)
-    raise ValueError(f"unknown preference objective {objective!r}")
+        return loss, _pair_metrics(lam * w, lam * l, w, l)
+    # cpo
+    beta, alpha = opts.get("beta", 0.1), opts.get("alpha", 1.0)
+    w, l = _split(_seq(logp, mask, opts.get("average_log_prob", False)))
+    loss = _smoothed(beta * (w - l), eps).mean() + alpha * nll_w
+    return loss, _pair_metrics(beta * w, beta * l, w, l)
 
 
-def reinforce_math(logp, mask, rewards, opts):
+UNFUSED_OPTIONS = {
+    "dpo": {"loss_type", "beta", "label_smoothing", "average_log_prob", "discopop_tau"},
+    "dil": {"variant", "beta", "average_log_prob"},
+    "simpo": {"beta", "gamma", "label_smoothing"},
+    "orpo": {"lam"},
+    "cpo": {"beta", "alpha", "label_smoothing", "average_log_prob"},
+    "sft": {"divergence", "beta", "eps", "max_weight"},
+    "reinforce": {"gamma", "whiten"},
+    "ift": {"lam", "gamma", "detach_weights"},
+}
+
+
+def sft_unfused(hidden, weight, labels, ref, num_items, opts):
+    """f-divergence SFT, token mode (objectives.md §1), on materialised logits."""
+    divergence = opts.get("divergence", "total_variation")
+    if divergence == "total_variation" and opts.get("beta", 1.0) == 1.0:
+        return linear_cross_entropy_reference(hidden, weight, shift(labels),
+                                              num_items_in_batch=num_items), {}
+    logp, lse = token_logprobs_unfused(hidden, weight, labels, return_lse=True)
+    mask = (labels != IGNORE).float()
+    first = torch.where(mask.bool(), torch.arange(labels.shape[1]), labels.shape[1]).amin(-1)
+    lse = lse.detach()
+    lse_0 = lse.gather(1, first.clamp(max=labels.shape[1] - 1).unsqueeze(-1))
+    if divergence == "total_variation":  # linear: the constant terms are dropped
+        u = opts.get("beta", 1.0) * logp
+    else:
+        u = opts.get("beta", 1.0) * (logp - ref + lse_0 - lse)
+    phi, _ = phi_safe(divergence, u, eps=opts.get("eps", 0.1),
+                      max_weight=opts.get("max_weight", 10.0))
+    return -(phi * mask).sum() / num_items, {}
+
+
+def reinforce_unfused(logp, mask, rewards, opts):
     """Dense-path REINFORCE: L = -(1/B) sum_i sum_t m_t logp_t G_t, G the discounted return."""
-    gamma = opts.get("gamma", 1.0)
     r = rewards * mask
     returns = torch.zeros_like(r)
     running = torch.zeros_like(r[:, 0])
     for t in range(r.shape[1] - 1, -1, -1):
-        running = r[:, t] + gamma * running
+        running = r[:, t] + opts.get("gamma", 1.0) * running
         returns[:, t] = running
+    returns = returns * mask
     if opts.get("whiten", False):
-        scored = returns[mask.bool()]
-        returns = (returns - scored.mean()) / (scored.std() + 1e-8)
-    loss = -(logp * mask * returns.detach()).sum(-1).mean()
-    return loss, {"reward/mean": (r.sum(-1)).mean().detach()}
+        mean = (returns * mask).sum() / mask.sum()
+        std = ((((returns - mean) * mask) ** 2).sum() / mask.sum()).sqrt()
+        returns = (returns - mean) / (std + 1e-8) * mask
+    loss = -(logp * mask * returns.detach()).sum() / logp.shape[0]
+    return loss, {"reward/mean": (r.sum() / mask.sum()).detach()}
 
 
-def ift_math(lm, batch, opts, logprob_fn):
-    """IFT (objectives.md §4): greedy pass, mixed embeddings, weighted pass-2 NLL; mean over
-    sequences of the per-sequence loss."""
+def ift_unfused(lm, batch, opts):
+    """IFT (objectives.md §4): greedy pass on full logits, mixed embeddings, weighted NLL."""
     lam, gamma = opts.get("lam", 0.2), opts.get("gamma", 0.95)
     ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():
         hidden = decode(lm, batch)
-        logits = hidden @ head_weight(lm, hidden).T  # the unfused path materialises, as usual
-        greedy = logits.argmax(-1)
-        del logits
+        greedy = (hidden @ head_weight(lm, hidden).T).argmax(-1)  # [B, T, V] materialised
     mixed_ids = torch.where(labels == IGNORE, ids, F.pad(greedy[:, :-1], (1, 0), value=0))
     embed = lm.get_input_embeddings()
-    embeds = (1 - lam) * embed(ids) + lam * embed(mixed_ids)
-    hidden = decode(lm, batch, inputs_embeds=embeds)
-    logp, _ = logprob_fn(hidden, head_weight(lm, hidden), labels)
+    hidden = decode(lm, batch, inputs_embeds=(1 - lam) * embed(ids) + lam * embed(mixed_ids))
+    logp, _ = token_logprobs_unfused(hidden, head_weight(lm, hidden), labels)
     mask = (labels != IGNORE).float()
     nll = -logp * mask
     weights = torch.zeros_like(nll)
@@ -207,15 +222,15 @@ def ift_math(lm, batch, opts, logprob_fn):
     for t in range(nll.shape[1] - 1, -1, -1):
         running = nll[:, t] + gamma * running
         weights[:, t] = running
-    weights = weights * mask
+    weights = mask if gamma == 0 else weights * mask
     if opts.get("detach_weights", False):
         weights = weights.detach()
-    per_seq = (weights * nll).sum(-1) / (weights.sum(-1) + 1e-8)
+    per_seq = (weights * nll).sum(-1) / (weights.sum(-1) + (1e-8 if gamma else 0.0))
     return per_seq.mean(), {}
 
 
 # ---------------------------------------------------------------------------------------------
-# Picking the loss step
+# Picking the loss step: one function per (objective, impl), chosen once at setup
 # ---------------------------------------------------------------------------------------------
 
 LossStep = Callable[..., tuple[torch.Tensor, dict]]
@@ -225,69 +240,65 @@ def make_loss_step(objective: str, impl: str, opts: dict) -> LossStep:
     """The one function the loop calls: ``step(lm, batch, ctx) -> (loss, metrics)``."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    logprob_fn = TOKEN_LOGPROBS[impl]
-    library = _library_objectives() if impl == "fused" else None
+    if impl not in ("fused", "unfused"):
+        raise ValueError(f"impl must be 'fused' or 'unfused', got {impl!r}")
+    named = {("lam" if objective == "orpo" and k == "beta" else k) for k in opts}
+    if impl == "unfused" and named - UNFUSED_OPTIONS[objective]:
+        raise ValueError(f"--impl unfused does not implement "
+                         f"{sorted(named - UNFUSED_OPTIONS[objective])} for {objective}; "
+                         f"it supports {sorted(UNFUSED_OPTIONS[objective])}")
+    fused = impl == "fused"
+    if objective == "orpo" and "beta" in opts:  # --beta is ORPO's lambda
+        opts = {**{k: v for k, v in opts.items() if k != "beta"}, "lam": opts["beta"]}
 
     def sft(lm, batch, ctx):
         hidden = decode(lm, batch)
         weight, labels = head_weight(lm, hidden), batch["labels"]
-        if library is not None:
-            out = library.sft_loss(hidden, weight, labels, ref_logprobs=ctx.get("ref_logprobs"),
-                                   num_items_in_batch=ctx["num_items"], **opts)
+        if fused:
+            out = fused_losses.sft_loss(hidden, weight, labels,
+                                        ref_logprobs=ctx.get("ref_logprobs"),
+                                        num_items_in_batch=ctx["num_items"], **opts)
             return out.loss, dict(out.metrics)
-        if opts.get("divergence", "total_variation") != "total_variation":
-            raise ValueError("this path supports only divergence='total_variation'")
-        ce = (fused_losses.linear_cross_entropy if impl == "fused"
-              else linear_cross_entropy_reference)
-        return ce(hidden, weight, shift(labels), num_items_in_batch=ctx["num_items"]), {}
+        return sft_unfused(hidden, weight, labels, ctx.get("ref_logprobs"), ctx["num_items"],
+                           opts)
 
     def preference(lm, batch, ctx):
         hidden = decode(lm, batch)
         weight, labels = head_weight(lm, hidden), batch["labels"]
         share = labels.shape[0] // 2 / ctx["num_items"]  # pairs here / pairs in the step
-        if library is not None:
-            fn = getattr(library, f"{objective}_loss")
+        if fused:
             ref = {"ref_logprobs": ctx["ref_logprobs"]} if objective in NEEDS_REF else {}
-            out = fn(hidden, weight, labels, **ref, **opts)
+            out = getattr(fused_losses, f"{objective}_loss")(hidden, weight, labels, **ref,
+                                                               **opts)
             return out.loss * share, dict(out.metrics)
-        logp, _ = logprob_fn(hidden, weight, labels)
+        logp, _ = token_logprobs_unfused(hidden, weight, labels)
         mask = (labels != IGNORE).float()
-        loss, metrics = preference_math(objective, logp, mask, ctx.get("ref_logprobs"), opts)
+        loss, metrics = preference_unfused(objective, logp, mask, ctx.get("ref_logprobs"), opts)
         return loss * share, metrics
 
     def reinforce(lm, batch, ctx):
         hidden = decode(lm, batch)
         weight, labels = head_weight(lm, hidden), batch["labels"]
         share = labels.shape[0] / ctx["num_items"]
-        if library is not None:
-            out = library.reinforce_loss(hidden, weight, labels, rewards=ctx["rewards"], **opts)
+        if fused:
+            out = fused_losses.reinforce_loss(hidden, weight, labels, rewards=ctx["rewards"],
+                                              **opts)
             return out.loss * share, dict(out.metrics)
-        logp, _ = logprob_fn(hidden, weight, labels)
-        loss, metrics = reinforce_math(logp, (labels != IGNORE).float(), ctx["rewards"], opts)
+        logp, _ = token_logprobs_unfused(hidden, weight, labels)
+        loss, metrics = reinforce_unfused(logp, (labels != IGNORE).float(), ctx["rewards"],
+                                          opts)
         return loss * share, metrics
 
     def ift(lm, batch, ctx):
         share = batch["labels"].shape[0] / ctx["num_items"]
-        if library is not None:
-            out = library.ift_loss(lm, batch["input_ids"], batch["labels"],
-                                   attention_mask=batch["attention_mask"], **opts)
+        if fused:
+            out = fused_losses.ift_loss(lm, batch["input_ids"], batch["labels"],
+                                        attention_mask=batch["attention_mask"], **opts)
             return out.loss * share, dict(out.metrics)
-        loss, metrics = ift_math(lm, batch, opts, logprob_fn)
+        loss, metrics = ift_unfused(lm, batch, opts)
         return loss * share, metrics
 
-    if objective == "sft":
-        return sft
-    if objective == "reinforce":
-        return reinforce
-    if objective == "ift":
-        return ift
-    return preference
-
-
-def _library_objectives():
-    """The library's objective functions once they exist (``fused_losses.sft_loss`` ...);
-    None until then, and the fused path uses the primitive with the math above."""
-    return fused_losses if hasattr(fused_losses, "dpo_loss") else None
+    return {"sft": sft, "reinforce": reinforce, "ift": ift}.get(objective, preference)
 
 
 def items_in(objective: str, batch) -> int:

@@ -29,12 +29,16 @@ def reward_model(tmp_path_factory):
     return str(path)
 
 
-OBJECTIVES = [("sft", {}), ("dpo", {}), ("dpo", {"loss_type": "ipo"}), ("simpo", {}),
-              ("orpo", {}), ("cpo", {}), ("dil", {}), ("ift", {}), ("reinforce", {})]
+OBJECTIVES = [("sft", {}), ("sft", {"divergence": "kl"}), ("sft", {"divergence": "reverse_kl"}),
+              ("dpo", {}), ("dpo", {"loss_type": "ipo"}), ("dpo", {"loss_type": "apo_zero"}),
+              ("simpo", {}), ("orpo", {}), ("orpo", {"beta": 0.5}), ("cpo", {}), ("dil", {}),
+              ("dil", {"variant": "bce"}), ("ift", {}), ("reinforce", {}),
+              ("reinforce", {"loss_kwargs": '{"whiten": true}'})]
 
 
 @pytest.mark.parametrize("objective,flags", OBJECTIVES,
-                         ids=[o + "".join(f"-{v}" for v in f.values()) for o, f in OBJECTIVES])
+                         ids=[o + "".join(f"-{v}" for v in f.values()).replace('"', "")
+                              for o, f in OBJECTIVES])
 def test_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache, reward_model, objective, flags):
     if objective == "reinforce":
         flags = {**flags, "reward_model": reward_model}
