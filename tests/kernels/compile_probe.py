@@ -50,16 +50,20 @@ def signature(fn, dtype: str, meta: dict):
     return sig, constexprs
 
 
-def registers(cubin: bytes) -> int | None:
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and local-memory stack (bytes; > 0 means register spills)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
-        return None
+        return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+)", out)
-    return int(found.group(1)) if found else None
+    usage = {}
+    for key, field in (("registers", "REG"), ("stack", "STACK")):
+        found = re.search(rf"{field}:(\d+)", out)
+        usage[key] = int(found.group(1)) if found else None
+    return usage
 
 
 def flag_sets(fn):
@@ -83,7 +87,7 @@ def main() -> int:
                 kernel=kernel, dtype=dtype, flags="all" if all(flags.values()) else "none",
                 arch=arch, config=cfg, shared=compiled.metadata.shared,
                 limit=configs.SHARED_MEMORY_LIMIT[arch],
-                registers=registers(compiled.asm["cubin"]))), flush=True)
+                **resource_usage(compiled.asm["cubin"]))), flush=True)
     return 0
 
 
