@@ -93,6 +93,12 @@ def validate(
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if type(weight).__name__ == "DTensor":
+        raise TypeError(
+            f"weight is a DTensor shard (placements {weight.placements}), not the full [V, H] "
+            "weight. Under FSDP/ZeRO-3 call the loss inside the module's forward (or "
+            "register_fsdp_forward_method) so the weight is gathered; for a vocabulary-"
+            "parallel (ColwiseParallel) head pass process_group= to use its shards directly")
     if hidden.dtype not in _FLOATS:
         raise TypeError(f"{_describe('hidden', hidden)}: expected a floating dtype {_FLOATS}")
     if weight.dtype != hidden.dtype:
@@ -330,6 +336,8 @@ def linear_logprobs(
     deterministic: bool = False,
     filter_eps: float | None = None,
     chunk_size: int | None = None,
+    process_group=None,
+    vocab_start: int | None = None,
 ) -> LogProbs:
     """Log-probs of ``targets`` under ``softmax(logits)``; the ``[N, V]`` logits are never formed.
 
@@ -363,12 +371,27 @@ def linear_logprobs(
             most where the distribution is flat (see README); exact when None. Default: None.
         chunk_size (int, optional): torch backend only: tokens per chunk. Default: sized so a
             chunk's fp32 logits take about 32 MiB.
+        process_group (ProcessGroup, optional), vocab_start (int, optional): vocabulary
+            parallelism. When either is given, ``weight`` (and ``bias``) hold this rank's rows
+            ``[start, start + V_r)`` of the vocabulary (plain tensors, or a ``Shard(0)`` DTensor
+            from a ``ColwiseParallel`` LM head), ``targets`` are global ids, and every output
+            is the exact global value; communication is O(tokens). See
+            :func:`fused_losses.vocab_parallel.vocab_parallel_logprobs`. Default: None.
 
     Returns:
         LogProbs: ``logprobs`` [...] float32 (0 where ignored), and ``lse`` / ``argmax`` /
         ``entropy`` / ``logits_mean`` shaped like ``targets`` or None when not asked.
         Backward accepts any combination of upstream gradients for the float outputs.
     """
+    if process_group is not None or vocab_start is not None:
+        from .vocab_parallel import vocab_parallel_logprobs
+
+        return vocab_parallel_logprobs(
+            hidden, weight, targets, bias, process_group=process_group, vocab_start=vocab_start,
+            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+            return_lse=return_lse, return_argmax=return_argmax, return_entropy=return_entropy,
+            return_logits_mean=return_logits_mean, backend=backend, deterministic=deterministic,
+            filter_eps=filter_eps, chunk_size=chunk_size)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     if filter_eps is not None and not filter_eps >= 0:
