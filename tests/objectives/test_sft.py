@@ -32,12 +32,17 @@ def test_total_variation_is_cross_entropy():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-def test_total_variation_triton_interpreter_float32():
+@pytest.mark.parametrize("divergence,value_mode", [("total_variation", "token"),
+                                                   ("kl", "sequence")])
+def test_triton_interpreter_float32(divergence, value_mode):
+    """The Triton kernels (interpreted on CPU) through the loss, lse gradients included."""
     hidden, weight, labels, _ = batch(rows=2, T=5, H=16, V=33)
+    ref = _ref_near(hidden, weight, labels)
     h32, w32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
-    out = sft_loss(h32, w32, labels, backend="triton")
-    z = naive.logits_of(hidden, weight)[:, :-1]
-    expected = F.cross_entropy(z.reshape(-1, z.shape[-1]), labels[:, 1:].reshape(-1))
+    out = sft_loss(h32, w32, labels, ref_logprobs=ref.float(), divergence=divergence,
+                   value_mode=value_mode, value_grad=True, backend="triton")
+    expected = naive.sft(hidden, weight, labels, ref, divergence=divergence,
+                         value_mode=value_mode, value_grad=True)
     assert_close(out.loss, expected, torch.float32, name="loss")
     dh, dw = torch.autograd.grad(out.loss, (h32, w32))
     eh, ew = torch.autograd.grad(expected, (hidden, weight))
