@@ -306,8 +306,9 @@ def breakdown(model: ModelDims, setup: Setup, fused: bool) -> dict:
         ref_head = (10 * ref_tokens * math.ceil(model.vocab / t) if not fused
                     else 4 * ref_tokens * model.hidden)
         ref_fwd = (per_layer * ref_tokens / t) + ref_head
+    out["layer backward"] = layer_peak
+    out["reference forward"] = ref_fwd
     out["peak"] = static + max(policy, ref_fwd)
-    out["_layer_backward"] = layer_peak
     return out
 
 
@@ -360,8 +361,10 @@ def fewest_gpus_any_layout(model: ModelDims, setup: Setup, fused: bool,
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-ROWS = ("parameters", "gradients", "optimizer state", "fsdp/working copies", "reference model",
-        "activations", "loss/head", "peak")
+STATIC = ("parameters", "gradients", "optimizer state", "fsdp/working copies", "reference model")
+ROWS = STATIC + ("activations", "loss/head", "layer backward", "reference forward", "peak")
+PEAK_RULE = ("peak = static + max(activations + max(loss/head, layer backward), "
+             "reference forward)")
 
 
 def _gib(x: float) -> str:
@@ -392,6 +395,7 @@ def report(model: ModelDims, setup: Setup) -> str:
         if row == "peak":
             lines.append("-" * 42)
         lines.append(f"{row:<22}{_gib(parts['unfused'][row]):>10}{_gib(parts['fused'][row]):>10}")
+    lines.append(PEAK_RULE)
     lines.append("")
     for name, fused in (("unfused", False), ("fused", True)):
         ok = "fits" if parts[name]["peak"] <= setup.budget else "does NOT fit"
@@ -417,14 +421,17 @@ def plot(model: ModelDims, setup: Setup, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (bars, curve) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [r for r in ROWS if r != "peak"]
     for i, fused in enumerate((False, True)):
         parts = breakdown(model, setup, fused)
+        segments = [(row, parts[row]) for row in STATIC + ("activations", "loss/head")]
+        segments.append(("layer backward (beyond head)",
+                         max(0.0, parts["layer backward"] - parts["loss/head"])))
         bottom = 0.0
-        for j, row in enumerate(names):
-            value = parts[row] / GiB
-            bars.bar(i, value, bottom=bottom, color=f"C{j}", label=row if i == 0 else None)
-            bottom += value
+        for j, (row, value) in enumerate(segments):
+            bars.bar(i, value / GiB, bottom=bottom, color=f"C{j}", label=row if i == 0 else None)
+            bottom += value / GiB
+        bars.plot([i - 0.4, i + 0.4], [parts["peak"] / GiB] * 2, color="k", lw=2,
+                  label="peak" if i == 0 else None)
     bars.axhline(setup.budget / GiB, color="k", ls="--", lw=1, label="budget")
     bars.set_xticks([0, 1], ["unfused", "fused"])
     bars.set_ylabel("GiB per GPU (stacked; peak takes max over phases)")
