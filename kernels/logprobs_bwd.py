@@ -43,6 +43,26 @@ def _load_token_stats(offs_n, mask_n, rows_ptr, targets_ptr, lse_ptr, grad_logpr
 
 
 @triton.jit
+def _recomputed_grad_tile(
+    hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v, targets, lse,
+    grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean,
+    H, stride_hm, stride_hh, stride_wv, stride_wh, inv_vocab, inv_temperature, softcap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr,
+    WITH_MEAN_GRAD: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Recompute one [BLOCK_N, BLOCK_V] logit tile and return its fp32 logit gradient."""
+    logits = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v,
+                         H, stride_hm, stride_hh, stride_wv, stride_wh,
+                         inv_temperature, softcap, BLOCK_N, BLOCK_V, BLOCK_H,
+                         HAS_BIAS, HAS_SOFTCAP, DOT_FP32, DOT_PRECISION)
+    return grad_logits_tile(logits, offs_v, mask_n, mask_v, targets, lse, grad_logprobs,
+                            grad_lse, grad_entropy, mu, grad_logits_mean, inv_vocab,
+                            inv_temperature, softcap, HAS_SOFTCAP, WITH_ENTROPY_GRAD,
+                            WITH_MEAN_GRAD)
+
+
+@triton.jit
 def _logprobs_bwd_dh_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr,    # [M,H] [V,H] [V] [N] [N]
     lse_ptr, grad_logprobs_ptr, grad_lse_ptr,                   # [N] fp32 each
@@ -66,14 +86,12 @@ def _logprobs_bwd_dh_kernel(
     for v_start in range(0, V, BLOCK_V):
         offs_v = (v_start + tl.arange(0, BLOCK_V)).to(tl.int64)
         mask_v = offs_v < V
-        logits = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v,
-                             H, stride_hm, stride_hh, stride_wv, stride_wh,
-                             inv_temperature, softcap, BLOCK_N, BLOCK_V, BLOCK_H,
-                             HAS_BIAS, HAS_SOFTCAP, DOT_FP32, DOT_PRECISION)
-        grad = grad_logits_tile(logits, offs_v, mask_n, mask_v, targets, lse, grad_logprobs,
-                                grad_lse, grad_entropy, mu, grad_logits_mean, inv_vocab,
-                                inv_temperature, softcap, HAS_SOFTCAP, WITH_ENTROPY_GRAD,
-                                WITH_MEAN_GRAD)
+        grad = _recomputed_grad_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v, targets, lse,
+            grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean,
+            H, stride_hm, stride_hh, stride_wv, stride_wh, inv_vocab, inv_temperature, softcap,
+            BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY_GRAD, WITH_MEAN_GRAD,
+            DOT_FP32, DOT_PRECISION)
         if DOT_FP32:
             grad_op = grad
         else:
@@ -121,14 +139,12 @@ def _logprobs_bwd_dw_kernel(
             _load_token_stats(offs_n, mask_n, rows_ptr, targets_ptr, lse_ptr,
                               grad_logprobs_ptr, grad_lse_ptr, grad_entropy_ptr, mu_ptr,
                               grad_logits_mean_ptr, WITH_ENTROPY_GRAD, WITH_MEAN_GRAD)
-        logits = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v,
-                             H, stride_hm, stride_hh, stride_wv, stride_wh,
-                             inv_temperature, softcap, BLOCK_N, BLOCK_V, BLOCK_H,
-                             HAS_BIAS, HAS_SOFTCAP, DOT_FP32, DOT_PRECISION)
-        grad = grad_logits_tile(logits, offs_v, mask_n, mask_v, targets, lse, grad_logprobs,
-                                grad_lse, grad_entropy, mu, grad_logits_mean, inv_vocab,
-                                inv_temperature, softcap, HAS_SOFTCAP, WITH_ENTROPY_GRAD,
-                                WITH_MEAN_GRAD)
+        grad = _recomputed_grad_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v, targets, lse,
+            grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean,
+            H, stride_hm, stride_hh, stride_wv, stride_wh, inv_vocab, inv_temperature, softcap,
+            BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY_GRAD, WITH_MEAN_GRAD,
+            DOT_FP32, DOT_PRECISION)
         if NEED_BIAS_GRAD:
             grad_bias += tl.sum(grad, axis=0)
         if DOT_FP32:
