@@ -64,7 +64,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _run_head(case: dict, torch, rows: int | None = None) -> None:
+def _run_head(case: dict, torch, rows: int | None = None) -> tuple:
     import fused_losses
     from fused_losses.reference import (linear_cross_entropy_reference,
                                         linear_logprobs_reference)
