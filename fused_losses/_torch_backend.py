@@ -19,10 +19,22 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(num_rows: int, vocab: int, chunk_size: int | None) -> Iterator[slice]:
+def _chunks(num_rows: int, vocab: int, chunk_size: int | None,
+            boundaries: list[int] | None = None) -> Iterator[slice]:
+    """Row slices of about ``size`` rows; with ``boundaries`` (increasing group end offsets,
+    the last = num_rows) a slice ends only at a boundary, so groups are never split."""
     size = chunk_size or max(1, _CHUNK_BYTES // (4 * vocab))
-    for start in range(0, num_rows, size):
-        yield slice(start, min(start + size, num_rows))
+    if boundaries is None:
+        yield from (slice(s, min(s + size, num_rows)) for s in range(0, num_rows, size))
+        return
+    start = end = 0
+    for boundary in boundaries:
+        if boundary - start > size and end > start:
+            yield slice(start, end)
+            start = end
+        end = boundary
+    if end > start:
+        yield slice(start, end)
 
 
 def _logits(hidden_chunk, weight, bias, temperature, softcap) -> torch.Tensor:
@@ -151,22 +163,23 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
 
 
 @torch.no_grad()
-def forward_backward(hidden, weight, bias, rows, targets, head, *, need_hidden=True,
-                     need_weight=True, need_bias=True, temperature=1.0, softcap=None,
-                     filter_eps=None, with_argmax=False, with_entropy=False,
+def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=None,
+                     need_hidden=True, need_weight=True, need_bias=True, temperature=1.0,
+                     softcap=None, filter_eps=None, with_argmax=False, with_entropy=False,
                      with_logits_mean=False, chunk_size=None):
     """One pass: stats, the head's upstream gradients and input gradients per chunk.
 
-    ``head(5 per-token stats of a chunk) -> (summed loss of the chunk, 4 upstream grads)``.
-    Returns (loss, dH, dW, dBias); 3 matmuls per chunk instead of 4.
+    ``head(5 per-token stats of a chunk, its row slice) -> (loss of the chunk, 4 upstream
+    grads)``; chunks end only at ``boundaries``. Returns (loss, dH, dW, dBias); 3 matmuls
+    per chunk instead of 4.
     """
     acc = _Accumulator(hidden, weight, bias, need_hidden, need_weight, need_bias)
     loss = torch.zeros((), dtype=_acc_dtype(hidden.dtype), device=hidden.device)
-    for piece in _chunks(rows.numel(), weight.shape[0], chunk_size):
+    for piece in _chunks(rows.numel(), weight.shape[0], chunk_size, boundaries):
         hidden_chunk = hidden.index_select(0, rows[piece])
         logits = _logits(hidden_chunk, weight, bias, temperature, softcap)
         stats = _stats(logits, targets[piece], with_argmax, with_entropy, with_logits_mean)
-        chunk_loss, grads = head(stats)
+        chunk_loss, grads = head(stats, piece)
         loss += chunk_loss
         grad = _grad_logits(logits, targets[piece], stats[1], stats[3], *grads,
                             temperature, softcap, filter_eps)

@@ -6,8 +6,8 @@ from typing import Literal
 
 import torch
 
-from .primitive import (Backend, GradInForwardFunction, LinearLogProbsFunction, LogProbs,
-                        Options, prepare)
+from .primitive import (Backend, LogProbs, linear_logprobs, linear_logprobs_loss,
+                        resolve_backend)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -85,40 +85,35 @@ def linear_cross_entropy(
                              "reduction='mean' or 'sum', got reduction='none'")
         if not bool(torch.as_tensor(num_items_in_batch) > 0):
             raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch!r}")
-    backend_module, hidden_2d, rows, flat_targets = prepare(
-        hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, backend=backend)
-    opts = Options(temperature=float(temperature),
-                   softcap=None if softcap is None else float(softcap),
-                   with_logits_mean=label_smoothing > 0, filter_eps=filter_eps,
-                   chunk_size=chunk_size, ignore_index=ignore_index)
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    primitive_options = dict(ignore_index=ignore_index, temperature=temperature,
+                             softcap=softcap, backend=backend, filter_eps=filter_eps,
+                             chunk_size=chunk_size)
+    scale = _scale(reduction, num_items_in_batch, (targets != ignore_index).sum())
 
-    if reduction == "none" or not _use_grad_in_forward(grad_in_forward, backend_module):
-        stats = LogProbs(*LinearLogProbsFunction.apply(
-            hidden_2d, weight, bias, rows, flat_targets, backend_module, opts))
+    if reduction == "none" or not _use_grad_in_forward(grad_in_forward, backend, hidden):
+        stats = linear_logprobs(hidden, weight, targets, bias, return_lse=True,
+                                return_logits_mean=label_smoothing > 0, **primitive_options)
         per_token = _token_loss(stats, label_smoothing, lse_square_scale)
-        if reduction == "none":
-            return per_token.view(targets.shape)
-        return per_token.sum() * _scale(reduction, num_items_in_batch, rows.numel())
+        return per_token if reduction == "none" else per_token.sum() * scale
 
-    scale = _scale(reduction, num_items_in_batch, rows.numel())
-
-    def head(stats: LogProbs) -> torch.Tensor:
+    def chunk_loss(stats: LogProbs, positions: torch.Tensor) -> torch.Tensor:
         return _token_loss(stats, label_smoothing, lse_square_scale).sum() * scale
 
-    return GradInForwardFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
-                                       backend_module, opts, head)
+    return linear_logprobs_loss(hidden, weight, targets, chunk_loss, bias,
+                                return_logits_mean=label_smoothing > 0, **primitive_options)
 
 
-def _use_grad_in_forward(requested: bool | None, backend_module) -> bool:
+def _use_grad_in_forward(requested: bool | None, backend: str, hidden) -> bool:
     if requested is not None:
         return bool(requested)
-    return hasattr(backend_module, "forward_backward")
+    return hasattr(resolve_backend(backend, hidden.device), "forward_backward")
 
 
-def _scale(reduction: str, num_items_in_batch, num_scored: int):
+def _scale(reduction: str, num_items_in_batch, num_scored):
     if num_items_in_batch is not None:
         return 1.0 / num_items_in_batch
     if reduction == "mean":
-        return 1.0 / max(num_scored, 1)
+        return 1.0 / num_scored.clamp(min=1)  # all ignored: a zero loss, not 0/0
     return 1.0

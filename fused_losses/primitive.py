@@ -250,18 +250,20 @@ def _backward_kwargs(opts: Options) -> dict:
     return kwargs
 
 
-# A loss head for the gradient-in-forward path: maps a chunk's per-token statistics to the
-# chunk's (already normalised) scalar loss. Only valid when the loss is a sum of per-token
-# terms whose normaliser is known before the pass. Its upstream gradients come from
-# autograd on the [n]-sized statistics, so a head is written once, as plain math.
-TokenLossHead = Callable[[LogProbs], torch.Tensor]
+# A loss whose gradient is formed in the forward pass: ``loss_fn(stats, positions)`` gets the
+# per-token statistics of one chunk of scored rows and their flat positions in ``targets``
+# and returns that chunk's (already normalised) scalar loss; the total is the sum over
+# chunks. So every normaliser must be known before the pass, and a chunk must hold whole
+# groups (a token, a sequence, a preference pair) of rows. The upstream gradients come from
+# autograd on the [n]-sized statistics, so a loss is written once, as plain math.
+ChunkLoss = Callable[[LogProbs, torch.Tensor], torch.Tensor]
 
 
-def _loss_and_grads(head: TokenLossHead, stats: tuple) -> tuple[torch.Tensor, Grads]:
+def _loss_and_grads(loss_fn: ChunkLoss, stats: tuple, positions: torch.Tensor):
     with torch.enable_grad():
         leaves = [s if s is None or not s.is_floating_point() else s.detach().requires_grad_()
                   for s in stats]
-        loss = head(LogProbs(*leaves))
+        loss = loss_fn(LogProbs(*leaves), positions)
         wrt = [leaves[i] for i in (0, 1, 3, 4)]
         present = [t for t in wrt if t is not None]
         found = iter(torch.autograd.grad(loss, present, allow_unused=True)) if loss.requires_grad \
@@ -270,7 +272,7 @@ def _loss_and_grads(head: TokenLossHead, stats: tuple) -> tuple[torch.Tensor, Gr
 
 
 class GradInForwardFunction(torch.autograd.Function):
-    """A summed per-token loss whose input gradients are formed during the forward pass.
+    """A loss over chunks of whole groups whose input gradients are formed in forward.
 
     On a backend with a one-pass ``forward_backward`` (the torch backend) each chunk's logits
     are formed once for the loss and its gradients: 3 matmuls instead of 4. The price: dW
@@ -279,18 +281,18 @@ class GradInForwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, backend, opts: Options,
-                head: TokenLossHead):
+                loss_fn: ChunkLoss, boundaries):
         needs = dict(need_hidden=hidden.requires_grad, need_weight=weight.requires_grad,
                      need_bias=bias is not None and bias.requires_grad)
-        typed_head = lambda stats: _loss_and_grads(head, stats)  # noqa: E731
+        head = lambda stats, piece: _loss_and_grads(loss_fn, stats, rows[piece])  # noqa: E731
         one_pass = getattr(backend, "forward_backward", None)
         if one_pass is not None:
-            loss, *input_grads = one_pass(hidden, weight, bias, rows, targets, typed_head,
-                                          filter_eps=opts.filter_eps, **needs,
-                                          **_forward_kwargs(opts))
-        else:  # forward, then the backward kernels with the head's gradients
+            loss, *input_grads = one_pass(hidden, weight, bias, rows, targets, head,
+                                          boundaries=boundaries, filter_eps=opts.filter_eps,
+                                          **needs, **_forward_kwargs(opts))
+        else:  # forward, then the backward kernels with the loss's gradients
             stats = backend.forward(hidden, weight, bias, rows, targets, **_forward_kwargs(opts))
-            loss, grads = typed_head(stats)
+            loss, grads = head(stats, slice(None))
             input_grads = backend.backward(hidden, weight, bias, rows, targets, stats[1],
                                            stats[3], *grads, filter_eps=opts.filter_eps,
                                            **needs, **_backward_kwargs(opts))
@@ -300,7 +302,7 @@ class GradInForwardFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         scaled = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-        return scaled + (None,) * 5
+        return scaled + (None,) * 6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +319,20 @@ def prepare(hidden, weight, targets, bias, *, ignore_index, temperature, softcap
     # Ignored rows are never visited: they cost no FLOPs and get zero gradient.
     rows = (flat_targets != ignore_index).nonzero().squeeze(-1)
     return backend_module, hidden_2d, rows, flat_targets.index_select(0, rows).long()
+
+
+def _group_rows(rows: torch.Tensor, groups: torch.Tensor | None, targets: torch.Tensor):
+    """Order the scored rows group by group; return them with the groups' end offsets."""
+    if groups is None:
+        return rows, None
+    if not isinstance(groups, torch.Tensor) or groups.shape != targets.shape \
+            or groups.is_floating_point():
+        raise ValueError(f"groups must be an integer tensor shaped like targets "
+                         f"{tuple(targets.shape)}, got {getattr(groups, 'shape', groups)!r}")
+    group_of_row = groups.reshape(-1).index_select(0, rows)
+    order = torch.sort(group_of_row, stable=True).indices
+    counts = torch.unique_consecutive(group_of_row[order], return_counts=True)[1]
+    return rows[order], counts.cumsum(0).tolist()
 
 
 def linear_logprobs(
@@ -416,3 +432,63 @@ def linear_logprobs(
         entropy.view(shape) if return_entropy else None,
         logits_mean.view(shape) if return_logits_mean else None,
     )
+
+
+def linear_logprobs_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: ChunkLoss,
+    bias: torch.Tensor | None = None,
+    *,
+    groups: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_argmax: bool = False,
+    return_entropy: bool = False,
+    return_logits_mean: bool = False,
+    backend: Backend = "auto",
+    filter_eps: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """A scalar loss of the primitive's per-token outputs, with gradients formed in forward.
+
+    ``loss = sum over chunks of loss_fn(stats, positions)``, where ``stats`` is a
+    :class:`LogProbs` of one chunk's scored rows ([n] each; ``lse`` always, the others as
+    requested) and ``positions`` [n] are those rows' flat indices into ``targets``. On the
+    torch backend each chunk's logits are formed once for the loss and its gradient (3
+    matmuls instead of the 4 of ``linear_logprobs`` + autograd); dW is held until backward.
+
+    Valid when the loss is additive over ``groups`` and every normaliser is known before the
+    pass: a chunk always holds whole groups (positions with equal ``groups`` values), so a
+    per-sequence or per-pair non-linearity (DPO's log-sigmoid) sees all of its tokens. A
+    group larger than the chunk budget becomes one (larger) chunk.
+
+    Args:
+        loss_fn (callable): ``(LogProbs, LongTensor [n]) -> scalar``; plain differentiable
+            torch math on [n]-sized tensors. It must count only the groups present in
+            ``positions`` (a pair absent from the chunk contributes nothing, not f(0)).
+        groups (LongTensor, optional): shaped like ``targets``; group id of each position.
+            Default: None (every token is its own group).
+        others: as in :func:`linear_logprobs`.
+
+    Returns:
+        Tensor: the scalar loss (float32; float64 for float64 inputs).
+    """
+    if filter_eps is not None and not filter_eps >= 0:
+        raise ValueError(f"filter_eps must be None or >= 0, got {filter_eps!r}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    backend_module, hidden_2d, rows, _ = prepare(
+        hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
+        softcap=softcap, backend=backend)
+    rows, boundaries = _group_rows(rows, groups, targets)
+    flat_targets = targets.reshape(-1).index_select(0, rows).long()
+    opts = Options(temperature=float(temperature),
+                   softcap=None if softcap is None else float(softcap),
+                   with_argmax=return_argmax, with_entropy=return_entropy,
+                   with_logits_mean=return_logits_mean, filter_eps=filter_eps,
+                   chunk_size=chunk_size, ignore_index=ignore_index)
+    return GradInForwardFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
+                                       backend_module, opts, loss_fn, boundaries)

@@ -1,0 +1,67 @@
+"""linear_logprobs_loss: gradients formed in forward over chunks of whole groups must equal
+autograd through linear_logprobs on the same loss."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_losses import linear_logprobs, linear_logprobs_loss
+from fused_losses._torch_backend import _chunks
+from tests.helpers import HAS_TRITON, assert_close, make_inputs
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_TRITON, reason="triton is not installed"))]
+
+
+def _pairwise_loss(logprobs_by_seq, seq_of, num_seqs, beta=0.7):
+    """A DPO-like loss: non-linear in each pair's summed log-probs (pair k = seqs 2k, 2k+1),
+    counting only the pairs that have tokens here (a chunk holds whole pairs)."""
+    sums = torch.zeros(num_seqs, dtype=logprobs_by_seq.dtype).index_add(0, seq_of,
+                                                                        logprobs_by_seq)
+    present = torch.zeros(num_seqs // 2, dtype=torch.bool)
+    present[seq_of // 2] = True
+    margin = sums[0::2] - sums[1::2]
+    return -(F.logsigmoid(beta * margin) * present).sum() / (num_seqs // 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_pairwise_loss_matches_autograd(backend, chunk_size):
+    seqs, length, width, vocab = 6, 7, 16, 45
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    hidden, weight, targets, bias = make_inputs(seqs, width, vocab, dtype, bias=True,
+                                                lead=(seqs, length))
+    seq_of_position = torch.arange(seqs).repeat_interleave(length)
+    pair_of_position = (seq_of_position // 2).view(seqs, length)
+
+    def chunk_loss(stats, positions):
+        return _pairwise_loss(stats.logprobs, seq_of_position[positions], seqs)
+
+    options = dict(backend=backend, temperature=0.9, softcap=5.0)
+    if backend == "torch":
+        options["chunk_size"] = chunk_size
+    loss = linear_logprobs_loss(hidden, weight, targets, chunk_loss, bias,
+                                groups=pair_of_position, **options)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+
+    out = linear_logprobs(hidden, weight, targets, bias, **options)
+    valid = (targets != -100).reshape(-1)
+    flat = out.logprobs.reshape(-1)
+    want = _pairwise_loss(flat[valid], seq_of_position[valid], seqs)
+    want_grads = torch.autograd.grad(want, (hidden, weight, bias))
+    assert_close(loss, want, dtype)
+    for got, expected in zip(grads, want_grads):
+        assert_close(got, expected, dtype, scale=4.0)
+
+
+def test_chunks_never_split_a_group():
+    boundaries = [3, 4, 10, 11, 12, 30]  # group ends; the group 12..30 exceeds the budget
+    pieces = list(_chunks(30, 1, chunk_size=5, boundaries=boundaries))
+    assert pieces == [slice(0, 4), slice(4, 10), slice(10, 12), slice(12, 30)]
+    assert list(_chunks(7, 1, chunk_size=3)) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+
+
+def test_groups_must_match_targets():
+    hidden, weight, targets, _ = make_inputs(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="groups must be an integer tensor shaped like"):
+        linear_logprobs_loss(hidden, weight, targets, lambda s, p: s.logprobs.sum(),
+                             groups=torch.zeros(3, dtype=torch.long))
