@@ -81,6 +81,15 @@ def test_rpo_alpha_bias_and_reference_from_hidden():
     assert_close(out.metrics["nll_loss"], naive.chosen_nll(logps, mask), F64, name="nll")
 
 
+def test_discopop_tau():
+    hidden, weight, labels, _ = pairs()
+    ref = ref_for(hidden, weight, labels)
+    out = dpo_loss(hidden, weight, labels, ref_logprobs=ref, loss_type="discopop", beta=0.5,
+                   discopop_tau=0.3, **TORCH)
+    expected = naive_dpo(hidden, weight, labels, ref, loss_type="discopop", beta=0.5, tau=0.3)
+    _check(out.loss, expected, hidden, weight)
+
+
 def test_metrics_against_hand_computed_values():
     hidden, weight, labels, _ = pairs(B=3)
     ref = ref_for(hidden, weight, labels, spread=2.0)
@@ -103,7 +112,6 @@ def test_metrics_against_hand_computed_values():
         "logits/chosen": (halves(mean_logit)[0] * chosen_mask).sum() / chosen_mask.sum(),
         "logits/rejected": (halves(mean_logit)[1] * rejected_mask).sum() / rejected_mask.sum(),
     }
-    assert 0 < float(want["rewards/accuracies"]) < 1 or True
     for name, value in want.items():
         assert_close(out.metrics[name], value, F64, name=name)
         assert not out.metrics[name].requires_grad and out.metrics[name].dim() == 0

@@ -107,7 +107,7 @@ def test_bad_inputs(fn):
     bad = {"simpo_loss": "beta", "orpo_loss": "lam", "cpo_loss": "beta"}[fn.__name__]
     with pytest.raises(ValueError, match=f"{bad} must be a positive number"):
         fn(hidden, weight, labels, **{bad: 0.0}, **TORCH)
-    assert math.isfinite(float(fn(hidden, weight, labels, **TORCH).loss))
+    assert math.isfinite(float(fn(hidden, weight, labels, **TORCH).loss.detach()))
 
 
 # ------------------------------------------------------------------------------------------

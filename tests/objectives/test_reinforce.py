@@ -62,6 +62,13 @@ def test_kl_penalty_needs_the_initial_policy():
         reinforce_loss(hidden, weight, labels, rewards=rewards[:, 1:], **TORCH)
     with pytest.raises(ValueError, match="gamma must be a number in"):
         reinforce_loss(hidden, weight, labels, rewards=rewards, gamma=1.5, **TORCH)
+    init_hidden = torch.randn_like(hidden.detach())
+    a = reinforce_loss(hidden, weight, labels, rewards=rewards + 1, kl_coef=0.2,
+                       init_hidden=init_hidden, init_weight=weight.detach(), **TORCH)
+    init = naive.labels_logps(init_hidden, weight.detach(), labels)[0]
+    b = reinforce_loss(hidden, weight, labels, rewards=rewards + 1, kl_coef=0.2,
+                       init_logprobs=init, **TORCH)
+    assert_close(a.loss, b.loss.detach(), F64, name="init from hidden")
     module = FusedReinforceLoss(gamma=0.5, kl_coef=0.2, backend="torch")
     init = torch.zeros(labels.shape, dtype=F64)
     a = module(hidden, weight, labels, rewards=rewards + 1, init_logprobs=init)

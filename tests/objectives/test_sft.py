@@ -120,6 +120,7 @@ def test_guards_are_finite_far_outside_domains(divergence):
         pts = torch.tensor([cut - 1e-7, cut + 1e-7], dtype=F64, requires_grad=True)
         v, _ = phi_safe(divergence, pts)
         (g,) = torch.autograd.grad(v.sum(), pts)
+        v = v.detach()
         slope = max(1.0, abs(float(g[0])))
         assert abs(float(v[1] - v[0])) < 1e-5 * slope
         assert abs(float(g[1] - g[0])) < 1e-4 * slope
@@ -161,7 +162,7 @@ def test_all_ignored_gives_zero_not_nan():
     for divergence in ("total_variation", "kl"):
         out = sft_loss(hidden, weight, labels, ref_logprobs=torch.zeros(labels.shape),
                        divergence=divergence, **TORCH)
-        assert float(out.loss) == 0.0
+        assert float(out.loss.detach()) == 0.0
         dh, dw = grads(out.loss, hidden, weight)
         assert torch.count_nonzero(dh) == 0 and torch.count_nonzero(dw) == 0
 
@@ -181,4 +182,26 @@ def test_bad_inputs_are_clear_errors():
                  ref_logprobs=torch.zeros(labels.shape[0], labels.shape[1] + 1), **TORCH)
     with pytest.raises(ValueError, match="hidden must have shape"):
         sft_loss(hidden[:, :-1], weight, labels, **TORCH)
-    assert math.isfinite(float(sft_loss(hidden, weight, labels, **TORCH).loss))
+    assert math.isfinite(float(sft_loss(hidden, weight, labels, **TORCH).loss.detach()))
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "squared_hellinger"])
+def test_guard_options_match_naive(divergence):
+    hidden, weight, labels, _ = batch()
+    ref = _ref_near(hidden, weight, labels, spread=2.0)
+    out = sft_loss(hidden, weight, labels, ref_logprobs=ref, divergence=divergence,
+                   eps=0.3, max_weight=3.0, **TORCH)
+    expected = naive.sft(hidden, weight, labels, ref, divergence=divergence, eps=0.3,
+                         max_weight=3.0)
+    _check(out.loss, expected, hidden, weight, scale=10)
+
+
+def test_primitive_options_pass_through():
+    """temperature and softcap reach the primitive: TV equals cross-entropy on the
+    tempered, soft-capped logits."""
+    hidden, weight, labels, _ = batch()
+    out = sft_loss(hidden, weight, labels, temperature=1.7, softcap=2.5, **TORCH)
+    z = naive.logits_of(hidden, weight)[:, :-1] / 1.7
+    z = 2.5 * torch.tanh(z / 2.5)
+    expected = F.cross_entropy(z.reshape(-1, z.shape[-1]), labels[:, 1:].reshape(-1))
+    _check(out.loss, expected, hidden, weight)
