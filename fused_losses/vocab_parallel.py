@@ -42,7 +42,7 @@ from . import primitive
 from .primitive import Backend, Grads, LogProbs, Options
 
 __all__ = ["vocab_parallel_logprobs", "VocabParallelLogProbsFunction", "VocabShard",
-           "resolve_shard"]
+           "resolve_shard", "routes_here"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,12 @@ def _is_dtensor(t) -> bool:
     except ImportError:  # pragma: no cover - old torch
         return False
     return isinstance(t, DTensor)
+
+
+def routes_here(weight, process_group=None, vocab_start=None) -> bool:
+    """Whether a ``linear_logprobs`` call belongs to :func:`vocab_parallel_logprobs`: a
+    ``process_group`` or ``vocab_start`` was given, or the weight is a DTensor."""
+    return process_group is not None or vocab_start is not None or _is_dtensor(weight)
 
 
 def _dtensor_shard(weight):

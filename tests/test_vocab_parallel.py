@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fused_losses import linear_logprobs
-from fused_losses.vocab_parallel import vocab_parallel_logprobs
+from fused_losses.vocab_parallel import routes_here, vocab_parallel_logprobs
 
 N_LEAD, H, V = (2, 7), 37, 1001
 OUTPUTS = ("logprobs", "lse", "argmax", "entropy", "logits_mean")
@@ -219,6 +219,7 @@ def check_dtensor_colwise_parallel_lm_head():
     w = model.lm_head.weight
     from torch.distributed.tensor import DTensor
     assert isinstance(w, DTensor) and w.placements[0].is_shard(0), w
+    assert routes_here(w) and not routes_here(weight)
     h = hidden.clone().requires_grad_()
     out = vocab_parallel_logprobs(h, w, targets, **flags)
     _loss(out, coefs, OUTPUTS).backward()
@@ -287,7 +288,7 @@ def check_dpo_end_to_end():
     if not wired:
         def hook(hidden, weight, targets, bias=None, *, process_group=None, vocab_start=None,
                  **options):
-            if process_group is None and vocab_start is None:
+            if not routes_here(weight, process_group, vocab_start):
                 return plain(hidden, weight, targets, bias, **options)
             return vocab_parallel_logprobs(hidden, weight, targets, bias,
                                            process_group=process_group,
