@@ -4,8 +4,10 @@ the tokenizer, and batches.
 The embedded default is generated deterministically from a seed, so it "ships" as code:
 - SFT records ``{"prompt", "completion"}``: a multi-step word problem and its worked answer.
 - Preference records ``{"prompt", "chosen", "rejected"}``: the same worked answer, and a copy in
-  which one intermediate result is wrong (the dense-reward paper's Figure 1 is such a pair);
-  the wrong number is carried consistently to the end, as a model that slipped once would.
+  which one number is wrong (the dense-reward paper's Figure 1 is such a pair): a result
+  carried into the next step, or into the final answer, is copied off by 1-3, and the
+  arithmetic after it is correct for the wrong number. Spotting the slip needs copying, which
+  a 2-layer model learns in a few dozen steps, not arithmetic, which it does not.
 - A held-out split drawn from a separate seed.
 
 The tokenizer is a byte-level BPE trained with ``tokenizers`` on the training split at first
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 IGNORE = -100
-GENERATOR_VERSION = 2  # bump when the generated text changes: it keys the tokenizer cache
+GENERATOR_VERSION = 3  # bump when the generated text changes: it keys the tokenizer cache
 
 NAMES = ["Ada", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jun", "Kofi",
          "Lena", "Mateo", "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq"]
@@ -77,14 +79,17 @@ def _apply(value: int, op: str, n: int) -> int:
     return value * int(op[1:])
 
 
-def _worked(start: int, ops, item: str, wrong_step: int | None = None, delta: int = 0) -> str:
-    """The worked answer; with ``wrong_step`` one result is off by ``delta`` and carried on."""
+def _worked(start: int, ops, item: str, slip: int | None = None, delta: int = 0) -> str:
+    """The worked answer. With ``slip = i`` one number is copied wrong: the first operand of
+    step ``i`` (or, for ``i == len(ops)``, the final answer) is off by ``delta``, and the
+    arithmetic after it is done correctly on the wrong number, as a model that slipped would."""
     lines, value = [], start
     for i, (op, n) in enumerate(ops):
-        new = _apply(value, op, n) + (delta if i == wrong_step else 0)
-        shown = f"{value} {op[0] if op in '+-' else 'x'} {n if op in '+-' else op[1:]}"
-        lines.append(f" {shown} = {new}.")
-        value = new
+        value += delta if i == slip else 0
+        shown = f"{value} {op if op in '+-' else 'x'} {n if op in '+-' else op[1:]}"
+        value = _apply(value, op, n)
+        lines.append(f" {shown} = {value}.")
+    value += delta if slip == len(ops) else 0
     return "".join(lines) + f" The answer is {value} {item}."
 
 
@@ -100,8 +105,7 @@ def default_records(split: str, kind: str, n: int, seed: int = 0) -> list[dict]:
             records.append({"prompt": prompt, "completion": chosen})
             continue
         delta = rng.choice([-3, -2, -1, 1, 2, 3])
-        wrong_step = rng.randrange(len(ops))
-        rejected = _worked(start, ops, item, wrong_step, delta)
+        rejected = _worked(start, ops, item, rng.randrange(len(ops) + 1), delta)
         records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return records
 
