@@ -342,7 +342,9 @@ def train(cfg: Config) -> dict:
 
     # --- data ------------------------------------------------------------------------------
     kind = "preference" if cfg.objective in L.PREFERENCE else "sft"
-    memory = None
+    # The memory baseline: the process before the model exists, so weights, reference copies,
+    # gradients, optimizer state, activations and logits all count (as on CUDA).
+    memory = Memory(device)
     lm, local_tok = build_model(cfg)
     tokenizer = local_tok or D.embedded_tokenizer(cfg.tokenizer_cache)
     enc = D.Encoder.make(tokenizer)
@@ -368,7 +370,6 @@ def train(cfg: Config) -> dict:
     if enc.vocab_size > vocab:
         raise TrainError(f"the tokenizer has {enc.vocab_size} ids but the model's vocabulary "
                          f"is {vocab}")
-    memory = Memory(device)  # baseline: everything but the model, its optimizer and the step
     lm.to(device)
     opts = loss_options(cfg)
     ref_lm = None
