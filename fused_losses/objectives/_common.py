@@ -57,11 +57,13 @@ def check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
-def check_range(name: str, value, low: float, high: float) -> None:
-    """``low <= value < high``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not low <= value < high:
-        raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
+def check_range(name: str, value, low: float, high: float, *, closed: bool = False) -> None:
+    """``low <= value < high`` (``<= high`` when ``closed``)."""
+    inside = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        low <= value <= high if closed else low <= value < high)
+    if not inside:
+        raise ValueError(f"{name} must be a number in [{low}, {high}{']' if closed else ')'}, "
+                         f"got {value!r}")
 
 
 def check_labels(hidden: torch.Tensor, labels: torch.Tensor) -> None:

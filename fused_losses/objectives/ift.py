@@ -59,8 +59,8 @@ def ift_loss(
 
     Paper: Hua et al. 2024, "Intuitive Fine-Tuning", §4.1 Eq. 17, §4.2 Eq. 22, App. B.3.
     """
-    check_range("lam", lam, 0.0, 1.0 + 1e-12)
-    check_range("gamma", gamma, 0.0, 1.0 + 1e-12)
+    check_range("lam", lam, 0.0, 1.0, closed=True)
+    check_range("gamma", gamma, 0.0, 1.0, closed=True)
     if tuple(input_ids.shape) != tuple(labels.shape):
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels "
                          f"{tuple(labels.shape)} must have the same shape [B, T]")

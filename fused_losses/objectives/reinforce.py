@@ -91,7 +91,7 @@ def reinforce_loss(
     Paper: dense-path-reinforce §4.3, Algorithm 1 (steps 6-9).
     """
     check_labels(hidden, labels)
-    check_range("gamma", gamma, 0.0, 1.0 + 1e-12)
+    check_range("gamma", gamma, 0.0, 1.0, closed=True)
     check_range("kl_coef", kl_coef, 0.0, float("inf"))
     if not isinstance(rewards, torch.Tensor) or tuple(rewards.shape) != tuple(labels.shape):
         raise ValueError(f"rewards must have the shape of labels {tuple(labels.shape)}, got "
