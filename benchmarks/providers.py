@@ -93,6 +93,12 @@ def _naive_logprobs_fn(hidden, weight, targets, upstream):
     return (linear_logprobs_reference(hidden, weight, targets).logprobs.float() * upstream).sum()
 
 
+def _plain_logprobs_fn(hidden, weight, targets, upstream):
+    logits = (hidden @ weight.T).float()
+    logprobs = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (logprobs * upstream).sum()
+
+
 def _naive_ce_fn(hidden, weight, targets):
     return F.cross_entropy((hidden @ weight.T).float(), targets)
 
@@ -117,6 +123,8 @@ def _naive(mode):
     def build(x: Inputs):
         if mode == "logprobs":
             return lambda: _naive_logprobs_fn(x.hidden, x.weight, x.targets, x.upstream)
+        if mode == "logprobs_plain":
+            return lambda: _plain_logprobs_fn(x.hidden, x.weight, x.targets, x.upstream)
         if mode == "ce":
             return lambda: _naive_ce_fn(x.hidden, x.weight, x.targets)
         return lambda: _naive_dpo_fn(x.hidden, x.weight, x.targets, x.ref_hidden,
@@ -219,6 +227,9 @@ PROVIDERS: list[Provider] = [
     # -- generic primitive ---------------------------------------------------------------------
     Provider("naive", "logprobs", _naive("logprobs"),
              "linear_logprobs_reference (log_softmax+gather on [N,V]), (logprobs*g).sum()"),
+    Provider("naive_plain", "logprobs", _naive("logprobs_plain"),
+             "log_softmax(h @ W.T).gather(y), no ignore/temperature handling (the reference "
+             "also divides by temperature=1 and masks: ~2 extra [N,V] passes)"),
     Provider("naive_compile", "logprobs", _naive_compile("logprobs"),
              "torch.compile of the naive log-probs"),
     Provider("torch_lce", "logprobs", _torch_lce("logprobs"),

@@ -35,11 +35,11 @@ RESULTS = os.path.join(HERE, "results")
 # Presets: cases x variants. A case is (sweep label, mode, N, H, V, dtype[, pairs, seq]).
 # ---------------------------------------------------------------------------------------------
 
-CPU_LOGPROBS = ["naive", "naive_compile", "torch_lce", "ours_torch"]
+CPU_LOGPROBS = ["naive", "naive_plain", "naive_compile", "torch_lce", "ours_torch"]
 CPU_CE = ["naive", "naive_compile", "torch_lce", "torch_lce_ar1", "ours_torch_gif",
           "ours_torch_recompute"]
-GPU_LOGPROBS = ["naive", "naive_compile", "torch_lce", "ours_torch", "ours_triton",
-                "cce_exact", "cce"]
+GPU_LOGPROBS = ["naive", "naive_plain", "naive_compile", "torch_lce", "ours_torch",
+                "ours_triton", "cce_exact", "cce"]
 GPU_CE = ["naive", "naive_compile", "torch_lce", "ours_torch_gif", "ours_torch_recompute",
           "ours_triton", "liger", "cce_exact", "cce"]
 DPO = ["naive", "liger_dpo", "ours_torch", "ours_triton"]
@@ -60,13 +60,14 @@ def preset_cases(name: str, cuda: bool) -> list[tuple[dict, list[str]]]:
             # naive and ours only: compiling takes ~1 min and torch_lce's tiny chunks at
             # H=256 take ~20 s a step on 2 cores.
             variants = [v for v in variants if v.startswith(("naive", "ours_torch"))
-                        and v != "naive_compile"]
+                        and v not in ("naive_compile", "naive_plain")]
             if cuda:
                 variants += ["ours_triton"]
             out.append((_case("point", mode, 1024, 256, 8000, "fp32"), variants))
     elif name == "sweep":
         for mode, variants in (("logprobs", CPU_LOGPROBS), ("ce", CPU_CE)):
-            variants = [v for v in variants if v not in ("naive_compile", "torch_lce_ar1")]
+            variants = [v for v in variants
+                        if v not in ("naive_compile", "naive_plain", "torch_lce_ar1")]
             for n in (512, 1024, 2048, 4096):
                 out.append((_case("N", mode, n, 1024, 32000, "fp32"), variants))
             for v in (8000, 16000, 32000, 64000):
@@ -245,8 +246,8 @@ def merge_rounds(results: list[dict]) -> dict:
     row["fwdbwd_stdev"] = _median([r["fwdbwd_ms"]["stdev"] for r in ok])
     for key in ("peak_fwd_mb", "peak_mb", "warmup_s"):
         row[key] = _median([r[key] for r in ok])
-    for key in ("inputs_mb", "grads_mb", "threads", "loss"):
-        row[key] = ok[-1][key]
+    for key in ("inputs_mb", "grads_mb", "threads", "loss", "fused_losses_git"):
+        row[key] = ok[-1].get(key)
     row["peak_above_grads_mb"] = row["peak_mb"] - row["grads_mb"]
     row["fwdbwd_all_ms"] = [r["fwdbwd_ms"]["median"] for r in ok]
     return row
@@ -395,7 +396,8 @@ def build_rows(plan, raw, skipped, rates) -> list[dict]:
 COLUMNS = ["sweep", "mode", "N", "H", "V", "dtype", "variant", "status", "fwd_ms", "bwd_ms",
            "fwdbwd_ms", "fwdbwd_min", "fwdbwd_max", "fwdbwd_stdev", "cpu_s", "peak_fwd_mb",
            "peak_mb", "peak_above_grads_mb", "inputs_mb", "grads_mb", "time_x_naive",
-           "min_x_naive", "cpu_x_naive", "mem_x_naive", "flops_6nhv", "floor_ms", "x_floor", "warmup_s", "threads", "loss",
+           "min_x_naive", "cpu_x_naive", "mem_x_naive", "flops_6nhv", "floor_ms", "x_floor",
+           "warmup_s", "threads", "loss", "fused_losses_git",
            "reason", "doc"]
 
 

@@ -170,7 +170,20 @@ def measure(args) -> dict:
         "loss": loss_value,
         "threads": torch.get_num_threads(),
         "loadavg_end": os.getloadavg()[0],
+        "fused_losses_git": _git_head(),
     }
+
+
+def _git_head() -> str:
+    """The library commit this process imported (others commit while a long run goes on)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "../fused_losses",
+                            "../kernels"], cwd=here, capture_output=True, text=True).stdout
+    return head + ("+dirty" if dirty else "")
 
 
 def probe_matmul(args) -> dict:
