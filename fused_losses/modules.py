@@ -28,8 +28,8 @@ def _keywords(fn: Callable) -> set[str]:
             if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-_PRIMITIVE_OPTIONS = {name for name in _keywords(linear_logprobs)
-                      if not name.startswith("return_")} | {"bias"}
+# return_argmax / return_entropy add the mean_token_accuracy / entropy metrics.
+_PRIMITIVE_OPTIONS = _keywords(linear_logprobs) | {"bias"}
 
 
 class FusedLoss(nn.Module):

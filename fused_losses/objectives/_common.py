@@ -177,19 +177,39 @@ class TokenStats(NamedTuple):
 
     out: LogProbs
     mask: torch.Tensor  # float, 1 where targets[:, t] is scored
+    targets: torch.Tensor  # long, what the primitive was asked to score
 
 
-def token_stats(hidden, weight, labels, *, targets=None, **primitive_options) -> TokenStats:
+def token_stats(hidden, weight, labels, primitive_options: dict, *, targets=None,
+                **requests) -> TokenStats:
     """One primitive call on the unshifted ``hidden`` with shifted targets.
 
-    ``targets`` overrides the shifted labels (e.g. with dummy ids where only the lse is
-    wanted); the mask always follows the shifted labels.
+    ``requests`` are the outputs the loss itself needs (``return_lse=True`` ...); they are
+    OR-ed with the caller's ``return_*`` options, so a caller may ask for more (e.g.
+    ``return_entropy=True`` for the ``entropy`` metric) without a clash. ``targets``
+    overrides the shifted labels (e.g. with dummy ids where only the lse is wanted); the mask
+    always follows the shifted labels.
     """
     ignore_index = primitive_options.get("ignore_index", IGNORE_INDEX)
     shifted = shift_targets(labels, ignore_index)
-    out = linear_logprobs(hidden, weight, shifted if targets is None else targets,
-                          **primitive_options)
-    return TokenStats(out, (shifted != ignore_index).to(out.logprobs.dtype))
+    options = dict(primitive_options)
+    for name, wanted in requests.items():
+        options[name] = bool(options.get(name, False)) or wanted
+    targets = shifted if targets is None else targets
+    out = linear_logprobs(hidden, weight, targets, **options)
+    return TokenStats(out, (shifted != ignore_index).to(out.logprobs.dtype), targets)
+
+
+def token_metrics(stats: TokenStats) -> dict[str, torch.Tensor]:
+    """TRL's ``mean_token_accuracy`` and ``entropy`` over the scored tokens, when the caller
+    asked the primitive for ``return_argmax`` / ``return_entropy`` (cheap: no extra pass)."""
+    metrics = {}
+    if stats.out.argmax is not None:
+        hits = (stats.out.argmax == stats.targets).to(stats.mask.dtype)
+        metrics["mean_token_accuracy"] = masked_mean(hits, stats.mask)
+    if stats.out.entropy is not None:
+        metrics["entropy"] = masked_mean(stats.out.entropy.detach(), stats.mask)
+    return metrics
 
 
 def reference_logprobs(labels, *, ref_logprobs=None, ref_hidden=None, ref_weight=None,
@@ -221,9 +241,10 @@ def reference_logprobs(labels, *, ref_logprobs=None, ref_hidden=None, ref_weight
     if ref_hidden.dim() != 3 or tuple(ref_hidden.shape[:2]) != tuple(labels.shape):
         raise ValueError(f"{name}_hidden must have shape [B, T, H] with [B, T] = "
                          f"{tuple(labels.shape)} (labels), got {tuple(ref_hidden.shape)}")
-    options = {k: v for k, v in primitive_options.items() if k != "bias"}
+    options = {k: v for k, v in primitive_options.items()
+               if k != "bias" and not k.startswith("return_")}
     with torch.no_grad():
-        stats = token_stats(ref_hidden, ref_weight, labels, bias=ref_bias, **options)
+        stats = token_stats(ref_hidden, ref_weight, labels, {**options, "bias": ref_bias})
     return stats.out.logprobs
 
 
@@ -243,6 +264,8 @@ def pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
         means, masks = split_pairs(stats.out.logits_mean.detach()), split_pairs(stats.mask)
         metrics[LOGITS_CHOSEN] = masked_mean(means[0], masks[0])
         metrics[LOGITS_REJECTED] = masked_mean(means[1], masks[1])
+    if stats is not None:
+        metrics.update(token_metrics(stats))
     return metrics
 
 

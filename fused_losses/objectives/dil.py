@@ -64,7 +64,8 @@ def dil_loss(
             official code has no clamp; ``exp`` can overflow when the policy drifts far). The
             metric ``density_ratio/clamped`` reports the share of clamped ratios.
             Default: None (off).
-        **primitive_options: passed to :func:`linear_logprobs`.
+        **primitive_options: passed to :func:`linear_logprobs`; ``return_argmax`` /
+            ``return_entropy`` add the ``mean_token_accuracy`` / ``entropy`` metrics.
 
     Returns:
         LossOutput: loss; the DPO metrics with rewards ``ρ`` (``β·ρ`` for ``dpo``),
@@ -83,7 +84,7 @@ def dil_loss(
         raise ValueError(f"max_log_ratio must be None or a number, got {max_log_ratio!r}")
     ref = reference_logprobs(labels, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
                              ref_weight=ref_weight, ref_bias=ref_bias, **primitive_options)
-    stats = token_stats(hidden, weight, labels, return_logits_mean=True, **primitive_options)
+    stats = token_stats(hidden, weight, labels, primitive_options, return_logits_mean=True)
     policy = sequence_logps(stats.out.logprobs, stats.mask, average_log_prob)
     reference = sequence_logps(ref.to(policy.dtype), stats.mask, average_log_prob)
     rho = policy - reference

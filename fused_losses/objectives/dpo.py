@@ -129,7 +129,8 @@ def dpo_loss(
         bco_count (float or Tensor): how many batches ``bco_delta`` averages; this batch's
             mean reward is folded in, ``δ = (count·δ + mean r) / (count + 1)``, as TRL's
             running mean does. :class:`FusedDPOLoss` keeps both. Default: 0.
-        **primitive_options: passed to :func:`linear_logprobs`.
+        **primitive_options: passed to :func:`linear_logprobs`; ``return_argmax`` /
+            ``return_entropy`` add the ``mean_token_accuracy`` / ``entropy`` metrics.
 
     Returns:
         LossOutput: loss; metrics ``rewards/{chosen,rejected,accuracies,margins}`` (rewards
@@ -148,7 +149,7 @@ def dpo_loss(
         check_range("rpo_alpha", rpo_alpha, 0.0, math.inf)
     ref = reference_logprobs(labels, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
                              ref_weight=ref_weight, ref_bias=ref_bias, **primitive_options)
-    stats = token_stats(hidden, weight, labels, return_logits_mean=True, **primitive_options)
+    stats = token_stats(hidden, weight, labels, primitive_options, return_logits_mean=True)
     average = average_log_prob or loss_type == "ipo"
     policy = sequence_logps(stats.out.logprobs, stats.mask, average)
     reference = sequence_logps(ref.to(policy.dtype), stats.mask, average)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (LossOutput, check_labels, check_range, discounted_suffix_sum,
-                      masked_mean, token_stats)
+                      masked_mean, token_metrics, token_stats)
 from .logprobs import causal_lm_head, decoder_hidden, merged_options
 
 
@@ -55,7 +55,8 @@ def ift_loss(
 
     Returns:
         LossOutput: loss; metrics ``nll`` (pass 2 token-mean NLL) and ``nll/clean`` (pass 1,
-        free: the primitive returns log-probs with the argmax).
+        free: the primitive returns log-probs with the argmax); ``mean_token_accuracy`` /
+        ``entropy`` of pass 2 when ``return_argmax`` / ``return_entropy`` is passed.
 
     Paper: Hua et al. 2024, "Intuitive Fine-Tuning", §4.1 Eq. 17, §4.2 Eq. 22, App. B.3.
     """
@@ -70,14 +71,14 @@ def ift_loss(
     with torch.no_grad():  # pass 1: greedy predictions, never the logits
         hidden = decoder_hidden(head, input_ids=input_ids, attention_mask=attention_mask)
         check_labels(hidden, labels)
-        clean = token_stats(hidden, head.weight, labels, return_argmax=True, **options)
+        clean = token_stats(hidden, head.weight, labels, options, return_argmax=True)
         del hidden
     predicted = torch.cat((input_ids[:, :1], clean.out.argmax[:, :-1]), dim=1)
     mixed_ids = torch.where(labels == ignore_index, input_ids, predicted)
     embed = model.get_input_embeddings()
     embeds = (1 - lam) * embed(input_ids) + lam * embed(mixed_ids)
     hidden = decoder_hidden(head, inputs_embeds=embeds, attention_mask=attention_mask)
-    stats = token_stats(hidden, head.weight, labels, **options)  # pass 2
+    stats = token_stats(hidden, head.weight, labels, options)  # pass 2
     mask = stats.mask
     nll = -stats.out.logprobs * mask
     if gamma == 0:
@@ -92,5 +93,6 @@ def ift_loss(
                                                     torch.ones_like(denominator))
     loss = (per_seq * has_any).sum() / has_any.sum().clamp_min(1)
     metrics = {"nll": masked_mean(nll.detach(), mask),
-               "nll/clean": -masked_mean(clean.out.logprobs, clean.mask)}
+               "nll/clean": -masked_mean(clean.out.logprobs, clean.mask),
+               **token_metrics(stats)}
     return LossOutput(loss, metrics)

@@ -98,5 +98,5 @@ def token_logprobs(
     head = causal_lm_head(model)
     hidden = decoder_hidden(head, input_ids=input_ids, attention_mask=attention_mask)
     check_labels(hidden, labels)
-    stats = token_stats(hidden, head.weight, labels, **merged_options(head, primitive_options))
+    stats = token_stats(hidden, head.weight, labels, merged_options(head, primitive_options))
     return to_labels_layout(stats.out.logprobs)

@@ -2,6 +2,8 @@
 
 Rows ``[:B]`` are chosen, ``[B:]`` rejected; no reference model. ``S`` is a summed and ``Ā``
 a length-normalised sequence log-prob; ``NLL_w`` is the token-mean NLL of the chosen rows.
+As everywhere, ``return_argmax=True`` / ``return_entropy=True`` among the primitive options
+add the ``mean_token_accuracy`` / ``entropy`` metrics (over all scored tokens).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from ._common import (NLL_LOSS, LossOutput, check_labels, check_pairs, check_pos
 def _pair_logps(hidden, weight, labels, average, primitive_options):
     check_labels(hidden, labels)
     check_pairs(labels)
-    stats = token_stats(hidden, weight, labels, return_logits_mean=True, **primitive_options)
+    stats = token_stats(hidden, weight, labels, primitive_options, return_logits_mean=True)
     return stats, sequence_logps(stats.out.logprobs, stats.mask, average)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ._common import (LossOutput, check_labels, check_range, discounted_suffix_sum,
-                      masked_mean, reference_logprobs, to_prediction_layout, token_stats)
+                      masked_mean, reference_logprobs, to_prediction_layout, token_metrics,
+                      token_stats)
 from .logprobs import token_logprobs
 
 KL_CLAMP = 10.0  # |k1| is clamped to this before the penalty
@@ -99,10 +100,10 @@ def reinforce_loss(
     init = reference_logprobs(labels, ref_logprobs=init_logprobs, ref_hidden=init_hidden,
                               ref_weight=init_weight, ref_bias=init_bias,
                               required=kl_coef > 0, name="init", **primitive_options)
-    stats = token_stats(hidden, weight, labels, **primitive_options)
+    stats = token_stats(hidden, weight, labels, primitive_options)
     logp, mask = stats.out.logprobs, stats.mask
     reward = to_prediction_layout(rewards.detach()).to(logp.dtype) * mask
-    metrics = {"reward/mean": masked_mean(reward, mask)}
+    metrics = {"reward/mean": masked_mean(reward, mask), **token_metrics(stats)}
     if kl_coef > 0:
         k1 = (logp.detach() - init.to(logp.dtype)).clamp(-KL_CLAMP, KL_CLAMP) * mask
         reward = reward - kl_coef * k1

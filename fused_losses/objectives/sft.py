@@ -13,7 +13,8 @@ from typing import Callable, Literal, NamedTuple
 import torch
 
 from ._common import (LossOutput, check_choice, check_labels, check_positive, log1mexp,
-                      masked_mean, reference_logprobs, shift_targets, token_stats)
+                      masked_mean, reference_logprobs, shift_targets, token_metrics,
+                      token_stats)
 
 _LOG2 = math.log(2.0)
 
@@ -120,7 +121,9 @@ def sft_loss(
 
     Returns:
         LossOutput: scalar loss; metrics ``nll`` (token-mean NLL), ``u/mean``,
-        ``guard/fraction`` (share of terms on the guard's linear extension).
+        ``guard/fraction`` (share of terms on the guard's linear extension), and
+        ``mean_token_accuracy`` / ``entropy`` when ``return_argmax`` / ``return_entropy``
+        is passed.
 
     Paper: implicit-reward-sft-dpo-fdivergence §3.2 (Eq. for ``u``), Table 2, App. C Table 4.
     """
@@ -147,8 +150,8 @@ def sft_loss(
     if sequence and needs_values:  # a dummy target there so the primitive returns lse_T
         at_end = (columns == end.unsqueeze(-1)) & has_any.unsqueeze(-1)
         targets = torch.where(at_end, torch.zeros_like(targets), targets)
-    stats = token_stats(hidden, weight, labels, targets=targets, return_lse=needs_values,
-                        **primitive_options)
+    stats = token_stats(hidden, weight, labels, primitive_options, targets=targets,
+                        return_lse=needs_values)
     logp, mask = stats.out.logprobs, stats.mask
     rho = logp if linear else logp - ref.to(logp.dtype)
     values = None
@@ -169,5 +172,6 @@ def sft_loss(
         "nll": -masked_mean(logp.detach(), mask),
         "u/mean": masked_mean(u.detach(), weights),
         "guard/fraction": masked_mean(guarded.to(u.dtype), weights),
+        **token_metrics(stats),
     }
     return LossOutput(total / divisor, metrics)

@@ -46,3 +46,37 @@ def test_public_names():
                  "ift_loss", "reinforce_loss", "token_rewards", "token_logprobs", "LossOutput",
                  "FusedSFTLoss", "FusedDPOLoss", "FusedReinforceLoss", "FusedIFTLoss"):
         assert name in fused_losses.__all__ and hasattr(fused_losses, name)
+
+
+def test_token_accuracy_and_entropy_metrics():
+    """return_argmax / return_entropy add TRL's mean_token_accuracy and entropy, computed over
+    the scored tokens, for SFT (also in sequence mode, where a dummy target is added) and
+    for the preference losses (where return_logits_mean is already requested: no clash)."""
+    from tests.objectives import naive
+
+    hidden, weight, labels, _ = batch(rows=4)
+    z = naive.logits_of(hidden.detach(), weight.detach())[:, :-1]
+    mask = labels[:, 1:] != -100
+    half = mask & (torch.arange(mask.shape[1]) % 2 == 0)  # make about half the tokens hits
+    labels[:, 1:][half] = z.argmax(-1)[half]
+    hits = (z.argmax(-1) == labels[:, 1:])[mask].double().mean()
+    assert 0.2 < float(hits) < 1.0
+    p = z.softmax(-1)
+    entropy = (-(p * p.log()).sum(-1))[mask].mean()
+    ref = torch.zeros(labels.shape, dtype=F64)
+    outs = [
+        sft_loss(hidden, weight, labels, return_argmax=True, return_entropy=True,
+                 backend="torch"),
+        sft_loss(hidden, weight, labels, ref_logprobs=ref, divergence="kl",
+                 value_mode="sequence", return_argmax=True, return_entropy=True,
+                 backend="torch"),
+        FusedDPOLoss(return_argmax=True, return_entropy=True, return_logits_mean=True,
+                     backend="torch")(hidden, weight, labels, ref_logprobs=ref),
+        simpo_loss(hidden, weight, labels, return_argmax=True, return_entropy=True,
+                   backend="torch"),
+    ]
+    for out in outs:
+        assert_close(out.metrics["mean_token_accuracy"], hits, F64, name="accuracy")
+        assert_close(out.metrics["entropy"], entropy, F64, name="entropy")
+        out.loss.backward()  # the entropy output gets no gradient: skipped in backward
+    assert "entropy" not in sft_loss(hidden, weight, labels, backend="torch").metrics
