@@ -2,6 +2,7 @@
 
     python -m fused_losses.planner_validate            # the trainer-sized grid, a table
     python -m fused_losses.planner_validate --json out.json
+    python -m fused_losses.planner_validate --cuda     # Triton backend, bf16, on a GPU
 
 Each case runs in its own subprocess: build the head's inputs (hidden [M, H] and weight
 [V, H], both requiring grad, as the decoder and ``lm_head`` give them), reset the kernel's
@@ -42,6 +43,16 @@ CASES = [
     for path in ("logprobs", "ce")
     for rows, hidden, vocab, dtype in (shape,)
 ]
+# On a GPU (--cuda; not run in this repository's CI, which has none): the Triton backend in
+# bf16 at LM-head shapes of 1B-8B models, against torch.cuda.max_memory_allocated.
+CUDA_CASES = [
+    dict(path=path, impl=impl, rows=rows, hidden=hidden, vocab=vocab, dtype="bfloat16",
+         device="cuda", backend="triton", held_out=True)
+    for rows, hidden, vocab in ((8192, 2048, 128256), (16384, 4096, 128256),
+                                (8192, 2304, 256000))
+    for impl in ("unfused", "fused")
+    for path in ("logprobs", "ce")
+]
 SCORED_FRACTION = 0.6
 
 
@@ -49,7 +60,7 @@ def predict(case: dict) -> int:
     scored = _scored_rows(case["rows"])
     return head_bytes(case["impl"], rows=case["rows"], scored=scored, hidden=case["hidden"],
                       vocab=case["vocab"], dtype_bytes=2 if case["dtype"] == "bfloat16" else 4,
-                      backend="torch", path=case["path"])
+                      backend=case.get("backend", "torch"), path=case["path"])
 
 
 def _scored_rows(rows: int) -> int:
@@ -75,11 +86,13 @@ def _run_head(case: dict, torch, rows: int | None = None) -> tuple:
     hidden = (torch.randn(m, case["hidden"], generator=g) / case["hidden"] ** 0.25).to(dtype)
     weight = (torch.randn(case["vocab"], case["hidden"], generator=g)
               / case["hidden"] ** 0.25).to(dtype)
-    hidden.requires_grad_()
-    weight.requires_grad_()
     targets = torch.randint(0, case["vocab"], (m,), generator=g)
     targets[_scored_rows(m):] = -100
     coef = torch.randn(m, generator=g)
+    device = case.get("device", "cpu")
+    hidden, weight, targets, coef = (t.to(device) for t in (hidden, weight, targets, coef))
+    hidden.requires_grad_()
+    weight.requires_grad_()
     gc.collect()
     return hidden, weight, targets, coef, (fused_losses, linear_cross_entropy_reference,
                                            linear_logprobs_reference)
@@ -88,12 +101,13 @@ def _run_head(case: dict, torch, rows: int | None = None) -> tuple:
 def _loss(case, hidden, weight, targets, coef, fns):
     fused_losses, ce_ref, lp_ref = fns
     fused = case["impl"] == "fused"
+    backend = case.get("backend", "torch")
     if case["path"] == "ce":
         ce = fused_losses.linear_cross_entropy if fused else ce_ref
-        kwargs = dict(backend="torch") if fused else {}
+        kwargs = dict(backend=backend) if fused else {}
         return ce(hidden, weight, targets, **kwargs)
     if fused:
-        lp = fused_losses.linear_logprobs(hidden, weight, targets, backend="torch").logprobs
+        lp = fused_losses.linear_logprobs(hidden, weight, targets, backend=backend).logprobs
     else:
         lp = lp_ref(hidden, weight, targets).logprobs
     return (lp.float() * coef).sum()
@@ -110,6 +124,13 @@ def measure_here(case: dict) -> int:
     del warm
     inputs = _run_head(case, torch)
     gc.collect()
+    if case.get("device", "cpu") == "cuda":  # the caching allocator's own count
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _loss(case, *inputs).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kib("VmRSS")
@@ -152,12 +173,14 @@ def validate(cases=CASES, echo=print) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--cuda", action="store_true",
+                        help="validate the Triton backend on the GPU (CUDA_CASES) instead")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(measure_here(json.loads(args.child)))
         return 0
-    results = validate()
+    results = validate(CUDA_CASES if args.cuda else CASES)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
