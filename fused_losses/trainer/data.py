@@ -221,6 +221,8 @@ class Encoded:
 
     rows: list[tuple[tuple[list[int], int], ...]]
     counts: dict = field(default_factory=dict)  # records kept / truncated / dropped
+    # Optional precomputed reference log-probs, one [len(ids)] tensor per row (labels layout).
+    ref: list[tuple[torch.Tensor, ...]] | None = None
 
 
 def encode_records(records: list[dict], kind: str, enc: Encoder, max_length: int,
@@ -277,7 +279,13 @@ def collate(data: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.T
         input_ids[row, :len(ids)] = torch.tensor(ids)
         labels[row, num_prompt:len(ids)] = torch.tensor(ids[num_prompt:])
         mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if data.ref is not None:
+        ref = torch.zeros((len(seqs), length), dtype=torch.float32)
+        for row, values in enumerate(data.ref[i][k] for k in range(width) for i in indices):
+            ref[row, :values.numel()] = values
+        batch["ref_logprobs"] = ref
+    return batch
 
 
 def split_rows(batch: dict[str, torch.Tensor], parts: int, part: int, paired: bool):

@@ -90,6 +90,8 @@ class Config:
     resume: bool = _f(False, "continue from OUTPUT_DIR/checkpoint.pt")
     seed: int = _f(0, "seed for weights and data order")
     fsdp: bool = _f(False, "under torchrun: FSDP2 (fully_shard) instead of DDP")
+    precompute_ref: bool = _f(False, "compute reference log-probs once per dataset (cached in "
+                                      "OUTPUT_DIR) and free the reference model")
     activation_checkpointing: bool = _f(False, "recompute decoder layers in backward")
     bf16: bool = _f(True, "bf16 autocast on CUDA (CPU always runs fp32)")
     tokenizer_cache: str = _f(None, "where the embedded tokenizer is cached "
@@ -213,8 +215,7 @@ def compare(cfg: Config) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory: CUDA's allocator peak, or on CPU the process's peak RSS above the RSS before the model
-# was built (so model, optimizer state, activations and logits count, the interpreter not)
+# Memory
 # ---------------------------------------------------------------------------------------------
 
 def _rss_kb(field_name: str) -> int:
@@ -226,11 +227,15 @@ def _rss_kb(field_name: str) -> int:
 
 
 class Memory:
-    def __init__(self, device: torch.device):
-        self.device = device
+    """Peak memory of the training, in MB. CUDA: the allocator's peak. CPU: the peak RSS
+    (``VmHWM``, reset here) above the RSS once the model is built, plus the model's weights:
+    so weights, reference copies, gradients, optimizer state, activations and logits count,
+    and the interpreter and the libraries the model class imported do not."""
+
+    def __init__(self, device: torch.device, weights_bytes: int):
+        self.device, self.weights_mb = device, weights_bytes / 2**20
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            self.base = 0
             return
         try:  # reset the kernel's high-water mark so the peak is this run's
             with open("/proc/self/clear_refs", "w") as refs:
@@ -242,7 +247,7 @@ class Memory:
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return max(_rss_kb("VmHWM:") - self.base, 0) / 1024
+        return max(_rss_kb("VmHWM:") - self.base, 0) / 1024 + self.weights_mb
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,10 +347,8 @@ def train(cfg: Config) -> dict:
 
     # --- data ------------------------------------------------------------------------------
     kind = "preference" if cfg.objective in L.PREFERENCE else "sft"
-    # The memory baseline: the process before the model exists, so weights, reference copies,
-    # gradients, optimizer state, activations and logits all count (as on CUDA).
-    memory = Memory(device)
     lm, local_tok = build_model(cfg)
+    memory = Memory(device, sum(p.numel() * p.element_size() for p in lm.parameters()))
     tokenizer = local_tok or D.embedded_tokenizer(cfg.tokenizer_cache)
     enc = D.Encoder.make(tokenizer)
     if cfg.data:
@@ -380,6 +383,9 @@ def train(cfg: Config) -> dict:
         reward_ref = (load_frozen(cfg.reward_ref, lm) if cfg.reward_ref
                       else copy.deepcopy(lm).eval().requires_grad_(False))
         reward_lms = (load_frozen(cfg.reward_model, lm), reward_ref)
+    if ref_lm is not None and cfg.precompute_ref:
+        precompute_reference(ref_lm, (train_set, eval_set), out, cfg, enc.pad_id, rank, world)
+        ref_lm = None  # the log-probs now travel with the batches
     if cfg.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
@@ -422,7 +428,9 @@ def train(cfg: Config) -> dict:
         """What a loss needs besides the policy: the global normaliser, reference log-probs
         (computed by the same implementation as the policy's) and token rewards."""
         ctx = {"num_items": num_items}
-        if ref_lm is not None:
+        if "ref_logprobs" in batch:
+            ctx["ref_logprobs"] = batch["ref_logprobs"]
+        elif ref_lm is not None:
             with autocast:
                 ctx["ref_logprobs"] = L.reference_logprobs(ref_lm, batch, cfg.impl)
         if reward_lms is not None:
@@ -536,6 +544,34 @@ def train(cfg: Config) -> dict:
     return summary
 
 
+@torch.no_grad()
+def precompute_reference(ref_lm, datasets, out: Path, cfg, pad_id: int, rank: int, world: int):
+    """Reference log-probs of every row, computed once and cached in the output directory
+    (keyed by the implementation); each record's rows are padded alone, so the values do not
+    depend on which batch a record later lands in."""
+    path = out / f"ref_logprobs_{cfg.impl}.pt"
+    if path.exists():
+        cached = torch.load(path, weights_only=False)
+        for data, ref in zip(datasets, cached):
+            data.ref = ref
+        return
+    device = next(ref_lm.parameters()).device
+    for data in datasets:
+        data.ref = []
+        for index in range(len(data.rows)):
+            batch = {k: v.to(device) for k, v in D.collate(data, [index], pad_id).items()}
+            values = L.reference_logprobs(ref_lm, batch, cfg.impl).cpu()
+            data.ref.append(tuple(values[k, :len(ids)].clone()
+                                  for k, (ids, _) in enumerate(data.rows[index])))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save([data.ref for data in datasets], tmp)
+        os.replace(tmp, path)
+    if world > 1:
+        dist.barrier()
+
+
 def sync_gradients(model, last: bool) -> None:
     """Reduce gradients across processes only on the last micro-batch of a step."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
@@ -560,7 +596,7 @@ def describe_model(lm) -> dict:
 FINGERPRINT = ("objective", "impl", "model", "model_config", "data", "batch_size", "grad_accum",
                "max_length", "too_long", "train_size", "lr", "warmup_steps", "min_lr_ratio",
                "weight_decay", "grad_clip", "beta", "loss_type", "divergence", "variant",
-               "loss_kwargs", "seed", "fsdp")
+               "loss_kwargs", "seed", "fsdp", "precompute_ref")
 
 
 def _full_state(core, optimizer):

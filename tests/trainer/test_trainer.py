@@ -140,3 +140,18 @@ def test_help(capsys):
 def test_config_maps_one_to_one_onto_the_cli(tmp_path):
     cfg = loop.parse_args(tiny_args(tmp_path, "dpo", beta=0.2, fsdp=True))
     assert loop.parse_args(loop.to_argv(cfg)) == cfg
+
+
+def test_precomputed_reference_matches_live_reference(tmp_path, tok_cache):
+    run(tiny_args(tmp_path / "live", "dpo"))
+    run(tiny_args(tmp_path / "cached", "dpo", precompute_ref=True))
+    assert (tmp_path / "cached" / "ref_logprobs_fused.pt").exists()
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "cached")),
+                               torch.tensor(losses(tmp_path / "live")), rtol=1e-5, atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, tok_cache):
+    run(tiny_args(tmp_path / "plain", "sft"))
+    run(tiny_args(tmp_path / "ckpt", "sft", activation_checkpointing=True))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ckpt")),
+                               torch.tensor(losses(tmp_path / "plain")), rtol=1e-5, atol=1e-6)
