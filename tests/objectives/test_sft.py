@@ -205,3 +205,16 @@ def test_primitive_options_pass_through():
     z = 2.5 * torch.tanh(z / 2.5)
     expected = F.cross_entropy(z.reshape(-1, z.shape[-1]), labels[:, 1:].reshape(-1))
     _check(out.loss, expected, hidden, weight)
+
+
+def test_num_items_in_batch_makes_accumulation_exact():
+    """Two micro-batches, each divided by the whole batch's token count (a tensor), sum to
+    the full batch's loss and gradients."""
+    hidden, weight, labels, _ = batch(rows=4)
+    ref = _ref_near(hidden, weight, labels)
+    kw = dict(divergence="jensen_shannon", **TORCH)
+    full = sft_loss(hidden, weight, labels, ref_logprobs=ref, **kw).loss
+    count = (labels[:, 1:] != -100).sum()
+    parts = [sft_loss(hidden[i:i + 2], weight, labels[i:i + 2], ref_logprobs=ref[i:i + 2],
+                      num_items_in_batch=count, **kw).loss for i in (0, 2)]
+    _check(parts[0] + parts[1], full, hidden, weight)
