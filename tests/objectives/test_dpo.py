@@ -257,6 +257,12 @@ def test_pair_losses_match_trl(loss_type):
                            reference_free=False, f_divergence_type="reverse_kl",
                            f_alpha_divergence_coef=1.0, use_weighting=False,
                            accelerator=SimpleNamespace(device=pol.device))
-    losses = DPOTrainer.dpo_loss(fake, halves(pol)[0], halves(pol)[1], halves(rf)[0],
-                                 halves(rf)[1])[0]
+    extra = {}
+    if "loss_type" in inspect.signature(DPOTrainer.dpo_loss).parameters:  # TRL >= 0.16
+        extra["loss_type"] = loss_type
+    try:
+        losses = DPOTrainer.dpo_loss(fake, halves(pol)[0], halves(pol)[1], halves(rf)[0],
+                                     halves(rf)[1], **extra)[0]
+    except AttributeError as missing:  # a TRL whose dpo_loss reads more trainer state
+        pytest.skip(f"this TRL's dpo_loss needs trainer state we do not fake: {missing}")
     assert_close(out.loss, losses.mean(), F64, scale=10, name=f"loss vs TRL {loss_type}")
