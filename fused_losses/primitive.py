@@ -296,12 +296,19 @@ class GradInForwardFunction(torch.autograd.Function):
             input_grads = backend.backward(hidden, weight, bias, rows, targets, stats[1],
                                            stats[3], *grads, filter_eps=opts.filter_eps,
                                            **needs, **_backward_kwargs(opts))
-        ctx.save_for_backward(*input_grads)
+        # Stashed on ctx, not saved for backward: they are outputs of this Function's own
+        # work and are scaled in place (a copy would double the gradients' memory).
+        ctx.input_grads = input_grads
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        scaled = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        if ctx.input_grads is None:
+            raise RuntimeError("a loss whose gradients were formed in forward can be "
+                               "backpropagated once; use grad_in_forward=False to "
+                               "backpropagate through it more than once")
+        grads, ctx.input_grads = ctx.input_grads, None
+        scaled = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
         return scaled + (None,) * 6
 
 

@@ -65,3 +65,12 @@ def test_groups_must_match_targets():
     with pytest.raises(ValueError, match="groups must be an integer tensor shaped like"):
         linear_logprobs_loss(hidden, weight, targets, lambda s, p: s.logprobs.sum(),
                              groups=torch.zeros(3, dtype=torch.long))
+
+
+def test_second_backward_is_refused_clearly():
+    hidden, weight, targets, _ = make_inputs(4, 8, 10, torch.float32)
+    loss = linear_logprobs_loss(hidden, weight, targets, lambda s, p: -s.logprobs.sum(),
+                                backend="torch")
+    (2.0 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        loss.backward()
