@@ -145,6 +145,16 @@ def validate(
                 f"that are not ignore_index={ignore_index} (first: {first})")
 
 
+def check_options(*, deterministic: bool = False, filter_eps=None, chunk_size=None) -> None:
+    """The primitive's non-tensor options, shared by every fused entry point."""
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    if filter_eps is not None and not filter_eps >= 0:
+        raise ValueError(f"filter_eps must be None or >= 0, got {filter_eps!r}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Backend dispatch
 # ---------------------------------------------------------------------------------------------
@@ -406,21 +416,16 @@ def linear_logprobs(
         ``entropy`` / ``logits_mean`` shaped like ``targets`` or None when not asked.
         Backward accepts any combination of upstream gradients for the float outputs.
     """
-    if process_group is not None or vocab_start is not None:
-        from .vocab_parallel import vocab_parallel_logprobs
+    from . import vocab_parallel  # lazy: it imports this module
 
-        return vocab_parallel_logprobs(
+    if vocab_parallel.routes_here(process_group, vocab_start):
+        return vocab_parallel.vocab_parallel_logprobs(
             hidden, weight, targets, bias, process_group=process_group, vocab_start=vocab_start,
             ignore_index=ignore_index, temperature=temperature, softcap=softcap,
             return_lse=return_lse, return_argmax=return_argmax, return_entropy=return_entropy,
             return_logits_mean=return_logits_mean, backend=backend, deterministic=deterministic,
             filter_eps=filter_eps, chunk_size=chunk_size)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
-    if filter_eps is not None and not filter_eps >= 0:
-        raise ValueError(f"filter_eps must be None or >= 0, got {filter_eps!r}")
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    check_options(deterministic=deterministic, filter_eps=filter_eps, chunk_size=chunk_size)
     backend_module, hidden_2d, rows, flat_targets = prepare(
         hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
         softcap=softcap, backend=backend)
@@ -483,10 +488,7 @@ def linear_logprobs_loss(
     Returns:
         Tensor: the scalar loss (float32; float64 for float64 inputs).
     """
-    if filter_eps is not None and not filter_eps >= 0:
-        raise ValueError(f"filter_eps must be None or >= 0, got {filter_eps!r}")
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    check_options(filter_eps=filter_eps, chunk_size=chunk_size)
     backend_module, hidden_2d, rows, _ = prepare(
         hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
         softcap=softcap, backend=backend)

@@ -69,10 +69,12 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def routes_here(weight, process_group=None, vocab_start=None) -> bool:
-    """Whether a ``linear_logprobs`` call belongs to :func:`vocab_parallel_logprobs`: a
-    ``process_group`` or ``vocab_start`` was given, or the weight is a DTensor."""
-    return process_group is not None or vocab_start is not None or _is_dtensor(weight)
+def routes_here(process_group=None, vocab_start=None) -> bool:
+    """Whether a ``linear_logprobs`` call belongs to :func:`vocab_parallel_logprobs`: only
+    when ``process_group`` or ``vocab_start`` is given. A DTensor weight alone is not enough:
+    an FSDP2 shard is also ``Shard(0)``, but its ranks hold different tokens, so reducing
+    over them would be silently wrong (``linear_logprobs`` refuses it with advice instead)."""
+    return process_group is not None or vocab_start is not None
 
 
 def _dtensor_shard(weight):
@@ -328,12 +330,8 @@ def vocab_parallel_logprobs(
     Returns:
         LogProbs: as :func:`fused_losses.linear_logprobs`, identical on every rank.
     """
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
-    if filter_eps is not None and not filter_eps >= 0:
-        raise ValueError(f"filter_eps must be None or >= 0, got {filter_eps!r}")
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    primitive.check_options(deterministic=deterministic, filter_eps=filter_eps,
+                            chunk_size=chunk_size)
     hidden, bias = _local_tensor(hidden, "hidden"), _local_tensor(bias, "bias")
     targets = _local_tensor(targets, "targets")
     weight, shard = resolve_shard(weight, process_group, vocab_start)

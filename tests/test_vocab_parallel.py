@@ -220,7 +220,7 @@ def check_dtensor_colwise_parallel_lm_head():
     parallelize_module(model, mesh, {"lm_head": ColwiseParallel()})
     w, b = model.lm_head.weight, model.lm_head.bias
     assert isinstance(w, DTensor) and w.placements[0].is_shard(0), w
-    assert routes_here(w) and not routes_here(weight)
+    assert not routes_here() and routes_here(vocab_start=0)  # DTensors opt in explicitly
     h = hidden.clone().requires_grad_()
     out = vocab_parallel_logprobs(h, w, targets, b, **flags)
     _loss(out, coefs, OUTPUTS).backward()
@@ -325,36 +325,16 @@ def check_dpo_end_to_end():
     torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(w.grad, w_ref.grad[start:start + size], rtol=1e-9, atol=1e-12)
 
-    # The library's own objective, through the two keywords on linear_logprobs. Until the
-    # lead wires them, a stand-in for that hook (route to vocab_parallel_logprobs when
-    # process_group/vocab_start are given) is patched into the objectives' import.
-    import inspect
-
+    # The library's own objective, through the two keywords on linear_logprobs.
     import fused_losses
-    from fused_losses.objectives import _common
-    from fused_losses.primitive import linear_logprobs as plain
 
-    wired = "process_group" in inspect.signature(plain).parameters
-    if not wired:
-        def hook(hidden, weight, targets, bias=None, *, process_group=None, vocab_start=None,
-                 **options):
-            if not routes_here(weight, process_group, vocab_start):
-                return plain(hidden, weight, targets, bias, **options)
-            return vocab_parallel_logprobs(hidden, weight, targets, bias,
-                                           process_group=process_group,
-                                           vocab_start=vocab_start, **options)
-        _common.linear_logprobs = hook
-    try:
-        parallel = dict(process_group=dist.group.WORLD, vocab_start=start)
-        h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        lib = _library_dpo(fused_losses.dpo_loss, h_ref, w_ref, labels, ref_logps, {})
-        lib.loss.backward()
-        h, w = hidden.clone().requires_grad_(), \
-            weight[start:start + size].clone().requires_grad_()
-        par = _library_dpo(fused_losses.dpo_loss, h, w, labels, ref_logps, parallel)
-        par.loss.backward()
-    finally:
-        _common.linear_logprobs = plain
+    parallel = dict(process_group=dist.group.WORLD, vocab_start=start)
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lib = _library_dpo(fused_losses.dpo_loss, h_ref, w_ref, labels, ref_logps, {})
+    lib.loss.backward()
+    h, w = hidden.clone().requires_grad_(), weight[start:start + size].clone().requires_grad_()
+    par = _library_dpo(fused_losses.dpo_loss, h, w, labels, ref_logps, parallel)
+    par.loss.backward()
     torch.testing.assert_close(par.loss, lib.loss, rtol=1e-10, atol=1e-12)
     for name, value in lib.metrics.items():  # rewards, logps, logits/chosen (mean logit)
         torch.testing.assert_close(par.metrics[name], value, rtol=1e-9, atol=1e-12,
