@@ -345,10 +345,13 @@ def train(cfg: Config) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=device.type == "cuda" and cfg.bf16)
 
-    # --- data ------------------------------------------------------------------------------
-    kind = "preference" if cfg.objective in L.PREFERENCE else "sft"
+    # --- model (built first: a local model directory may bring its tokenizer) -----------------
     lm, local_tok = build_model(cfg)
+    lm.train()  # from_pretrained returns eval mode
     memory = Memory(device, sum(p.numel() * p.element_size() for p in lm.parameters()))
+
+    # --- data ----------------------------------------------------------------------------------
+    kind = "preference" if cfg.objective in L.PREFERENCE else "sft"
     tokenizer = local_tok or D.embedded_tokenizer(cfg.tokenizer_cache)
     enc = D.Encoder.make(tokenizer)
     if cfg.data:
@@ -368,7 +371,7 @@ def train(cfg: Config) -> dict:
     eval_set = D.encode_records(held_out[:cfg.eval_size], kind, enc, cfg.max_length,
                                 cfg.too_long)
 
-    # --- model -------------------------------------------------------------------------------
+    # --- reference models, loss, wrapping --------------------------------------------------
     vocab = lm.get_output_embeddings().weight.shape[0]
     if enc.vocab_size > vocab:
         raise TrainError(f"the tokenizer has {enc.vocab_size} ids but the model's vocabulary "

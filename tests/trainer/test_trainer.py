@@ -155,3 +155,25 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, tok_cache):
     run(tiny_args(tmp_path / "ckpt", "sft", activation_checkpointing=True))
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "ckpt")),
                                torch.tensor(losses(tmp_path / "plain")), rtol=1e-5, atol=1e-6)
+
+
+def test_compare_report(tmp_path, tok_cache):
+    """The report --compare writes from its two runs (run here in-process to stay fast)."""
+    from fused_losses.trainer import report
+
+    for impl in ("fused", "unfused"):
+        run(tiny_args(tmp_path / impl, "dpo", impl=impl))
+    table = report.write_compare(tmp_path, "dpo")
+    data = json.loads((tmp_path / "report.json").read_text())
+    for impl in ("fused", "unfused"):
+        assert data[impl]["peak_memory_mb"] > 0 and data[impl]["tokens_per_s"] > 0
+    assert data["max_abs_loss_diff"] < 1e-4 and data["losses_agree"]
+    for name in ("report.md", "loss_curves.png", "peak_memory.png", "tokens_per_s.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "peak memory" in table and "held-out reward acc." in table
+
+
+def test_compare_refuses_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert loop.main(["--objective", "sft", "--compare", "--output-dir", str(tmp_path)]) == 2
+    assert "without torchrun" in capsys.readouterr().err
