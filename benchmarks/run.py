@@ -76,11 +76,14 @@ def preset_cases(name: str, cuda: bool) -> list[tuple[dict, list[str]]]:
         out.append((_case("point", "dpo", 2 * 2 * 512, 1024, 32000, "fp32", pairs=2, seq=512),
                     DPO))
     elif name == "chunks":
-        sizes = (64, 128, 262, 512, 1024, 2048, 4096)
+        # 262 rows is the default (_CHUNK_BYTES = 32 MiB of fp32 logits at V=32000); 512 rows
+        # (64 MiB) is past glibc's largest dynamic mmap threshold (32 MiB), so its chunk
+        # buffers are mmapped and returned to the OS on free.
         out.append((_case("chunk", "logprobs", 4096, 1024, 32000, "fp32"),
-                    ["naive", "ours_torch"] + [f"ours_torch_c{c}" for c in sizes]))
+                    ["naive", "ours_torch"] + [f"ours_torch_c{c}" for c in
+                                               (128, 512, 1024, 4096)]))
         out.append((_case("chunk", "ce", 4096, 1024, 32000, "fp32"),
-                    ["naive", "ours_torch_gif"] + [f"ours_torch_c{c}" for c in sizes]))
+                    ["naive", "ours_torch_gif"] + [f"ours_torch_c{c}" for c in (1024, 4096)]))
     elif name == "gpu":
         for mode, variants in (("logprobs", GPU_LOGPROBS), ("ce", GPU_CE)):
             for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536):
