@@ -160,9 +160,9 @@ def head_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab: int,
     and in backward the gather's and ``log_softmax``'s fp32 gradients: 3 fp32 ``[M, V]``
     live at once. impl ``"fused"``: ``backend="triton"`` (``fused_losses.kernels``: fp32
     compact dH, then fp32 dW accumulator and its cast) or ``"torch"`` (chunked backend:
-    fp32 dW accumulator, dH, one chunk of logits); ``path="ce"`` is
+    fp32 dW accumulator, dH, one chunk workspace); ``path="ce"`` is
     ``linear_cross_entropy``'s gradient-in-forward path (torch backend), whose gradients are
-    formed in forward, saved, and scaled into new tensors in backward.
+    formed in forward, saved, and scaled in place in backward.
     """
     m, n, h, v, d = rows, scored, hidden, vocab, dtype_bytes
     low = d < 4  # bf16/fp16: casts make copies
@@ -179,21 +179,19 @@ def head_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab: int,
         dh = 4 * n * h + d * m * h + (d * n * h if low else 0)
         dw = d * m * h + acc + (d * v * h if low else 0)
         return max(dh, dw) + stats
-    # Torch backend: a chunk of c rows has fp32 logits [c, V] (low precision: the matmul's
-    # output first); the previous chunk's gradient is still referenced while the next
-    # chunk's logits are formed; a low-precision dW term is formed and upcast per chunk.
+    # Torch backend: one reused workspace per call: a chunk's fp32 logits [c, V] (low
+    # precision: plus the matmul's own output buffer); the gradient-in-forward path keeps a
+    # second [c, V] scratch because the logits are needed again for the gradient. A
+    # low-precision dW chunk product is formed and upcast per chunk.
     chunk = max(1, min(n, _CHUNK_BYTES // (4 * v)))
     cv = chunk * v
-    prev = 4 * cv if n > chunk else 0
-    form = prev + 4 * cv + (d * cv if low else 0)
-    if path == "ce":  # the forward statistics run next to the gradient (logsumexp's temporary)
-        form = max(form, prev + 8 * cv)
-    dw_term = 4 * cv + ((d * cv + (d + 4) * v * h) if low else 0)
-    loop = acc + d * m * h + max(form, dw_term)
+    work = 4 * cv + (d * cv if low else 0)
+    if path == "ce":
+        work += 4 * cv
+    dw_term = (d + 4) * v * h if low else 0
+    loop = acc + d * m * h + work + dw_term
     end = acc + d * m * h + (d * v * h if low else 0)
     peak = max(loop, end)
-    if path == "ce":  # gradients saved in forward, scaled into new tensors in backward
-        peak = max(peak, 2 * grads)
     return peak + stats
 
 
