@@ -28,8 +28,9 @@ def _keywords(fn: Callable) -> set[str]:
             if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-# return_argmax / return_entropy add the mean_token_accuracy / entropy metrics.
-_PRIMITIVE_OPTIONS = _keywords(linear_logprobs) | {"bias"}
+# return_argmax / return_entropy add the mean_token_accuracy / entropy metrics;
+# grad_in_forward picks the objectives' path (see objectives._common.fused_objective).
+_PRIMITIVE_OPTIONS = _keywords(linear_logprobs) | {"bias", "grad_in_forward"}
 
 
 class FusedLoss(nn.Module):

@@ -11,11 +11,11 @@ the per-token outputs come back in the *prediction layout*: column t is about th
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 
-from ..primitive import LogProbs, linear_logprobs
+from ..primitive import LogProbs, linear_logprobs, linear_logprobs_loss, resolve_backend
 
 IGNORE_INDEX = -100
 
@@ -188,16 +188,134 @@ def token_stats(hidden, weight, labels, primitive_options: dict, *, targets=None
     OR-ed with the caller's ``return_*`` options, so a caller may ask for more (e.g.
     ``return_entropy=True`` for the ``entropy`` metric) without a clash. ``targets``
     overrides the shifted labels (e.g. with dummy ids where only the lse is wanted); the mask
-    always follows the shifted labels.
+    always follows the shifted labels. ``grad_in_forward`` (an objective-level option, see
+    :func:`fused_objective`) is ignored here: this call always recomputes in backward.
     """
+    options, targets, mask_of = _requested(labels, primitive_options, targets, requests)
+    options.pop("grad_in_forward", None)
+    out = linear_logprobs(hidden, weight, targets, **options)
+    return TokenStats(out, mask_of(out.logprobs.dtype), targets)
+
+
+def _requested(labels, primitive_options, targets, requests):
+    """(options with ``requests`` OR-ed in, the targets, ``dtype -> scored mask``)."""
     ignore_index = primitive_options.get("ignore_index", IGNORE_INDEX)
     shifted = shift_targets(labels, ignore_index)
     options = dict(primitive_options)
     for name, wanted in requests.items():
         options[name] = bool(options.get(name, False)) or wanted
     targets = shifted if targets is None else targets
-    out = linear_logprobs(hidden, weight, targets, **options)
-    return TokenStats(out, (shifted != ignore_index).to(out.logprobs.dtype), targets)
+    return options, targets, lambda dtype: (shifted != ignore_index).to(dtype)
+
+
+# ``loss_from(stats, present) -> scalar``: an objective's loss, written once on full-size
+# TokenStats ([B, T] per token) and a bool mask ``present`` of the groups (sequences or
+# pairs) to count. Per-group terms are masked with ``present`` (``present_mean``) and
+# divided by the FULL batch's normaliser, so the sum over chunks of whole groups is the loss.
+# Rows outside the counted groups hold zeros, so a term that vanishes at zero statistics
+# (a token-mean NLL, REINFORCE's logp·G) needs no mask.
+LossFrom = Callable[[TokenStats, torch.Tensor], torch.Tensor]
+
+
+def present_mean(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``Σ_{present} values / len(values)``: a mean over every group, counting only these.
+
+    ``where``, not a product: an absent group's value may be anything finite at zero stats.
+    """
+    return torch.where(present, values, torch.zeros_like(values)).sum() / values.shape[0]
+
+
+def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: LossFrom, *,
+                    groups: Literal["sequence", "pair"], additive: bool = True, targets=None,
+                    **requests) -> tuple[torch.Tensor, TokenStats]:
+    """An objective's loss and its (for metrics) per-token statistics, in one fused pass.
+
+    Two paths, one ``loss_from``:
+
+    * recompute: :func:`token_stats`, then ``loss_from(stats, every group)``; backward
+      recomputes the logits (4 matmuls). Used with the Triton backend, when
+      ``grad_in_forward=False`` is among ``primitive_options``, for a loss not ``additive``
+      over ``groups`` (a whole-batch statistic inside, e.g. ``bco_pair``'s δ), under
+      vocabulary parallelism and when nothing needs a gradient.
+    * gradient in forward (default on the torch backend, or ``grad_in_forward=True``):
+      :func:`linear_logprobs_loss` over chunks of whole groups (3 matmuls; dW is held from
+      forward to backward and the loss can be backpropagated once). Each chunk's statistics
+      are placed into zero [B, T] tensors and ``loss_from`` counts the groups present in it;
+      detached copies are gathered so the returned TokenStats is the full batch's.
+
+    Args:
+        loss_from (callable): ``(TokenStats, BoolTensor [groups]) -> scalar`` (see
+            ``LossFrom``).
+        groups (str): ``"sequence"`` (a row of ``labels``) or ``"pair"`` (rows k and B+k).
+        additive (bool): the loss is a sum of per-group terms with normalisers known before
+            the pass. Default: True.
+        targets, requests: as in :func:`token_stats`.
+
+    Returns:
+        (loss, TokenStats): the stats are detached on the gradient-in-forward path.
+    """
+    options, targets, mask_of = _requested(labels, primitive_options, targets, requests)
+    requested = options.pop("grad_in_forward", None)
+    rows, length = labels.shape
+    group_of = torch.arange(rows, device=labels.device).unsqueeze(1).expand(rows, length)
+    num_groups = rows if groups == "sequence" else rows // 2
+    if groups == "pair":
+        group_of = group_of % num_groups
+    if not _grad_in_forward(requested, additive, hidden, weight, options):
+        stats = token_stats(hidden, weight, labels, options, targets=targets)
+        every = torch.ones(num_groups, dtype=torch.bool, device=labels.device)
+        return loss_from(stats, every), stats
+
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    ignore_index = options.get("ignore_index", IGNORE_INDEX)
+    mask, size, flat_groups = mask_of(dtype), rows * length, group_of.reshape(-1)
+    kept = (True, options.pop("return_lse", False), options.get("return_argmax", False),
+            options.get("return_entropy", False), options.get("return_logits_mean", False))
+    gathered = [None if not keep else hidden.new_full((size,), ignore_index, dtype=torch.long)
+                if i == 2 else hidden.new_zeros(size, dtype=dtype)
+                for i, keep in enumerate(kept)]
+
+    def chunk_loss(chunk: LogProbs, positions: torch.Tensor) -> torch.Tensor:
+        for full, part in zip(gathered, chunk):
+            if full is not None:
+                full.index_copy_(0, positions, part.detach())
+        placed = LogProbs(*(None if full is None or not part.is_floating_point()
+                            else part.new_zeros(size).index_copy(0, positions, part)
+                            .view(rows, length) for full, part in zip(gathered, chunk)))
+        present = torch.zeros(num_groups, dtype=torch.bool, device=labels.device)
+        present[flat_groups.index_select(0, positions)] = True
+        return loss_from(TokenStats(placed, mask, targets), present)
+
+    for name in ("deterministic", "process_group", "vocab_start"):  # False/None here
+        options.pop(name, None)
+    loss = linear_logprobs_loss(hidden, weight, targets, chunk_loss, options.pop("bias", None),
+                                groups=group_of, **options)
+    stats = TokenStats(LogProbs(*(None if full is None else full.view(rows, length)
+                                  for full in gathered)), mask, targets)
+    # A group with no scored token is in no chunk; the recompute path counts its term at
+    # zero statistics (a constant), so it is added here once.
+    empty = torch.ones(num_groups, dtype=torch.bool, device=labels.device)
+    empty[flat_groups[targets.reshape(-1) != ignore_index]] = False
+    if bool(empty.any()):
+        zeros = LogProbs(*(None if full is None or i == 2 else torch.zeros_like(full)
+                           for i, full in enumerate(stats.out)))
+        loss = loss + loss_from(TokenStats(zeros, mask, targets), empty)
+    return loss, stats
+
+
+def _grad_in_forward(requested, additive, hidden, weight, options) -> bool:
+    if requested is not None and not isinstance(requested, bool):
+        raise TypeError(f"grad_in_forward must be None or a bool, got {requested!r}")
+    if requested is False or not additive or options.get("process_group") is not None \
+            or options.get("vocab_start") is not None:
+        return False
+    if requested:
+        return True
+    bias = options.get("bias")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return needs_grad and hasattr(resolve_backend(options.get("backend", "auto"),
+                                                  hidden.device), "forward_backward")
 
 
 def token_metrics(stats: TokenStats) -> dict[str, torch.Tensor]:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (LossOutput, check_choice, check_labels, check_pairs, check_positive,
-                      pair_metrics, reference_logprobs, sequence_logps, split_pairs,
-                      token_stats)
+                      fused_objective, pair_metrics, present_mean, reference_logprobs,
+                      sequence_logps, split_pairs)
 
 # (ρ_w, ρ_l, logps_w, β) -> per-pair loss [B]
 DILLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -84,17 +84,29 @@ def dil_loss(
         raise ValueError(f"max_log_ratio must be None or a number, got {max_log_ratio!r}")
     ref = reference_logprobs(labels, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
                              ref_weight=ref_weight, ref_bias=ref_bias, **primitive_options)
-    stats = token_stats(hidden, weight, labels, primitive_options, return_logits_mean=True)
-    policy = sequence_logps(stats.out.logprobs, stats.mask, average_log_prob)
-    reference = sequence_logps(ref.to(policy.dtype), stats.mask, average_log_prob)
-    rho = policy - reference
+
+    def log_ratios(stats):  # policy Ā (or S) [2B] and ρ [2B], before any clamp
+        policy = sequence_logps(stats.out.logprobs, stats.mask, average_log_prob)
+        return policy, policy - sequence_logps(ref.to(policy.dtype), stats.mask,
+                                               average_log_prob)
+
+    def clamped(rho):
+        return rho if max_log_ratio is None else rho.clamp_max(max_log_ratio)
+
+    def loss_from(stats, present):
+        policy, rho = log_ratios(stats)
+        per_pair = DIL_LOSSES[variant](*split_pairs(clamped(rho)), split_pairs(policy)[0], beta)
+        return present_mean(per_pair, present)
+
+    loss, stats = fused_objective(hidden, weight, labels, primitive_options, loss_from,
+                                  groups="pair", return_logits_mean=True)
+    policy, rho = log_ratios(stats)
     metrics = {}
     if max_log_ratio is not None:
         metrics["density_ratio/clamped"] = (rho.detach() > max_log_ratio).to(rho.dtype).mean()
-        rho = rho.clamp_max(max_log_ratio)
+        rho = clamped(rho)
     rho_w, rho_l = split_pairs(rho)
     logps_w, logps_l = split_pairs(policy)
-    loss = DIL_LOSSES[variant](rho_w, rho_l, logps_w, beta).mean()
     scale = beta if variant == "dpo" else 1.0
     metrics = {**pair_metrics(scale * rho_w, scale * rho_l, logps_w, logps_l, stats),
                "density_ratio/chosen": torch.exp(rho_w.detach()).mean(),

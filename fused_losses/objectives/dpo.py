@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (NLL_LOSS, LossOutput, check_choice, check_labels, check_pairs,
-                      check_positive, check_range, chosen_nll, pair_metrics,
-                      reference_logprobs, sequence_logps, split_pairs, token_stats)
+                      check_positive, check_range, chosen_nll, fused_objective, pair_metrics,
+                      present_mean, reference_logprobs, sequence_logps, split_pairs)
 
 # Each entry: (ρ_w, ρ_l, β, ε, extra) -> per-pair loss [B]. ``extra`` holds discopop's τ and
 # bco_pair's δ. Citations: TRL's DPOTrainer.dpo_loss and the papers it names.
@@ -149,23 +149,36 @@ def dpo_loss(
         check_range("rpo_alpha", rpo_alpha, 0.0, math.inf)
     ref = reference_logprobs(labels, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
                              ref_weight=ref_weight, ref_bias=ref_bias, **primitive_options)
-    stats = token_stats(hidden, weight, labels, primitive_options, return_logits_mean=True)
     average = average_log_prob or loss_type == "ipo"
-    policy = sequence_logps(stats.out.logprobs, stats.mask, average)
-    reference = sequence_logps(ref.to(policy.dtype), stats.mask, average)
-    rho_w, rho_l = split_pairs(policy - reference)
     extra = {"tau": discopop_tau}
+
+    def terms(stats):  # policy sequence log-probs [2B]; ρ_w, ρ_l [B]
+        policy = sequence_logps(stats.out.logprobs, stats.mask, average)
+        reference = sequence_logps(ref.to(policy.dtype), stats.mask, average)
+        return (policy, *split_pairs(policy - reference))
+
+    def running_delta(rho_w, rho_l):  # this batch's mean reward folded into the running mean
+        batch_mean = beta * torch.cat((rho_w, rho_l)).detach().mean()
+        return (bco_count * bco_delta + batch_mean) / (bco_count + 1)
+
+    def loss_from(stats, present):
+        _, rho_w, rho_l = terms(stats)
+        if loss_type == "bco_pair":
+            extra["delta"] = running_delta(rho_w, rho_l)
+        loss = present_mean(DPO_LOSSES[loss_type](rho_w, rho_l, beta, label_smoothing, extra),
+                            present)
+        return loss if rpo_alpha is None else loss + rpo_alpha * chosen_nll(stats)
+
+    # bco_pair's δ is a mean over the whole batch: not a sum of per-pair terms.
+    loss, stats = fused_objective(hidden, weight, labels, primitive_options, loss_from,
+                                  groups="pair", additive=loss_type != "bco_pair",
+                                  return_logits_mean=True)
+    policy, rho_w, rho_l = terms(stats)
     metrics = {}
     if loss_type == "bco_pair":
-        batch_mean = beta * torch.cat((rho_w, rho_l)).detach().mean()
-        delta = (bco_count * bco_delta + batch_mean) / (bco_count + 1)
-        extra["delta"] = delta
-        metrics["bco/delta"] = delta.detach()
-    loss = DPO_LOSSES[loss_type](rho_w, rho_l, beta, label_smoothing, extra).mean()
+        metrics["bco/delta"] = running_delta(rho_w, rho_l).detach()
     if rpo_alpha is not None:
-        nll = chosen_nll(stats)
-        loss = loss + rpo_alpha * nll
-        metrics[NLL_LOSS] = nll.detach()
+        metrics[NLL_LOSS] = chosen_nll(stats).detach()
     logps_w, logps_l = split_pairs(policy)
     metrics = {**pair_metrics(beta * rho_w, beta * rho_l, logps_w, logps_l, stats), **metrics}
     return LossOutput(loss, metrics)

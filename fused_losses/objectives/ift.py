@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (LossOutput, check_labels, check_range, discounted_suffix_sum,
-                      masked_mean, token_metrics, token_stats)
+                      fused_objective, masked_mean, shift_targets, token_metrics, token_stats)
 from .logprobs import causal_lm_head, decoder_hidden, merged_options
 
 
@@ -78,21 +78,28 @@ def ift_loss(
     embed = model.get_input_embeddings()
     embeds = (1 - lam) * embed(input_ids) + lam * embed(mixed_ids)
     hidden = decoder_hidden(head, inputs_embeds=embeds, attention_mask=attention_mask)
-    stats = token_stats(hidden, head.weight, labels, options)  # pass 2
-    mask = stats.mask
-    nll = -stats.out.logprobs * mask
-    if gamma == 0:
-        weights = mask
-    else:
-        weights = discounted_suffix_sum(nll, gamma) * mask
-        if detach_weights:
-            weights = weights.detach()
-    has_any = (mask.sum(-1) > 0).to(nll.dtype)
-    denominator = weights.sum(-1) + (eps if gamma else 0.0)
-    per_seq = (weights * nll).sum(-1) / torch.where(has_any > 0, denominator,
-                                                    torch.ones_like(denominator))
-    loss = (per_seq * has_any).sum() / has_any.sum().clamp_min(1)
-    metrics = {"nll": masked_mean(nll.detach(), mask),
+    scored = shift_targets(labels, ignore_index) != ignore_index
+    has_any = scored.any(-1)
+
+    def loss_from(stats, present):  # pass 2; groups are sequences (R sums along each)
+        mask = stats.mask
+        nll = -stats.out.logprobs * mask
+        if gamma == 0:
+            weights = mask
+        else:
+            weights = discounted_suffix_sum(nll, gamma) * mask
+            if detach_weights:
+                weights = weights.detach()
+        denominator = weights.sum(-1) + (eps if gamma else 0.0)
+        per_seq = (weights * nll).sum(-1) / torch.where(has_any, denominator,
+                                                        torch.ones_like(denominator))
+        counted = has_any & present
+        return torch.where(counted, per_seq, torch.zeros_like(per_seq)).sum() \
+            / has_any.sum().clamp_min(1)
+
+    loss, stats = fused_objective(hidden, head.weight, labels, options, loss_from,
+                                  groups="sequence")
+    metrics = {"nll": masked_mean(-stats.out.logprobs.detach(), stats.mask),
                "nll/clean": -masked_mean(clean.out.logprobs, clean.mask),
                **token_metrics(stats)}
     return LossOutput(loss, metrics)

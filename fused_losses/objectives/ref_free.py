@@ -13,15 +13,25 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (NLL_LOSS, LossOutput, check_labels, check_pairs, check_positive,
-                      check_range, chosen_nll, log1mexp, pair_metrics, sequence_logps,
-                      split_pairs, token_stats)
+                      check_range, chosen_nll, fused_objective, log1mexp, pair_metrics,
+                      present_mean, sequence_logps, split_pairs)
 
 
-def _pair_logps(hidden, weight, labels, average, primitive_options):
+def _pair_loss(hidden, weight, labels, average, pair_loss, primitive_options, nll_weight=0.0):
+    """(loss, stats, Ā or S of the chosen [B], of the rejected [B]) in one fused pass
+    (gradients in forward by default): the mean over pairs of ``pair_loss(logps_w, logps_l)``,
+    plus ``nll_weight · NLL_w`` (linear in the log-probs: absent rows add nothing)."""
     check_labels(hidden, labels)
     check_pairs(labels)
-    stats = token_stats(hidden, weight, labels, primitive_options, return_logits_mean=True)
-    return stats, sequence_logps(stats.out.logprobs, stats.mask, average)
+
+    def loss_from(stats, present):
+        logps = split_pairs(sequence_logps(stats.out.logprobs, stats.mask, average))
+        loss = present_mean(pair_loss(*logps), present)
+        return loss + nll_weight * chosen_nll(stats) if nll_weight else loss
+
+    loss, stats = fused_objective(hidden, weight, labels, primitive_options, loss_from,
+                                  groups="pair", return_logits_mean=True)
+    return (loss, stats, *split_pairs(sequence_logps(stats.out.logprobs, stats.mask, average)))
 
 
 def _smoothed(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -59,9 +69,9 @@ def simpo_loss(
     check_positive("beta", beta)
     check_range("gamma", gamma, -math.inf, math.inf)
     check_range("label_smoothing", label_smoothing, 0.0, 0.5)
-    stats, logps = _pair_logps(hidden, weight, labels, True, primitive_options)
-    logps_w, logps_l = split_pairs(logps)
-    loss = _smoothed(beta * (logps_w - logps_l) - gamma, label_smoothing).mean()
+    loss, stats, logps_w, logps_l = _pair_loss(
+        hidden, weight, labels, True,
+        lambda w, l: _smoothed(beta * (w - l) - gamma, label_smoothing), primitive_options)
     return LossOutput(loss, pair_metrics(beta * logps_w, beta * logps_l, logps_w, logps_l,
                                          stats))
 
@@ -95,14 +105,17 @@ def orpo_loss(
     Paper: Hong et al. 2024, "ORPO", §4 Eq. 6-7.
     """
     check_positive("lam", lam)
-    stats, logps = _pair_logps(hidden, weight, labels, True, primitive_options)
-    logps_w, logps_l = split_pairs(logps)
-    tiny = torch.finfo(logps.dtype).tiny
-    log_odds = (logps_w - logps_l) - (log1mexp((-logps_w).clamp_min(tiny))
-                                      - log1mexp((-logps_l).clamp_min(tiny)))
+
+    def log_odds_ratio(w, l):  # LO [B]
+        tiny = torch.finfo(w.dtype).tiny
+        return (w - l) - (log1mexp((-w).clamp_min(tiny)) - log1mexp((-l).clamp_min(tiny)))
+
+    loss, stats, logps_w, logps_l = _pair_loss(
+        hidden, weight, labels, True, lambda w, l: -lam * F.logsigmoid(log_odds_ratio(w, l)),
+        primitive_options, nll_weight=1.0)
+    log_odds = log_odds_ratio(logps_w, logps_l)
     ratio = F.logsigmoid(log_odds)
     nll = chosen_nll(stats)
-    loss = nll - lam * ratio.mean()
     metrics = pair_metrics(lam * logps_w, lam * logps_l, logps_w, logps_l, stats)
     metrics.update({NLL_LOSS: nll.detach(), "log_odds_ratio": ratio.detach().mean(),
                     "log_odds_chosen": log_odds.detach().mean()})
@@ -141,10 +154,11 @@ def cpo_loss(
     check_positive("beta", beta)
     check_range("alpha", alpha, 0.0, math.inf)
     check_range("label_smoothing", label_smoothing, 0.0, 0.5)
-    stats, logps = _pair_logps(hidden, weight, labels, average_log_prob, primitive_options)
-    logps_w, logps_l = split_pairs(logps)
+    loss, stats, logps_w, logps_l = _pair_loss(
+        hidden, weight, labels, average_log_prob,
+        lambda w, l: _smoothed(beta * (w - l), label_smoothing), primitive_options,
+        nll_weight=alpha)
     nll = chosen_nll(stats)
-    loss = _smoothed(beta * (logps_w - logps_l), label_smoothing).mean() + alpha * nll
     metrics = pair_metrics(beta * logps_w, beta * logps_l, logps_w, logps_l, stats)
     metrics[NLL_LOSS] = nll.detach()
     return LossOutput(loss, metrics)

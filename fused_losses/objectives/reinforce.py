@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ._common import (LossOutput, check_labels, check_range, discounted_suffix_sum,
-                      masked_mean, reference_logprobs, to_prediction_layout, token_metrics,
-                      token_stats)
+                      fused_objective, masked_mean, reference_logprobs, to_prediction_layout,
+                      token_metrics)
 from .logprobs import token_logprobs
 
 KL_CLAMP = 10.0  # |k1| is clamped to this before the penalty
@@ -100,19 +100,32 @@ def reinforce_loss(
     init = reference_logprobs(labels, ref_logprobs=init_logprobs, ref_hidden=init_hidden,
                               ref_weight=init_weight, ref_bias=init_bias,
                               required=kl_coef > 0, name="init", **primitive_options)
-    stats = token_stats(hidden, weight, labels, primitive_options)
-    logp, mask = stats.out.logprobs, stats.mask
-    reward = to_prediction_layout(rewards.detach()).to(logp.dtype) * mask
+
+    def returns_of(stats):  # (r̂ [B, T], k1 [B, T] or None, G [B, T]); constants
+        logp, mask = stats.out.logprobs, stats.mask
+        reward = to_prediction_layout(rewards.detach()).to(logp.dtype) * mask
+        k1 = None
+        if kl_coef > 0:
+            k1 = (logp.detach() - init.to(logp.dtype)).clamp(-KL_CLAMP, KL_CLAMP) * mask
+        penalised = reward if k1 is None else reward - kl_coef * k1
+        returns = discounted_suffix_sum(penalised, gamma) * mask
+        if whiten:
+            mean = masked_mean(returns, mask)
+            var = masked_mean((returns - mean).square(), mask)
+            returns = (returns - mean) / (var.sqrt() + 1e-8) * mask
+        return reward, k1, returns
+
+    def loss_from(stats, present):  # linear in logp: rows outside the chunk are 0
+        return -(stats.out.logprobs * returns_of(stats)[2]).sum() / labels.shape[0]
+
+    # G_t sums later tokens of the sequence (k1 included); whitening G with k1 inside mixes
+    # every sequence's log-probs, so that case is not a sum over sequences.
+    loss, stats = fused_objective(hidden, weight, labels, primitive_options, loss_from,
+                                  groups="sequence", additive=not (whiten and kl_coef > 0))
+    reward, k1, returns = returns_of(stats)
+    mask = stats.mask
     metrics = {"reward/mean": masked_mean(reward, mask), **token_metrics(stats)}
-    if kl_coef > 0:
-        k1 = (logp.detach() - init.to(logp.dtype)).clamp(-KL_CLAMP, KL_CLAMP) * mask
-        reward = reward - kl_coef * k1
+    if k1 is not None:
         metrics["kl/mean"] = masked_mean(k1, mask)
-    returns = discounted_suffix_sum(reward, gamma) * mask
-    if whiten:
-        mean = masked_mean(returns, mask)
-        var = masked_mean((returns - mean).square(), mask)
-        returns = (returns - mean) / (var.sqrt() + 1e-8) * mask
     metrics["return/mean"] = masked_mean(returns, mask)
-    loss = -(logp * returns).sum() / labels.shape[0]
     return LossOutput(loss, metrics)

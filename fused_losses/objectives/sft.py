@@ -13,8 +13,8 @@ from typing import Callable, Literal, NamedTuple
 import torch
 
 from ._common import (LossOutput, check_choice, check_labels, check_positive, log1mexp,
-                      masked_mean, reference_logprobs, shift_targets, token_metrics,
-                      token_stats)
+                      fused_objective, masked_mean, reference_logprobs, shift_targets,
+                      token_metrics)
 
 _LOG2 = math.log(2.0)
 
@@ -150,28 +150,36 @@ def sft_loss(
     if sequence and needs_values:  # a dummy target there so the primitive returns lse_T
         at_end = (columns == end.unsqueeze(-1)) & has_any.unsqueeze(-1)
         targets = torch.where(at_end, torch.zeros_like(targets), targets)
-    stats = token_stats(hidden, weight, labels, primitive_options, targets=targets,
-                        return_lse=needs_values)
-    logp, mask = stats.out.logprobs, stats.mask
-    rho = logp if linear else logp - ref.to(logp.dtype)
-    values = None
-    if needs_values:
-        lse = stats.out.lse if value_grad else stats.out.lse.detach()
-        lse_0 = lse.gather(1, first.unsqueeze(-1))  # [B, 1]
-        values = lse_0 - (lse.gather(1, end.unsqueeze(-1)) if sequence else lse)
-    if sequence:
-        u = beta * ((rho * mask).sum(-1) + (values.squeeze(-1) if values is not None else 0))
-        weights = has_any.to(u.dtype)
-    else:
-        u = beta * (rho + values if values is not None else rho)
-        weights = mask
-    phi, guarded = phi_safe(divergence, u, eps=eps, max_weight=max_weight)
-    total = -(phi * weights).sum()
+    weights = has_any if sequence else scored  # which terms count: sequences or tokens
     divisor = weights.sum().clamp_min(1) if num_items_in_batch is None else num_items_in_batch
+
+    def terms(stats):  # u, φ_safe(u) and the guard mask, per token [B, T] or sequence [B]
+        logp, mask = stats.out.logprobs, stats.mask
+        rho = logp if linear else logp - ref.to(logp.dtype)
+        values = None
+        if needs_values:
+            lse = stats.out.lse if value_grad else stats.out.lse.detach()
+            lse_0 = lse.gather(1, first.unsqueeze(-1))  # [B, 1]
+            values = lse_0 - (lse.gather(1, end.unsqueeze(-1)) if sequence else lse)
+        if sequence:
+            u = beta * ((rho * mask).sum(-1) + (values.squeeze(-1) if values is not None else 0))
+        else:
+            u = beta * (rho + values if values is not None else rho)
+        return (u, *phi_safe(divergence, u, eps=eps, max_weight=max_weight))
+
+    def loss_from(stats, present):  # groups are sequences: lse_0 is another token's
+        _, phi, _ = terms(stats)
+        counted = weights & (present if sequence else present.unsqueeze(-1))
+        return -torch.where(counted, phi, torch.zeros_like(phi)).sum() / divisor
+
+    loss, stats = fused_objective(hidden, weight, labels, primitive_options, loss_from,
+                                  groups="sequence", targets=targets, return_lse=needs_values)
+    u, _, guarded = terms(stats)
+    share = weights.to(u.dtype)
     metrics = {
-        "nll": -masked_mean(logp.detach(), mask),
-        "u/mean": masked_mean(u.detach(), weights),
-        "guard/fraction": masked_mean(guarded.to(u.dtype), weights),
+        "nll": -masked_mean(stats.out.logprobs.detach(), stats.mask),
+        "u/mean": masked_mean(u.detach(), share),
+        "guard/fraction": masked_mean(guarded.to(u.dtype), share),
         **token_metrics(stats),
     }
-    return LossOutput(total / divisor, metrics)
+    return LossOutput(loss, metrics)
