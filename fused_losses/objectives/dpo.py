@@ -131,6 +131,9 @@ def dpo_loss(
             running mean does. :class:`FusedDPOLoss` keeps both. Default: 0.
         **primitive_options: passed to :func:`linear_logprobs`; ``return_argmax`` /
             ``return_entropy`` add the ``mean_token_accuracy`` / ``entropy`` metrics.
+            ``grad_in_forward`` (bool, optional): form the gradients in forward (torch
+            backend default) or recompute in backward (``False``); see
+            :func:`~fused_losses.objectives._common.fused_objective`. Default: None.
 
     Returns:
         LossOutput: loss; metrics ``rewards/{chosen,rejected,accuracies,margins}`` (rewards

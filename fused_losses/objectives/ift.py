@@ -52,6 +52,9 @@ def ift_loss(
             not). Default: False.
         eps (float): added to each sequence's ``Σ R``. Default: 1e-8.
         **primitive_options: passed to :func:`linear_logprobs` in both passes.
+            ``grad_in_forward`` (bool, optional): form the gradients in forward (torch
+            backend default) or recompute in backward (``False``); see
+            :func:`~fused_losses.objectives._common.fused_objective`. Default: None.
 
     Returns:
         LossOutput: loss; metrics ``nll`` (pass 2 token-mean NLL) and ``nll/clean`` (pass 1,

@@ -60,6 +60,9 @@ def simpo_loss(
             default). Default: 0.5.
         label_smoothing (float): ε in [0, 0.5). Default: 0.0.
         **primitive_options: passed to :func:`linear_logprobs`.
+            ``grad_in_forward`` (bool, optional): form the gradients in forward (torch
+            backend default) or recompute in backward (``False``); see
+            :func:`~fused_losses.objectives._common.fused_objective`. Default: None.
 
     Returns:
         LossOutput: loss; ``rewards/*`` are ``β·Ā``; ``logps/*`` are ``Ā``; ``logits/*``.
@@ -96,6 +99,9 @@ def orpo_loss(
         lam (float): > 0, weight λ of the odds-ratio term (TRL and Liger call it ``beta``).
             Default: 0.1.
         **primitive_options: passed to :func:`linear_logprobs`.
+            ``grad_in_forward`` (bool, optional): form the gradients in forward (torch
+            backend default) or recompute in backward (``False``); see
+            :func:`~fused_losses.objectives._common.fused_objective`. Default: None.
 
     Returns:
         LossOutput: loss; ``rewards/*`` are ``λ·Ā`` (as TRL logs them), ``logps/*``,
@@ -144,6 +150,9 @@ def cpo_loss(
         label_smoothing (float): ε in [0, 0.5). Default: 0.0.
         average_log_prob (bool): use ``Ā`` instead of ``S``. Default: False.
         **primitive_options: passed to :func:`linear_logprobs`.
+            ``grad_in_forward`` (bool, optional): form the gradients in forward (torch
+            backend default) or recompute in backward (``False``); see
+            :func:`~fused_losses.objectives._common.fused_objective`. Default: None.
 
     Returns:
         LossOutput: loss; ``rewards/*`` are ``β·S`` (as TRL logs them), ``logps/*``,

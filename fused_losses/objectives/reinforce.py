@@ -84,6 +84,9 @@ def reinforce_loss(
             layout; needed when ``kl_coef > 0`` (or ``init_hidden``/``init_weight``/
             ``init_bias``). Default: None.
         **primitive_options: passed to :func:`linear_logprobs`.
+            ``grad_in_forward`` (bool, optional): form the gradients in forward (torch
+            backend default) or recompute in backward (``False``); see
+            :func:`~fused_losses.objectives._common.fused_objective`. Default: None.
 
     Returns:
         LossOutput: loss; metrics ``reward/mean`` (per scored token), ``return/mean``, and

@@ -118,6 +118,9 @@ def sft_loss(
         max_weight (float): > 0, cap on KL's token weight ``exp(−u−1)``. Default: 10.0.
         **primitive_options: passed to :func:`linear_logprobs` (``bias``, ``backend``,
             ``temperature``, ``softcap``, ``ignore_index``, ``chunk_size``, ...).
+            ``grad_in_forward`` (bool, optional): form the gradients in forward (torch
+            backend default) or recompute in backward (``False``); see
+            :func:`~fused_losses.objectives._common.fused_objective`. Default: None.
 
     Returns:
         LossOutput: scalar loss; metrics ``nll`` (token-mean NLL), ``u/mean``,
