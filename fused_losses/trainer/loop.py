@@ -390,7 +390,11 @@ def train(cfg: Config) -> dict:
         precompute_reference(ref_lm, (train_set, eval_set), out, cfg, enc.pad_id, rank, world)
         ref_lm = None  # the log-probs now travel with the batches
     if cfg.activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5
+            lm.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         loss_step = L.make_loss_step(cfg.objective, cfg.impl, opts)
     except ValueError as err:
@@ -560,12 +564,13 @@ def precompute_reference(ref_lm, datasets, out: Path, cfg, pad_id: int, rank: in
         return
     device = next(ref_lm.parameters()).device
     for data in datasets:
-        data.ref = []
+        refs = []
         for index in range(len(data.rows)):
             batch = {k: v.to(device) for k, v in D.collate(data, [index], pad_id).items()}
             values = L.reference_logprobs(ref_lm, batch, cfg.impl).cpu()
-            data.ref.append(tuple(values[k, :len(ids)].clone()
-                                  for k, (ids, _) in enumerate(data.rows[index])))
+            refs.append(tuple(values[k, :len(ids)].clone()
+                              for k, (ids, _) in enumerate(data.rows[index])))
+        data.ref = refs
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
