@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, D.DataError) as err:
         print(f"fused-losses train: error: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:  # the objectives name the bad option (e.g. --loss-type)
+        print(f"fused-losses train: error: {err}", file=sys.stderr)
+        return 2
 
 
 def compare(cfg: Config) -> int:
@@ -386,6 +389,9 @@ def train(cfg: Config) -> dict:
         reward_ref = (load_frozen(cfg.reward_ref, lm) if cfg.reward_ref
                       else copy.deepcopy(lm).eval().requires_grad_(False))
         reward_lms = (load_frozen(cfg.reward_model, lm), reward_ref)
+    init_lm = None  # REINFORCE's KL penalty is against the starting policy
+    if cfg.objective == "reinforce" and opts.get("kl_coef", 0) > 0:
+        init_lm = copy.deepcopy(lm).eval().requires_grad_(False)
     if ref_lm is not None and cfg.precompute_ref:
         precompute_reference(ref_lm, (train_set, eval_set), out, cfg, enc.pad_id, rank, world)
         ref_lm = None  # the log-probs now travel with the batches
@@ -444,6 +450,9 @@ def train(cfg: Config) -> dict:
             with autocast:
                 ctx["rewards"] = (L.reference_logprobs(reward_lms[0], batch, cfg.impl)
                                   - L.reference_logprobs(reward_lms[1], batch, cfg.impl))
+        if init_lm is not None:
+            with autocast:
+                ctx["init_logprobs"] = L.reference_logprobs(init_lm, batch, cfg.impl)
         return ctx
 
     def to_device(batch):
@@ -460,7 +469,7 @@ def train(cfg: Config) -> dict:
         for first in range(0, n - size + 1, size):
             batch = to_device(D.collate(eval_set, list(range(first, first + size)), enc.pad_id))
             with autocast:
-                loss, metrics = core(batch, context(batch, L.items_in(cfg.objective, batch)))
+                loss, metrics = core(batch, context(batch, L.items_in(cfg.objective, batch, opts)))
             for key, value in {"loss": loss, **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
             batches += 1
@@ -479,7 +488,7 @@ def train(cfg: Config) -> dict:
                                                      cfg.seed), enc.pad_id)
         # The loss divisor is the item count of the WHOLE step (all micro-batches, all
         # processes), so micro-batch gradients add up to the big-batch gradient exactly.
-        num_items = L.items_in(cfg.objective, batch)
+        num_items = L.items_in(cfg.objective, batch, opts)
         mine = D.split_rows(batch, world, rank, paired)
         step_loss = torch.zeros((), device=device)
         step_metrics: dict[str, torch.Tensor] = {}

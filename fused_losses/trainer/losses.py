@@ -162,7 +162,7 @@ UNFUSED_OPTIONS = {
     "orpo": {"lam"},
     "cpo": {"beta", "alpha", "label_smoothing", "average_log_prob"},
     "sft": {"divergence", "beta", "eps", "max_weight"},
-    "reinforce": {"gamma", "whiten"},
+    "reinforce": {"gamma", "whiten", "kl_coef"},
     "ift": {"lam", "gamma", "detach_weights"},
 }
 
@@ -187,9 +187,12 @@ def sft_unfused(hidden, weight, labels, ref, num_items, opts):
     return -(phi * mask).sum() / num_items, {}
 
 
-def reinforce_unfused(logp, mask, rewards, opts):
-    """Dense-path REINFORCE: L = -(1/B) sum_i sum_t m_t logp_t G_t, G the discounted return."""
+def reinforce_unfused(logp, mask, rewards, init, opts):
+    """Dense-path REINFORCE: L = -(1/B) sum_i sum_t m_t logp_t G_t, G the discounted return
+    of r - kl_coef * clamp(logp - logp_init, +-10)."""
     r = rewards * mask
+    if opts.get("kl_coef", 0.0) > 0:
+        r = r - opts["kl_coef"] * (logp.detach() - init).clamp(-10, 10) * mask
     returns = torch.zeros_like(r)
     running = torch.zeros_like(r[:, 0])
     for t in range(r.shape[1] - 1, -1, -1):
@@ -281,12 +284,13 @@ def make_loss_step(objective: str, impl: str, opts: dict) -> LossStep:
         weight, labels = head_weight(lm, hidden), batch["labels"]
         share = labels.shape[0] / ctx["num_items"]
         if fused:
+            init = {"init_logprobs": ctx["init_logprobs"]} if "init_logprobs" in ctx else {}
             out = fused_losses.reinforce_loss(hidden, weight, labels, rewards=ctx["rewards"],
-                                              **opts)
+                                              **init, **opts)
             return out.loss * share, dict(out.metrics)
         logp, _ = token_logprobs_unfused(hidden, weight, labels)
         loss, metrics = reinforce_unfused(logp, (labels != IGNORE).float(), ctx["rewards"],
-                                          opts)
+                                          ctx.get("init_logprobs"), opts)
         return loss * share, metrics
 
     def ift(lm, batch, ctx):
@@ -301,11 +305,14 @@ def make_loss_step(objective: str, impl: str, opts: dict) -> LossStep:
     return {"sft": sft, "reinforce": reinforce, "ift": ift}.get(objective, preference)
 
 
-def items_in(objective: str, batch) -> int:
-    """What a step's loss is normalised by: scored tokens (SFT), pairs, or sequences."""
-    labels = batch["labels"]
+def items_in(objective: str, batch, opts: dict | None = None) -> int:
+    """What a step's loss is normalised by: scored tokens (SFT; sequences with a scored token
+    for ``value_mode="sequence"``), pairs, or sequences."""
+    targets = shift(batch["labels"]) != IGNORE
     if objective == "sft":
-        return int((shift(labels) != IGNORE).sum())
+        if (opts or {}).get("value_mode", "token") == "sequence":
+            return int(targets.any(-1).sum())
+        return int(targets.sum())
     if objective in PREFERENCE:
-        return labels.shape[0] // 2
-    return labels.shape[0]
+        return targets.shape[0] // 2
+    return targets.shape[0]

@@ -33,7 +33,8 @@ OBJECTIVES = [("sft", {}), ("sft", {"divergence": "kl"}), ("sft", {"divergence":
               ("dpo", {}), ("dpo", {"loss_type": "ipo"}), ("dpo", {"loss_type": "apo_zero"}),
               ("simpo", {}), ("orpo", {}), ("orpo", {"beta": 0.5}), ("cpo", {}), ("dil", {}),
               ("dil", {"variant": "bce"}), ("ift", {}), ("reinforce", {}),
-              ("reinforce", {"loss_kwargs": '{"whiten": true}'})]
+              ("reinforce", {"loss_kwargs": '{"whiten": true}'}),
+              ("reinforce", {"loss_kwargs": '{"kl_coef": 0.1}'})]
 
 
 @pytest.mark.parametrize("objective,flags", OBJECTIVES,
@@ -59,11 +60,13 @@ def test_qwen2_architecture(tmp_path, tok_cache):
                                torch.tensor(losses(tmp_path / "u")), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
-def test_gradient_accumulation_equals_one_big_batch(tmp_path, tok_cache, objective):
+@pytest.mark.parametrize("objective,flags", [
+    ("sft", {}), ("dpo", {}),
+    ("sft", {"divergence": "kl", "loss_kwargs": '{"value_mode": "sequence"}'})])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, tok_cache, objective, flags):
     # grad_clip 0: clipping acts on the summed gradient either way, but keep the test about sums.
-    run(tiny_args(tmp_path / "k1", objective, grad_accum=1, grad_clip=0))
-    run(tiny_args(tmp_path / "k4", objective, grad_accum=4, grad_clip=0))
+    run(tiny_args(tmp_path / "k1", objective, grad_accum=1, grad_clip=0, **flags))
+    run(tiny_args(tmp_path / "k4", objective, grad_accum=4, grad_clip=0, **flags))
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "k1")),
                                torch.tensor(losses(tmp_path / "k4")), rtol=1e-5, atol=1e-6)
 
@@ -116,6 +119,14 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, tok_cache, capsys):
 def test_cli_errors(capsys, argv, message):
     assert loop.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bad_objective_option_is_a_clear_error(tmp_path, tok_cache, capsys):
+    assert loop.main(tiny_args(tmp_path / "a", "dpo", loss_type="nope")) == 2
+    assert "loss_type must be one of" in capsys.readouterr().err
+    assert loop.main(tiny_args(tmp_path / "b", "dpo", impl="unfused",
+                               loss_kwargs='{"rpo_alpha": 1.0}')) == 2
+    assert "--impl unfused does not implement ['rpo_alpha']" in capsys.readouterr().err
 
 
 def test_cli_errors_at_setup(tmp_path, tok_cache, capsys):
