@@ -83,13 +83,22 @@ def _markdown(r: dict, table: str, plots: list[str]) -> str:
              f"H={model.get('hidden_size')}, {model.get('layers')} layers, "
              f"{model.get('parameters')} parameters; batch {r['batch_size']}; "
              f"device {r['device']}, {r['torch_threads']} threads.",
-             f"Data: train {data.get('train')}, held-out {data.get('eval')}.", "",
-             "Peak memory: CUDA allocator peak, or on CPU the peak RSS above the RSS before the "
-             "model was built (model, optimizer state, activations and logits). Tokens/s: "
-             "non-padding tokens per second of optimizer steps, first step excluded.", "",
+             f"Data: train {_counts(data.get('train'))}; held-out {_counts(data.get('eval'))}.",
+             "", "Peak memory: CUDA allocator peak; on CPU the peak RSS above the RSS once the "
+             "model is built, plus the model's weights (so weights, reference copies, gradients, "
+             "optimizer state, activations and logits count; the interpreter and libraries do "
+             "not). Tokens/s: non-padding tokens per second of optimizer steps, first step "
+             "excluded, reference forwards included.", "",
              "```", table, "```", ""]
     lines += [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
+
+
+def _counts(c: dict | None) -> str:
+    if not c:
+        return "n/a"
+    return (f"{c['records']} records, {c['kept']} kept, {c['truncated']} truncated, "
+            f"{c['dropped']} dropped (too long)")
 
 
 def _plots(out: Path, runs: dict, curves: dict) -> list[str]:
