@@ -15,7 +15,7 @@ from fused_losses.trainer import loop
 from .trainer_helpers import losses, tiny_args
 
 # Large enough that a step takes a noticeable time, so the kill lands mid-run.
-SLOW = dict(max_steps=16, save_every=4, batch_size=8, max_length=200)
+SLOW = dict(max_steps=40, save_every=4, batch_size=8, max_length=200)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tok_cache):
