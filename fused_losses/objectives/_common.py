@@ -254,6 +254,7 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
     Returns:
         (loss, TokenStats): the stats are detached on the gradient-in-forward path.
     """
+    check_choice("groups", groups, ("sequence", "pair"))
     options, targets, mask_of = _requested(labels, primitive_options, targets, requests)
     requested = options.pop("grad_in_forward", None)
     rows, length = labels.shape
@@ -293,13 +294,14 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
     stats = TokenStats(LogProbs(*(None if full is None else full.view(rows, length)
                                   for full in gathered)), mask, targets)
     # A group with no scored token is in no chunk; the recompute path counts its term at
-    # zero statistics (a constant), so it is added here once.
-    empty = torch.ones(num_groups, dtype=torch.bool, device=labels.device)
-    empty[flat_groups[targets.reshape(-1) != ignore_index]] = False
-    if bool(empty.any()):
-        zeros = LogProbs(*(None if full is None or i == 2 else torch.zeros_like(full)
-                           for i, full in enumerate(stats.out)))
-        loss = loss + loss_from(TokenStats(zeros, mask, targets), empty)
+    # zero statistics (a constant), so it is added here (exactly 0 when there is none; no
+    # host sync to find out).
+    scored = (targets.reshape(-1) != ignore_index).long()
+    empty = torch.zeros(num_groups, dtype=torch.long, device=labels.device) \
+        .index_add_(0, flat_groups, scored) == 0
+    zeros = LogProbs(*(None if full is None or i == 2 else torch.zeros_like(full)
+                       for i, full in enumerate(stats.out)))
+    loss = loss + loss_from(TokenStats(zeros, mask, targets), empty)
     return loss, stats
 
 
