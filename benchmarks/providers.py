@@ -273,7 +273,10 @@ PROVIDERS: list[Provider] = [
              "LigerFusedLinearDPOLoss(compiled=True, use_ref_model=True)",
              needs=("liger_kernel",)),
     Provider("ours_torch", "dpo", _ours("dpo", "torch"),
-             "fused_losses.dpo_loss(ref_hidden=, ref_weight=, backend='torch')"),
+             "fused_losses.dpo_loss(ref_hidden=, ref_weight=, backend='torch') (its default: "
+             "gradients in forward on the torch backend since ba51ecb)"),
+    Provider("ours_torch_recompute", "dpo", _ours("dpo", "torch", grad_in_forward=False),
+             "fused_losses.dpo_loss(..., backend='torch', grad_in_forward=False)"),
     Provider("ours_triton", "dpo", _ours("dpo", "triton"),
              "fused_losses.dpo_loss(backend='triton')", cuda_only=_TRITON_CUDA),
 ]

@@ -42,7 +42,7 @@ GPU_LOGPROBS = ["naive", "naive_plain", "naive_compile", "torch_lce", "ours_torc
                 "ours_triton", "cce_exact", "cce"]
 GPU_CE = ["naive", "naive_compile", "torch_lce", "ours_torch_gif", "ours_torch_recompute",
           "ours_triton", "liger", "cce_exact", "cce"]
-DPO = ["naive", "liger_dpo", "ours_torch", "ours_triton"]
+DPO = ["naive", "liger_dpo", "ours_torch", "ours_torch_recompute", "ours_triton"]
 
 
 def _case(sweep, mode, N, H, V, dtype, **kw):
