@@ -75,11 +75,12 @@ def _logits(hidden_chunk, weight, bias, temperature, softcap, ws: _Workspace) ->
     return logits
 
 
-def _stats(logits, targets, with_argmax, with_entropy, with_logits_mean, scratch):
+def _stats(logits, targets, with_argmax, with_entropy, with_logits_mean, scratch,
+           keep_probs=False):
     """Per-token (logprobs, lse, argmax, entropy, logits_mean) of one chunk; [n] each.
 
     ``scratch`` [n, V] receives exp(z - max); it may be ``logits`` itself (then destroyed),
-    except with the entropy, which needs both.
+    except with the entropy, which needs both. ``keep_probs`` leaves softmax(z) in it.
     """
     target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     if with_argmax:
@@ -91,28 +92,43 @@ def _stats(logits, targets, with_argmax, with_entropy, with_logits_mean, scratch
     sumexp = probs.sum(dim=-1)
     lse = maxes + sumexp.log()
     entropy = lse - torch.linalg.vecdot(probs, logits) / sumexp if with_entropy else None
+    if keep_probs:
+        probs.div_(sumexp.unsqueeze(1))
     return target_logit - lse, lse, argmax, entropy, logits_mean
 
 
+def _softcap_chain(logits, softcap, ws: _Workspace):
+    """d(s·tanh(a/s))/da = 1 - (z/s)^2, taken from z before anything overwrites it."""
+    if softcap is None:
+        return None
+    chain = torch.div(logits, softcap, out=ws.get("softcap", logits.shape[0], logits.dtype))
+    return chain.square_().neg_().add_(1.0)
+
+
 def _grad_logits(logits, targets, lse, entropy, grad_logprobs, grad_lse, grad_entropy,
-                 grad_logits_mean, temperature, softcap, filter_eps, ws: _Workspace):
-    """dL/d(raw logits) of one chunk, computed in place over ``logits``; [n, V]."""
+                 grad_logits_mean, temperature, chain, filter_eps, ws: _Workspace,
+                 holds_probs=False):
+    """dL/d(raw logits) of one chunk, computed in place over ``logits``; [n, V].
+
+    ``logits`` holds z, or softmax(z) already when ``holds_probs`` (no entropy gradient then:
+    it needs z). ``chain`` is the soft-cap factor from :func:`_softcap_chain` or None.
+    """
     rows, vocab = logits.shape
-    chain = None
-    if softcap is not None:  # d(s·tanh(a/s))/da = 1 - (z/s)^2, from z before it is overwritten
-        chain = torch.div(logits, softcap, out=ws.get("softcap", rows, logits.dtype))
-        chain.square_().neg_().add_(1.0)
     coef = torch.zeros_like(lse)
     if grad_lse is not None:
         coef += grad_lse
     if grad_logprobs is not None:
         coef -= grad_logprobs
     if grad_entropy is not None:
+        if holds_probs:
+            raise RuntimeError("the entropy gradient needs the logits, not the probabilities")
         # p * (coef - e * (z - mu)), mu = lse - entropy
         probs = torch.sub(logits, lse.unsqueeze(1), out=ws.get("scratch", rows, logits.dtype))
         probs.exp_()
         grad = logits.sub_((lse - entropy).unsqueeze(1)).mul_(-grad_entropy.unsqueeze(1))
         grad.add_(coef.unsqueeze(1)).mul_(probs)
+    elif holds_probs:
+        grad = logits.mul_(coef.unsqueeze(1))
     else:
         grad = logits.sub_(lse.unsqueeze(1)).exp_().mul_(coef.unsqueeze(1))
     if grad_logprobs is not None:
@@ -193,7 +209,8 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
 
         grad = _grad_logits(logits, targets[piece], lse[piece], take(entropy),
                             take(grad_logprobs), take(grad_lse), take(grad_entropy),
-                            take(grad_logits_mean), temperature, softcap, filter_eps, ws)
+                            take(grad_logits_mean), temperature,
+                            _softcap_chain(logits, softcap, ws), filter_eps, ws)
         acc.add(grad, rows[piece], hidden_chunk)
     return acc.result()
 
@@ -215,12 +232,15 @@ def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=No
     for piece in _chunks(rows.numel(), weight.shape[0], chunk_size, boundaries):
         hidden_chunk = hidden.index_select(0, rows[piece])
         logits = _logits(hidden_chunk, weight, bias, temperature, softcap, ws)
-        scratch = ws.get("scratch", logits.shape[0], logits.dtype)  # logits are needed again
+        chain = _softcap_chain(logits, softcap, ws)
+        # Without the entropy, softmax(z) is all the gradient needs, so it replaces z in the
+        # one buffer; the entropy's statistics and gradient need z itself, kept beside it.
+        scratch = ws.get("scratch", logits.shape[0], logits.dtype) if with_entropy else logits
         stats = _stats(logits, targets[piece], with_argmax, with_entropy, with_logits_mean,
-                       scratch)
+                       scratch, keep_probs=not with_entropy)
         chunk_loss, grads = head(stats, piece)
         loss += chunk_loss
         grad = _grad_logits(logits, targets[piece], stats[1], stats[3], *grads,
-                            temperature, softcap, filter_eps, ws)
+                            temperature, chain, filter_eps, ws, holds_probs=not with_entropy)
         acc.add(grad, rows[piece], hidden_chunk)
     return (loss, *acc.result())

@@ -281,6 +281,20 @@ def _loss_and_grads(loss_fn: ChunkLoss, stats: tuple, positions: torch.Tensor):
     return loss.detach(), Grads(*(None if t is None else next(found) for t in wrt))
 
 
+# The one-pass path holds one whole group's fp32 logits at a time. Beyond this bound (very
+# long sequences) it forms the gradients by forward, loss, then backward instead: 4 matmuls,
+# but no group-sized buffer. Measured for DPO at 2 pairs x 512 tokens, V=32000 (98 MB per
+# pair): one pass 0.76x Liger's time at 260 MB; recompute 1.03x at 170 MB (benchmarks/notes.md).
+ONE_PASS_GROUP_BYTES = 128 << 20
+
+
+def _group_fits_one_pass(boundaries, vocab: int) -> bool:
+    if not boundaries:
+        return True
+    largest = max(b - a for a, b in zip([0, *boundaries[:-1]], boundaries))
+    return largest * vocab * 4 <= ONE_PASS_GROUP_BYTES
+
+
 class GradInForwardFunction(torch.autograd.Function):
     """A loss over chunks of whole groups whose input gradients are formed in forward.
 
@@ -296,7 +310,7 @@ class GradInForwardFunction(torch.autograd.Function):
                      need_bias=bias is not None and bias.requires_grad)
         head = lambda stats, piece: _loss_and_grads(loss_fn, stats, rows[piece])  # noqa: E731
         one_pass = getattr(backend, "forward_backward", None)
-        if one_pass is not None:
+        if one_pass is not None and _group_fits_one_pass(boundaries, weight.shape[0]):
             loss, *input_grads = one_pass(hidden, weight, bias, rows, targets, head,
                                           boundaries=boundaries, filter_eps=opts.filter_eps,
                                           **needs, **_forward_kwargs(opts))
