@@ -1,7 +1,7 @@
 """Chunked pure-PyTorch backend: the Triton kernels' readable twin, for any device.
 
 Scored rows are processed ``chunk_size`` tokens at a time; a chunk's ``[chunk, V]`` logits
-are the largest temporary (about 32 MiB in fp32 by default) and are recomputed in backward.
+are the largest temporary (about 64 MiB in fp32 by default) and are recomputed in backward.
 Same argument names as ``fused_losses.kernels`` so the autograd Function can pick either.
 Logits are formed in the input dtype by the matmul and reduced in fp32 (float64 inputs stay
 float64, so ``gradcheck`` runs on this backend); dW accumulates in fp32 across chunks.
@@ -12,7 +12,10 @@ from typing import Iterator
 
 import torch
 
-_CHUNK_BYTES = 32 << 20
+# A chunk's fp32 logits. On 2 CPU cores, logits GEMMs with fewer rows run slower (31 GF/s at
+# 128 rows, 46 at 262, 52-53 from 512: benchmarks/results/gemm_shapes_cpu.txt); interleaved
+# A/B at N=4096, V=32000: 262 rows 1.48x naive, 512 rows 1.27x (benchmarks/notes.md).
+CHUNK_BYTES = 64 << 20
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -23,7 +26,7 @@ def _chunks(num_rows: int, vocab: int, chunk_size: int | None,
             boundaries: list[int] | None = None) -> Iterator[slice]:
     """Row slices of about ``size`` rows; with ``boundaries`` (increasing group end offsets,
     the last = num_rows) a slice ends only at a boundary, so groups are never split."""
-    size = chunk_size or max(1, _CHUNK_BYTES // (4 * vocab))
+    size = chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
     if boundaries is None:
         yield from (slice(s, min(s + size, num_rows)) for s in range(0, num_rows, size))
         return

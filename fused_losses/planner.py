@@ -43,8 +43,9 @@ import math
 import sys
 from dataclasses import asdict, dataclass, replace
 
+from ._torch_backend import CHUNK_BYTES
+
 GiB = 1 << 30
-_CHUNK_BYTES = 32 << 20  # the torch backend's chunk of fp32 logits (_torch_backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def head_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab: int,
     # precision: plus the matmul's own output buffer); the gradient-in-forward path keeps a
     # second [c, V] scratch because the logits are needed again for the gradient. A
     # low-precision dW chunk product is formed and upcast per chunk.
-    chunk = max(1, min(n, _CHUNK_BYTES // (4 * v)))
+    chunk = max(1, min(n, CHUNK_BYTES // (4 * v)))
     cv = chunk * v
     work = 4 * cv + (d * cv if low else 0)
     if path == "ce":

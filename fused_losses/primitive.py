@@ -417,7 +417,7 @@ def linear_logprobs(
             in magnitude (Cut Cross-Entropy's gradient filtering). Changes the gradient,
             most where the distribution is flat (see README); exact when None. Default: None.
         chunk_size (int, optional): torch backend only: tokens per chunk. Default: sized so a
-            chunk's fp32 logits take about 32 MiB.
+            chunk's fp32 logits take about 64 MiB.
         process_group (ProcessGroup, optional), vocab_start (int, optional): vocabulary
             parallelism. When either is given, ``weight`` (and ``bias``) hold this rank's rows
             ``[start, start + V_r)`` of the vocabulary (plain tensors, or a ``Shard(0)`` DTensor
