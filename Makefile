@@ -23,10 +23,12 @@ $(STAMP): pyproject.toml setup.py
 test: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
 
-# The main job: fused vs unfused training side by side on the embedded default (SFT, DPO).
+# The main job: fused vs unfused training side by side on the embedded default: SFT, then
+# DPO starting from the SFT run's weights (from random weights DPO stays near chance).
 demo: setup
 	$(BIN)/python -m fused_losses.train --compare --objective sft --output-dir runs/demo-sft
-	$(BIN)/python -m fused_losses.train --compare --objective dpo --output-dir runs/demo-dpo
+	$(BIN)/python -m fused_losses.train --compare --objective dpo --output-dir runs/demo-dpo \
+		--model runs/demo-sft/fused/final --max-steps 40 --lr 3e-4
 
 # The primitive's benchmark against naive PyTorch (CPU: minutes; GPU: the full sweep).
 bench: setup

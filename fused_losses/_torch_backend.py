@@ -159,8 +159,11 @@ class _Accumulator:
         self.grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) \
             if (need_bias and bias is not None) else None
 
-    def add(self, grad_logits, rows, hidden_chunk):
-        grad_low = grad_logits.to(self.weight.dtype)
+    def add(self, grad_logits, rows, hidden_chunk, ws: _Workspace):
+        grad_low = grad_logits
+        if grad_logits.dtype != self.weight.dtype:  # the matmul buffer is free by now
+            grad_low = ws.get("matmul", grad_logits.shape[0], self.weight.dtype)
+            grad_low.copy_(grad_logits)
         if self.grad_hidden is not None:
             self.grad_hidden.index_copy_(0, rows, grad_low @ self.weight)
         if self.grad_weight is not None:
@@ -214,7 +217,7 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
                             take(grad_logprobs), take(grad_lse), take(grad_entropy),
                             take(grad_logits_mean), temperature,
                             _softcap_chain(logits, softcap, ws), filter_eps, ws)
-        acc.add(grad, rows[piece], hidden_chunk)
+        acc.add(grad, rows[piece], hidden_chunk, ws)
     return acc.result()
 
 
@@ -245,5 +248,5 @@ def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=No
         loss += chunk_loss
         grad = _grad_logits(logits, targets[piece], stats[1], stats[3], *grads,
                             temperature, chain, filter_eps, ws, holds_probs=not with_entropy)
-        acc.add(grad, rows[piece], hidden_chunk)
+        acc.add(grad, rows[piece], hidden_chunk, ws)
     return (loss, *acc.result())

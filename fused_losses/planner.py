@@ -181,14 +181,12 @@ def head_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab: int,
         dw = d * m * h + acc + (d * v * h if low else 0)
         return max(dh, dw) + stats
     # Torch backend: one reused workspace per call: a chunk's fp32 logits [c, V] (low
-    # precision: plus the matmul's own output buffer); the gradient-in-forward path keeps a
-    # second [c, V] scratch because the logits are needed again for the gradient. A
-    # low-precision dW chunk product is formed and upcast per chunk.
+    # precision: plus the matmul's own output buffer; the one-pass gradient-in-forward path
+    # keeps softmax(z) in the same buffer). A low-precision dW chunk product is formed and
+    # upcast per chunk.
     chunk = max(1, min(n, CHUNK_BYTES // (4 * v)))
     cv = chunk * v
     work = 4 * cv + (d * cv if low else 0)
-    if path == "ce":
-        work += 4 * cv
     dw_term = (d + 4) * v * h if low else 0
     loop = acc + d * m * h + work + dw_term
     end = acc + d * m * h + (d * v * h if low else 0)
