@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench compile-check clean
+.PHONY: setup test demo bench clean
 
 setup: $(STAMP)
 
