@@ -281,18 +281,16 @@ def _loss_and_grads(loss_fn: ChunkLoss, stats: tuple, positions: torch.Tensor):
     return loss.detach(), Grads(*(None if t is None else next(found) for t in wrt))
 
 
-# The one-pass path holds one whole group's fp32 logits at a time. Beyond this bound (very
-# long sequences) it forms the gradients by forward, loss, then backward instead: 4 matmuls,
-# but no group-sized buffer. Measured for DPO at 2 pairs x 512 tokens, V=32000 (98 MB per
-# pair): one pass 0.76x Liger's time at 260 MB; recompute 1.03x at 170 MB (benchmarks/notes.md).
-ONE_PASS_GROUP_BYTES = 128 << 20
-
-
+# The one-pass path holds one whole group's fp32 logits at a time, so it runs only where a
+# group fits in the backend's chunk budget; beyond it (long sequences, pairs) the gradients
+# are formed by forward, loss, then backward: 4 matmuls, no group-sized buffer. Measured for
+# DPO at 2 pairs x 512 tokens, V=32000 (98 MB per pair): one pass 0.77x Liger's time at
+# 0.32x naive's memory; recompute about Liger's time at 0.23x (benchmarks/notes.md, D2).
 def _group_fits_one_pass(boundaries, vocab: int) -> bool:
     if not boundaries:
         return True
     largest = max(b - a for a, b in zip([0, *boundaries[:-1]], boundaries))
-    return largest * vocab * 4 <= ONE_PASS_GROUP_BYTES
+    return largest * vocab * 4 <= _torch_backend.CHUNK_BYTES
 
 
 class GradInForwardFunction(torch.autograd.Function):

@@ -77,11 +77,11 @@ def test_second_backward_is_refused_clearly():
 
 
 def test_groups_beyond_the_one_pass_bound_take_the_two_pass_path(monkeypatch):
-    from fused_losses import _torch_backend, primitive
+    from fused_losses import _torch_backend
     calls = []
     monkeypatch.setattr(_torch_backend, "forward_backward",
                         lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(AssertionError))
-    monkeypatch.setattr(primitive, "ONE_PASS_GROUP_BYTES", 4 * 40 * 3)  # 3 rows of V=40
+    monkeypatch.setattr(_torch_backend, "CHUNK_BYTES", 4 * 40 * 3)  # 3 rows of V=40
     hidden, weight, targets, _ = make_inputs(2, 8, 40, torch.float64, lead=(2, 5),
                                              ignore_frac=0.0)
     groups = torch.arange(2).repeat_interleave(5).view(2, 5)  # 5-row groups: too large
