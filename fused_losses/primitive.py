@@ -338,10 +338,28 @@ class GradInForwardFunction(torch.autograd.Function):
 # Public API
 # ---------------------------------------------------------------------------------------------
 
-def prepare(hidden, weight, targets, bias, *, ignore_index, temperature, softcap, backend):
+def make_options(*, temperature, softcap, return_argmax=False, return_entropy=False,
+                 return_logits_mean=False, filter_eps=None, chunk_size=None,
+                 ignore_index=-100) -> Options:
+    return Options(temperature=float(temperature),
+                   softcap=None if softcap is None else float(softcap),
+                   with_argmax=return_argmax, with_entropy=return_entropy,
+                   with_logits_mean=return_logits_mean, filter_eps=filter_eps,
+                   chunk_size=chunk_size, ignore_index=ignore_index)
+
+
+def shape_outputs(outputs: tuple, shape, *, return_lse: bool) -> LogProbs:
+    """The Function's flat [M] outputs as a LogProbs shaped like ``targets``; the lse is
+    always computed (logprobs need it) but returned only when asked."""
+    logprobs, lse, *rest = (None if t is None else t.view(shape) for t in outputs)
+    return LogProbs(logprobs, lse if return_lse else None, *rest)
+
+
+def prepare(hidden, weight, targets, bias, *, ignore_index, temperature, softcap, backend,
+            check_target_range=True):
     """Validate, flatten to [M, H] and list the scored rows; shared by every fused entry point."""
     validate(hidden, weight, targets, bias, ignore_index=ignore_index,
-             temperature=temperature, softcap=softcap)
+             temperature=temperature, softcap=softcap, check_target_range=check_target_range)
     backend_module = resolve_backend(backend, hidden.device)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
@@ -441,21 +459,12 @@ def linear_logprobs(
     backend_module, hidden_2d, rows, flat_targets = prepare(
         hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
         softcap=softcap, backend=backend)
-    opts = Options(temperature=float(temperature),
-                   softcap=None if softcap is None else float(softcap),
-                   with_argmax=return_argmax, with_entropy=return_entropy,
-                   with_logits_mean=return_logits_mean, filter_eps=filter_eps,
-                   chunk_size=chunk_size, ignore_index=ignore_index)
-    logprobs, lse, argmax, entropy, logits_mean = LinearLogProbsFunction.apply(
-        hidden_2d, weight, bias, rows, flat_targets, backend_module, opts)
-    shape = targets.shape
-    return LogProbs(
-        logprobs.view(shape),
-        lse.view(shape) if return_lse else None,
-        argmax.view(shape) if return_argmax else None,
-        entropy.view(shape) if return_entropy else None,
-        logits_mean.view(shape) if return_logits_mean else None,
-    )
+    opts = make_options(temperature=temperature, softcap=softcap, return_argmax=return_argmax,
+                        return_entropy=return_entropy, return_logits_mean=return_logits_mean,
+                        filter_eps=filter_eps, chunk_size=chunk_size, ignore_index=ignore_index)
+    outputs = LinearLogProbsFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
+                                           backend_module, opts)
+    return shape_outputs(outputs, targets.shape, return_lse=return_lse)
 
 
 def linear_logprobs_loss(
@@ -506,10 +515,8 @@ def linear_logprobs_loss(
         softcap=softcap, backend=backend)
     rows, boundaries = _group_rows(rows, groups, targets)
     flat_targets = targets.reshape(-1).index_select(0, rows).long()
-    opts = Options(temperature=float(temperature),
-                   softcap=None if softcap is None else float(softcap),
-                   with_argmax=return_argmax, with_entropy=return_entropy,
-                   with_logits_mean=return_logits_mean, filter_eps=filter_eps,
-                   chunk_size=chunk_size, ignore_index=ignore_index)
+    opts = make_options(temperature=temperature, softcap=softcap, return_argmax=return_argmax,
+                        return_entropy=return_entropy, return_logits_mean=return_logits_mean,
+                        filter_eps=filter_eps, chunk_size=chunk_size, ignore_index=ignore_index)
     return GradInForwardFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
                                        backend_module, opts, loss_fn, boundaries)

@@ -335,32 +335,20 @@ def vocab_parallel_logprobs(
     hidden, bias = _local_tensor(hidden, "hidden"), _local_tensor(bias, "bias")
     targets = _local_tensor(targets, "targets")
     weight, shard = resolve_shard(weight, process_group, vocab_start)
-    primitive.validate(hidden, weight, targets, bias, ignore_index=ignore_index,
-                       temperature=temperature, softcap=softcap, check_target_range=False)
-    if targets.numel():
+    backend_module, hidden_2d, rows, flat_targets = primitive.prepare(
+        hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
+        softcap=softcap, backend=backend, check_target_range=False)
+    if targets.numel():  # ids are global here: checked against the whole vocabulary
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= shard.vocab))
         if bool(bad.any()):
             raise ValueError(
                 f"targets: {int(bad.sum())} id(s) outside the global vocabulary [0, "
                 f"{shard.vocab}) that are not ignore_index={ignore_index} "
                 f"(first: {targets[bad][0].item()})")
-    backend_module = primitive.resolve_backend(backend, hidden.device)
-    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-    flat = targets.reshape(-1)
-    rows = (flat != ignore_index).nonzero().squeeze(-1)
-    opts = Options(temperature=float(temperature),
-                   softcap=None if softcap is None else float(softcap),
-                   with_argmax=return_argmax, with_entropy=return_entropy,
-                   with_logits_mean=return_logits_mean, filter_eps=filter_eps,
-                   chunk_size=chunk_size, ignore_index=ignore_index)
-    logprobs, lse, argmax, entropy, logits_mean = VocabParallelLogProbsFunction.apply(
-        hidden_2d, weight, bias, rows, flat.index_select(0, rows).long(), backend_module,
-        opts, shard)
-    shape = targets.shape
-    return LogProbs(
-        logprobs.view(shape),
-        lse.view(shape) if return_lse else None,
-        argmax.view(shape) if return_argmax else None,
-        entropy.view(shape) if return_entropy else None,
-        logits_mean.view(shape) if return_logits_mean else None,
-    )
+    opts = primitive.make_options(
+        temperature=temperature, softcap=softcap, return_argmax=return_argmax,
+        return_entropy=return_entropy, return_logits_mean=return_logits_mean,
+        filter_eps=filter_eps, chunk_size=chunk_size, ignore_index=ignore_index)
+    outputs = VocabParallelLogProbsFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
+                                                  backend_module, opts, shard)
+    return primitive.shape_outputs(outputs, targets.shape, return_lse=return_lse)
