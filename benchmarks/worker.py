@@ -31,27 +31,12 @@ import traceback
 
 import torch
 
+from fused_losses._memory import reset_peak_rss, status_kib
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import providers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 try:
@@ -83,14 +68,14 @@ class _Meter:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            if not _reset_hwm():
+            if not reset_peak_rss():
                 raise RuntimeError("cannot write /proc/self/clear_refs: no per-step peak RSS")
-            self.base = _status_kb("VmRSS") * 1024
+            self.base = status_kib("VmRSS") * 1024
 
     def peak_above(self) -> int:
         if self.cuda:
             return torch.cuda.max_memory_allocated() - self.base
-        return _status_kb("VmHWM") * 1024 - self.base
+        return status_kib("VmHWM") * 1024 - self.base
 
 
 def _cpu_seconds() -> float:
@@ -108,7 +93,7 @@ def measure(args) -> dict:
                               pairs=args.pairs, seq=args.seq)
     meter = _Meter(args.device)
     _trim()
-    rss_after_inputs = _status_kb("VmRSS") * 1024
+    rss_after_inputs = status_kib("VmRSS") * 1024
     try:
         forward = provider.build(x)
     except providers._Skip as why:

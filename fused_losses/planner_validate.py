@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 
+from ._memory import reset_peak_rss, status_kib
 from .planner import head_bytes
 
 # The trainer's tiny preset (H 256, V 32000) at the batches it runs (M = sequences x length
@@ -65,14 +66,6 @@ def predict(case: dict) -> int:
 
 def _scored_rows(rows: int) -> int:
     return int(rows * SCORED_FRACTION)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _run_head(case: dict, torch, rows: int | None = None) -> tuple:
@@ -131,12 +124,12 @@ def measure_here(case: dict) -> int:
         _loss(case, *inputs).backward()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS")
+    if not reset_peak_rss():
+        raise RuntimeError("cannot write /proc/self/clear_refs: no peak RSS to measure")
+    base = status_kib("VmRSS")
     loss = _loss(case, *inputs)
     loss.backward()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return (peak - base) * 1024
 
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from fused_losses import planner
+from fused_losses._memory import reset_peak_rss
 from fused_losses.cli import main as cli_main
 from fused_losses.planner import GiB, PRESETS, Setup, breakdown, head_bytes
 
@@ -98,16 +99,7 @@ def test_cli_errors_name_the_flag(capsys):
     assert "--tp" in capsys.readouterr().err
 
 
-def _can_reset_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and _can_reset_high_water_mark()),
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and reset_peak_rss()),
                     reason="needs /proc/self/clear_refs and VmHWM (Linux)")
 @pytest.mark.parametrize("impl", ["unfused", "fused"])
 def test_head_prediction_within_15_percent_of_measured_peak(impl):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .._memory import reset_peak_rss, status_kib
 from . import data as D
 from . import losses as L
 
@@ -221,14 +222,6 @@ def compare(cfg: Config) -> int:
 # Memory
 # ---------------------------------------------------------------------------------------------
 
-def _rss_kb(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name):
-                return int(line.split()[1])
-    return 0
-
-
 class Memory:
     """Peak memory of the training, in MB. CUDA: the allocator's peak. CPU: the peak RSS
     (``VmHWM``, reset here) above the RSS once the model is built, plus the model's weights:
@@ -240,17 +233,13 @@ class Memory:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             return
-        try:  # reset the kernel's high-water mark so the peak is this run's
-            with open("/proc/self/clear_refs", "w") as refs:
-                refs.write("5")
-        except OSError:
-            pass
-        self.base = _rss_kb("VmRSS:")
+        reset_peak_rss()  # so the peak is this run's (best effort)
+        self.base = status_kib("VmRSS")
 
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return max(_rss_kb("VmHWM:") - self.base, 0) / 1024 + self.weights_mb
+        return max(status_kib("VmHWM") - self.base, 0) / 1024 + self.weights_mb
 
 
 # ---------------------------------------------------------------------------------------------
