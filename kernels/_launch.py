@@ -28,6 +28,10 @@ def config(kernel: str, hidden: torch.Tensor) -> dict:
     return configs.config_for(kernel, hidden.dtype, interpreting())
 
 
+def grad_chunk_bytes() -> int:
+    return configs.INTERPRETER_GRAD_CHUNK_BYTES if interpreting() else configs.GRAD_CHUNK_BYTES
+
+
 def dot_flags(hidden: torch.Tensor) -> dict:
     # fp32 inputs get IEEE fp32 products (not TF32) so results match torch's fp32 matmul.
     return dict(DOT_FP32=interpreting() and hidden.dtype != torch.float32,

@@ -3,35 +3,46 @@
 Every configuration listed in ``SHIPPED`` is compiled for sm_80 and sm_90 by the test suite
 (``tests/kernels/test_compile.py``), which also checks it fits those chips' shared memory.
 These defaults are conservative starting points, not measured optima: tuning needs a GPU and
-is tracked in ``benchmarks/NOTES.md``.
+is tracked in ``benchmarks/notes.md``.
 """
 from __future__ import annotations
 
 import torch
+
+# The backward's logit-gradient chunk ([N, VC] in the weight dtype): VC is the widest multiple
+# of BLOCK_V that fits. Under the interpreter a few KiB, so that tests cross chunk edges.
+GRAD_CHUNK_BYTES = 64 << 20
+INTERPRETER_GRAD_CHUNK_BYTES = 4 << 10
 
 # Shared memory per block (opt-in maximum), bytes.
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 
 _GPU = {
     # kernel -> dtype class -> meta-parameters. Chosen as the largest tiles that compile for
-    # sm_80 and sm_90 with no register spills (cuobjdump STACK = 0, see compile_probe.py); the
-    # compile test keeps them spill-free.
+    # sm_80 and sm_90 with no register spills as a launch on an LLM head specialises them
+    # (cuobjdump STACK = 0, see compile_probe.py); the compile test keeps them spill-free.
+    # Larger 16-bit tiles ([128, 128] logit tiles, 256-wide GEMM outputs) spill on sm_80.
     "fwd": {
         "16bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
-        "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=3),
+        "fp32": dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2),
     },
-    "bwd_dh": {
-        "16bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=2),
-        "fp32": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=16, num_warps=8, num_stages=2),
-    },
-    "bwd_dw": {
-        "16bit": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=2),
-        "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2),
+    # All three backward kernels: the GEMMs' M and K blocks are the gradient tiles
+    # (BLOCK_N x BLOCK_V) so that filtering can skip whole K blocks; BLOCK_OUT is the width of
+    # their output tiles along H.
+    "bwd": {
+        "16bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, BLOCK_OUT=128, GROUP_N=8,
+                      num_warps=8, num_stages=3),
+        "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, BLOCK_OUT=32, GROUP_N=8,
+                     num_warps=8, num_stages=2),
     },
 }
 
 # Under TRITON_INTERPRET=1 small blocks keep tests fast and cross many tile edges.
-INTERPRETER = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=1)
+INTERPRETER = {
+    "fwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=1),
+    "bwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, BLOCK_OUT=16, GROUP_N=2, num_warps=4,
+                num_stages=1),
+}
 
 SHIPPED = [(kernel, dtype_class, cfg) for kernel, table in _GPU.items()
            for dtype_class, cfg in table.items()]
@@ -43,5 +54,5 @@ def dtype_class(dtype: torch.dtype) -> str:
 
 def config_for(kernel: str, dtype: torch.dtype, interpreting: bool) -> dict:
     if interpreting:
-        return dict(INTERPRETER)
+        return dict(INTERPRETER[kernel])
     return dict(_GPU[kernel][dtype_class(dtype)])

@@ -1,16 +1,26 @@
-"""Backward: recompute logit tiles, form the logit gradient, accumulate dH, dW and dBias.
+"""Backward: recompute the logits once, one vocabulary chunk at a time, and feed each chunk's
+logit gradient to two GEMMs.
 
-Two kernels, each the sole owner of the gradient rows it writes, so no atomics and bitwise
-reproducible results:
+For each chunk of ``VC`` vocabulary columns ``[v0, v0 + VC)`` (``VC`` sized so the chunk's
+gradient takes about ``configs.GRAD_CHUNK_BYTES``):
 
-- ``_logprobs_bwd_dh_kernel``, grid ``(cdiv(N, BLOCK_N),)``: token tile i walks every
-  vocabulary tile and accumulates ``dH[i] += grad_logits @ W[v]`` in an fp32 buffer.
-- ``_logprobs_bwd_dw_kernel``, grid ``(cdiv(V, BLOCK_V),)``: vocabulary tile j walks every
-  token tile and accumulates ``dW[j] += grad_logitsᵀ @ hidden[rows]`` in fp32 (bf16
-  accumulation across tiles is what degrades training quality) and ``dBias[j]``.
+1. ``_grad_logits_kernel``, grid ``(cdiv(N, BLOCK_N) * cdiv(VC, BLOCK_V),)`` in grouped order
+   (``GROUP_N`` token tiles in a row reuse one weight tile from L2): recompute one
+   ``[BLOCK_N, BLOCK_V]`` logit tile, form its fp32 gradient and store it in
+   ``grad_chunk [N, VC]`` in the weight's dtype, its column sums (for dBias) in
+   ``bias_partials [cdiv(N, BLOCK_N), VC]``, and with ``FILTER`` whether any entry reaches
+   ``filter_eps`` in ``keep [cdiv(N, BLOCK_N), cdiv(VC, BLOCK_V)]``.
+2. ``_grad_hidden_kernel``, grid ``(cdiv(N, BLOCK_N), cdiv(H, BLOCK_OUT))``:
+   ``grad_hidden[N, H] += grad_chunk @ weight[v0:v0 + VC]`` (K = VC) in an fp32 accumulator,
+   read and written once per chunk.
+3. ``_grad_weight_kernel``, grid ``(cdiv(VC, BLOCK_V), cdiv(H, BLOCK_OUT))``:
+   ``grad_weight[v0:v0 + VC] = grad_chunkᵀ @ hidden[rows]`` (K = N), summed in fp32 registers
+   over every token and written once in the weight's dtype, so no fp32 ``[V, H]`` buffer.
 
-Each kernel recomputes the logits it needs (2 x 2NHV FLOPs of recompute in total). With
-``FILTER`` a tile whose gradient is below ``filter_eps`` everywhere skips its update.
+FLOPs: 2NHV of recompute and 4NHV of gradient GEMMs, 8NHV with the forward (floor: 6NHV).
+Every program owns the outputs it writes: no atomics, bitwise reproducible. With ``FILTER``
+both GEMMs skip the K blocks whose gradient tile is below ``filter_eps`` everywhere, which is
+where filtering saves time; the tiles of the GEMMs are the gradient tiles for that reason.
 """
 from __future__ import annotations
 
@@ -43,142 +53,157 @@ def _load_token_stats(offs_n, mask_n, rows_ptr, targets_ptr, lse_ptr, grad_logpr
 
 
 @triton.jit
-def _recomputed_grad_tile(
-    hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v, targets, lse,
-    grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean,
-    H, stride_hm, stride_hh, stride_wv, stride_wh, inv_vocab, inv_temperature, softcap,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr,
-    WITH_MEAN_GRAD: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Recompute one [BLOCK_N, BLOCK_V] logit tile and return its fp32 logit gradient."""
-    logits = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v,
-                         H, stride_hm, stride_hh, stride_wv, stride_wh,
-                         inv_temperature, softcap, BLOCK_N, BLOCK_V, BLOCK_H,
-                         HAS_BIAS, HAS_SOFTCAP, DOT_FP32, DOT_PRECISION)
-    return grad_logits_tile(logits, offs_v, mask_n, mask_v, targets, lse, grad_logprobs,
-                            grad_lse, grad_entropy, mu, grad_logits_mean, inv_vocab,
-                            inv_temperature, softcap, HAS_SOFTCAP, WITH_ENTROPY_GRAD,
-                            WITH_MEAN_GRAD)
-
-
-@triton.jit
-def _logprobs_bwd_dh_kernel(
+def _grad_logits_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr,    # [M,H] [V,H] [V] [N] [N]
     lse_ptr, grad_logprobs_ptr, grad_lse_ptr,                   # [N] fp32 each
     grad_entropy_ptr, mu_ptr, grad_logits_mean_ptr,             # [N] fp32 each
-    grad_hidden_ptr,                                            # -> [N, H] fp32
-    N, V, H, stride_hm, stride_hh, stride_wv, stride_wh,
+    grad_chunk_ptr, bias_partials_ptr, keep_ptr,                # -> [N, VC], [TN, VC], [TN, TV]
+    N, H, v0, chunk_width,
+    stride_hm, stride_hh, stride_wv, stride_wh,
     inv_vocab, inv_temperature, softcap, filter_eps,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr, FILTER: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    rows, targets, lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean = \
-        _load_token_stats(offs_n, mask_n, rows_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
-                          grad_lse_ptr, grad_entropy_ptr, mu_ptr, grad_logits_mean_ptr,
-                          WITH_ENTROPY_GRAD, WITH_MEAN_GRAD)
-    out_rows = offs_n.to(tl.int64) * H
-    for v_start in range(0, V, BLOCK_V):
-        offs_v = (v_start + tl.arange(0, BLOCK_V)).to(tl.int64)
-        mask_v = offs_v < V
-        grad = _recomputed_grad_tile(
-            hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v, targets, lse,
-            grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean,
-            H, stride_hm, stride_hh, stride_wv, stride_wh, inv_vocab, inv_temperature, softcap,
-            BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY_GRAD, WITH_MEAN_GRAD,
-            DOT_FP32, DOT_PRECISION)
-        if DOT_FP32:
-            grad_op = grad
-        else:
-            grad_op = grad.to(weight_ptr.dtype.element_ty)
-        keep = True
-        if FILTER:
-            keep = tl.max(tl.max(tl.abs(grad), axis=1), axis=0) >= filter_eps
-        if keep:
-            for h_start in range(0, H, BLOCK_H):
-                offs_h = h_start + tl.arange(0, BLOCK_H)
-                mask_h = offs_h < H
-                weight_tile = tl.load(
-                    weight_ptr + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
-                    mask=mask_v[:, None] & mask_h[None, :], other=0.0)     # [BLOCK_V, BLOCK_H]
-                if DOT_FP32:
-                    weight_tile = weight_tile.to(tl.float32)
-                out = grad_hidden_ptr + out_rows[:, None] + offs_h[None, :]
-                out_mask = mask_n[:, None] & mask_h[None, :]
-                acc = tl.load(out, mask=out_mask, other=0.0)
-                acc = tl.dot(grad_op, weight_tile, acc, input_precision=DOT_PRECISION)
-                tl.store(out, acc, mask=out_mask)
-
-
-@triton.jit
-def _logprobs_bwd_dw_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr,    # [M,H] [V,H] [V] [N] [N]
-    lse_ptr, grad_logprobs_ptr, grad_lse_ptr,                   # [N] fp32 each
-    grad_entropy_ptr, mu_ptr, grad_logits_mean_ptr,             # [N] fp32 each
-    grad_weight_ptr, grad_bias_ptr,                             # -> [V, H], [V] fp32
-    N, V, H, stride_hm, stride_hh, stride_wv, stride_wh,
-    inv_vocab, inv_temperature, softcap, filter_eps,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr, FILTER: tl.constexpr,
     NEED_BIAS_GRAD: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    mask_v = offs_v < V
-    grad_bias = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for n_start in range(0, N, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        rows, targets, lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean = \
-            _load_token_stats(offs_n, mask_n, rows_ptr, targets_ptr, lse_ptr,
-                              grad_logprobs_ptr, grad_lse_ptr, grad_entropy_ptr, mu_ptr,
-                              grad_logits_mean_ptr, WITH_ENTROPY_GRAD, WITH_MEAN_GRAD)
-        grad = _recomputed_grad_tile(
-            hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v, targets, lse,
-            grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean,
-            H, stride_hm, stride_hh, stride_wv, stride_wh, inv_vocab, inv_temperature, softcap,
-            BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, WITH_ENTROPY_GRAD, WITH_MEAN_GRAD,
-            DOT_FP32, DOT_PRECISION)
-        if NEED_BIAS_GRAD:
-            grad_bias += tl.sum(grad, axis=0)
-        if DOT_FP32:
-            grad_t = tl.trans(grad)
-        else:
-            grad_t = tl.trans(grad.to(weight_ptr.dtype.element_ty))      # [BLOCK_V, BLOCK_N]
+    # Grouped program order (Triton matmul tutorial): GROUP_N token tiles run back to back on
+    # one vocabulary tile, so its weight rows come from L2 after the first.
+    pid = tl.program_id(0)
+    token_tiles = tl.cdiv(N, BLOCK_N)
+    vocab_tiles = tl.cdiv(chunk_width, BLOCK_V)
+    per_group = GROUP_N * vocab_tiles
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(token_tiles - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)           # column within the chunk
+    mask_c = offs_c < chunk_width
+    offs_v = v0 + offs_c.to(tl.int64)
+    mask_v = mask_c                                             # a chunk ends inside V
+    rows, targets, lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean = \
+        _load_token_stats(offs_n, mask_n, rows_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
+                          grad_lse_ptr, grad_entropy_ptr, mu_ptr, grad_logits_mean_ptr,
+                          WITH_ENTROPY_GRAD, WITH_MEAN_GRAD)
+    logits = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v,
+                         H, stride_hm, stride_hh, stride_wv, stride_wh,
+                         inv_temperature, softcap, BLOCK_N, BLOCK_V, BLOCK_H,
+                         HAS_BIAS, HAS_SOFTCAP, DOT_FP32, DOT_PRECISION)
+    grad = grad_logits_tile(logits, offs_v, mask_n, mask_v, targets, lse, grad_logprobs,
+                            grad_lse, grad_entropy, mu, grad_logits_mean, inv_vocab,
+                            inv_temperature, softcap, HAS_SOFTCAP, WITH_ENTROPY_GRAD,
+                            WITH_MEAN_GRAD)                     # [BLOCK_N, BLOCK_V] fp32
+    out = grad_chunk_ptr + offs_n.to(tl.int64)[:, None] * chunk_width + offs_c[None, :]
+    tl.store(out, grad.to(grad_chunk_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & mask_c[None, :])
+    if NEED_BIAS_GRAD:
+        tl.store(bias_partials_ptr + pid_n * chunk_width + offs_c, tl.sum(grad, axis=0),
+                 mask=mask_c)
+    if FILTER:
+        above = tl.max(tl.max(tl.abs(grad), axis=1), axis=0) >= filter_eps
+        tl.store(keep_ptr + pid_n * vocab_tiles + pid_v, above.to(tl.int8))
+
+
+@triton.jit
+def _grad_hidden_kernel(
+    grad_chunk_ptr, weight_ptr, keep_ptr,                       # [N, VC], [V, H], [TN, TV]
+    grad_hidden_ptr,                                            # [N, H] fp32, accumulated
+    N, H, v0, chunk_width, stride_wv, stride_wh,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    FILTER: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_h = pid_h * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    mask_h = offs_h < H
+    out = grad_hidden_ptr + offs_n.to(tl.int64)[:, None] * H + offs_h[None, :]
+    out_mask = mask_n[:, None] & mask_h[None, :]
+    acc = tl.load(out, mask=out_mask, other=0.0)                # [BLOCK_N, BLOCK_OUT] fp32
+    vocab_tiles = tl.cdiv(chunk_width, BLOCK_V)
+    for tile in range(0, vocab_tiles):
         keep = True
         if FILTER:
-            keep = tl.max(tl.max(tl.abs(grad), axis=1), axis=0) >= filter_eps
+            keep = tl.load(keep_ptr + pid_n * vocab_tiles + tile) != 0
         if keep:
-            for h_start in range(0, H, BLOCK_H):
-                offs_h = h_start + tl.arange(0, BLOCK_H)
-                mask_h = offs_h < H
-                hidden_tile = tl.load(
-                    hidden_ptr + rows[:, None] * stride_hm + offs_h[None, :] * stride_hh,
-                    mask=mask_n[:, None] & mask_h[None, :], other=0.0)     # [BLOCK_N, BLOCK_H]
-                if DOT_FP32:
-                    hidden_tile = hidden_tile.to(tl.float32)
-                out = grad_weight_ptr + offs_v[:, None] * H + offs_h[None, :]
-                out_mask = mask_v[:, None] & mask_h[None, :]
-                acc = tl.load(out, mask=out_mask, other=0.0)
-                acc = tl.dot(grad_t, hidden_tile, acc, input_precision=DOT_PRECISION)
-                tl.store(out, acc, mask=out_mask)
-    if NEED_BIAS_GRAD:
-        tl.store(grad_bias_ptr + offs_v, grad_bias, mask=mask_v)
+            offs_c = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+            mask_c = offs_c < chunk_width
+            grad = tl.load(
+                grad_chunk_ptr + offs_n.to(tl.int64)[:, None] * chunk_width + offs_c[None, :],
+                mask=mask_n[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_N, BLOCK_V]
+            weight = tl.load(
+                weight_ptr + (v0 + offs_c.to(tl.int64))[:, None] * stride_wv
+                + offs_h[None, :] * stride_wh,
+                mask=mask_c[:, None] & mask_h[None, :], other=0.0)  # [BLOCK_V, BLOCK_OUT]
+            if DOT_FP32:
+                grad = grad.to(tl.float32)
+                weight = weight.to(tl.float32)
+            acc = tl.dot(grad, weight, acc, input_precision=DOT_PRECISION)
+    tl.store(out, acc, mask=out_mask)
+
+
+@triton.jit
+def _grad_weight_kernel(
+    grad_chunk_ptr, hidden_ptr, rows_ptr, keep_ptr,             # [N, VC], [M, H], [N], [TN, TV]
+    grad_weight_ptr,                                            # -> [V, H], weight dtype
+    N, H, v0, chunk_width, stride_hm, stride_hh,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    FILTER: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_c = offs_c < chunk_width
+    offs_h = pid_h * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    mask_h = offs_h < H
+    vocab_tiles = tl.cdiv(chunk_width, BLOCK_V)
+    acc = tl.zeros((BLOCK_V, BLOCK_OUT), dtype=tl.float32)
+    for tile in range(0, tl.cdiv(N, BLOCK_N)):
+        keep = True
+        if FILTER:
+            keep = tl.load(keep_ptr + tile * vocab_tiles + pid_v) != 0
+        if keep:
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+            grad_t = tl.load(
+                grad_chunk_ptr + offs_n.to(tl.int64)[None, :] * chunk_width + offs_c[:, None],
+                mask=mask_c[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_V, BLOCK_N]
+            hidden = tl.load(
+                hidden_ptr + rows[:, None] * stride_hm + offs_h[None, :] * stride_hh,
+                mask=mask_n[:, None] & mask_h[None, :], other=0.0)  # [BLOCK_N, BLOCK_OUT]
+            if DOT_FP32:
+                grad_t = grad_t.to(tl.float32)
+                hidden = hidden.to(tl.float32)
+            acc = tl.dot(grad_t, hidden, acc, input_precision=DOT_PRECISION)
+    out = grad_weight_ptr + (v0 + offs_c.to(tl.int64))[:, None] * H + offs_h[None, :]
+    tl.store(out, acc.to(grad_weight_ptr.dtype.element_ty),
+             mask=mask_c[:, None] & mask_h[None, :])
+
+
+def chunk_width(num_rows: int, vocab: int, itemsize: int, block_v: int, budget: int) -> int:
+    """Vocabulary columns per chunk: a multiple of ``block_v`` whose gradient fits ``budget``."""
+    tiles = max(1, budget // (max(num_rows, 1) * itemsize * block_v))
+    return min(tiles * block_v, triton.cdiv(vocab, block_v) * block_v)
 
 
 def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, grad_lse,
              grad_entropy, grad_logits_mean, *, need_hidden=True, need_weight=True,
-             need_bias=True, temperature=1.0, softcap=None, filter_eps=None, config=None):
+             need_bias=True, temperature=1.0, softcap=None, filter_eps=None, config=None,
+             chunk_bytes=None):
     """Gradients (dH [M, H], dW [V, H], dBias [V]) in the input dtype; None where not needed."""
     _launch.check_inputs(hidden, weight, bias)
     num_rows, vocab, width = rows.numel(), weight.shape[0], weight.shape[1]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
+    need_bias = need_bias and bias is not None
+    device = hidden.device
+    f32 = dict(dtype=torch.float32, device=device)
+    cfg = config or _launch.config("bwd", hidden)
+    meta = {k: cfg[k] for k in ("num_warps", "num_stages")}
+    block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
+
     zeros = torch.zeros(num_rows, **f32)
     with_entropy_grad = grad_entropy is not None
     with_mean_grad = grad_logits_mean is not None
@@ -189,32 +214,50 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
         (lse - entropy) if with_entropy_grad else zeros,                # mu = sum_v p z
         grad_logits_mean if with_mean_grad else zeros,
     )
-    common = dict(
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        WITH_ENTROPY_GRAD=with_entropy_grad, WITH_MEAN_GRAD=with_mean_grad,
-        FILTER=filter_eps is not None, **_launch.dot_flags(hidden))
-    scalars = (num_rows, vocab, width, hidden.stride(0), hidden.stride(1), weight.stride(0),
-               weight.stride(1), 1.0 / vocab, 1.0 / temperature, softcap or 1.0,
-               filter_eps or 0.0)
-    bias_arg = bias if bias is not None else weight
-    grad_hidden = grad_weight = grad_bias = None
+    flags = dict(FILTER=filter_eps is not None, **_launch.dot_flags(hidden))
+
+    grad_hidden_f32 = torch.zeros(num_rows, width, **f32) if need_hidden else None
+    grad_weight = torch.zeros_like(weight) if need_weight else None
+    grad_bias_f32 = torch.zeros(vocab, **f32) if need_bias else None
+    columns = chunk_width(num_rows, vocab, weight.element_size(), block_v,
+                          chunk_bytes or _launch.grad_chunk_bytes())
+    token_tiles = triton.cdiv(num_rows, block_n)
+    grad_chunk = torch.empty(num_rows, columns, dtype=weight.dtype, device=device)
+    bias_partials = torch.empty(token_tiles, columns, **f32) if need_bias else zeros
+    keep = torch.empty(token_tiles, triton.cdiv(columns, block_v), dtype=torch.int8,
+                       device=device)
+    for v0 in range(0, vocab if num_rows else 0, columns):
+        width_here = min(columns, vocab - v0)
+        vocab_tiles = triton.cdiv(width_here, block_v)
+        _grad_logits_kernel[(token_tiles * vocab_tiles,)](
+            hidden, weight, bias if bias is not None else weight, rows, targets, *per_token,
+            grad_chunk, bias_partials, keep,
+            num_rows, width, v0, width_here,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            1.0 / vocab, 1.0 / temperature, softcap or 1.0, filter_eps or 0.0,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=cfg["BLOCK_H"], GROUP_N=cfg["GROUP_N"],
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            WITH_ENTROPY_GRAD=with_entropy_grad, WITH_MEAN_GRAD=with_mean_grad,
+            NEED_BIAS_GRAD=need_bias, **flags, **meta)
+        out_tiles = triton.cdiv(width, cfg["BLOCK_OUT"])
+        gemm = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_OUT=cfg["BLOCK_OUT"], **flags,
+                    **meta)
+        if need_hidden:
+            _grad_hidden_kernel[(token_tiles, out_tiles)](
+                grad_chunk, weight, keep, grad_hidden_f32, num_rows, width, v0, width_here,
+                weight.stride(0), weight.stride(1), **gemm)
+        if need_weight:
+            _grad_weight_kernel[(vocab_tiles, out_tiles)](
+                grad_chunk, hidden, rows, keep, grad_weight, num_rows, width, v0, width_here,
+                hidden.stride(0), hidden.stride(1), **gemm)
+        if need_bias:
+            # the kernels lay a chunk out with row stride width_here, not columns
+            partials = bias_partials.view(-1)[:token_tiles * width_here]
+            torch.sum(partials.view(token_tiles, width_here), dim=0,
+                      out=grad_bias_f32[v0:v0 + width_here])
+    grad_hidden = None
     if need_hidden:
-        cfg = config or _launch.config("bwd_dh", hidden)
-        compact = torch.zeros(num_rows, width, **f32)
-        _logprobs_bwd_dh_kernel[(triton.cdiv(num_rows, cfg["BLOCK_N"]),)](
-            hidden, weight, bias_arg, rows, targets, *per_token, compact, *scalars,
-            **common, **cfg)
-        grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, compact.to(hidden.dtype))
-    need_bias = need_bias and bias is not None
-    if need_weight or need_bias:
-        cfg = config or _launch.config("bwd_dw", hidden)
-        # The dW kernel also produces dBias; without a weight gradient it still needs a
-        # (discarded) buffer to write into.
-        grad_weight_f32 = torch.zeros(vocab, width, **f32)
-        grad_bias_f32 = torch.zeros(vocab, **f32) if need_bias else zeros
-        _logprobs_bwd_dw_kernel[(triton.cdiv(vocab, cfg["BLOCK_V"]),)](
-            hidden, weight, bias_arg, rows, targets, *per_token, grad_weight_f32,
-            grad_bias_f32, *scalars, NEED_BIAS_GRAD=need_bias, **common, **cfg)
-        grad_weight = grad_weight_f32.to(weight.dtype) if need_weight else None
-        grad_bias = grad_bias_f32.to(bias.dtype) if need_bias else None
+        grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows,
+                                                           grad_hidden_f32.to(hidden.dtype))
+    grad_bias = grad_bias_f32.to(bias.dtype) if need_bias else None
     return grad_hidden, grad_weight, grad_bias

@@ -3,7 +3,14 @@
 Run as a script (``python tests/kernels/compile_probe.py``) in a process WITHOUT
 ``TRITON_INTERPRET``, because the interpreter replaces ``@triton.jit`` functions with
 objects ``triton.compile`` cannot take. Prints one JSON object per compiled variant:
-kernel, dtype, flags, arch, shared memory (bytes) and registers per thread.
+kernel, dtype, flags, arch, shared memory (bytes), registers per thread, spill stack and
+whether Hopper's wgmma was emitted.
+
+A launch specialises its arguments: an integer equal to 1 becomes a constant and pointers
+and integers divisible by 16 are marked so. That decides whether loads vectorise and the
+K loops pipeline (cp.async), so a probe without it reports registers and spills no real
+launch has. The probe compiles the specialisation of an LLM head: contiguous rows (inner
+strides 1) and every size and row stride a multiple of 16 (H = 4096, V = 128256, ...).
 """
 from __future__ import annotations
 
@@ -21,33 +28,42 @@ from triton.compiler import ASTSource
 
 from fused_losses.kernels import configs, logprobs_bwd, logprobs_fwd
 
+# config table entry -> the kernels launched with it
 KERNELS = {
-    "fwd": logprobs_fwd._logprobs_fwd_kernel,
-    "bwd_dh": logprobs_bwd._logprobs_bwd_dh_kernel,
-    "bwd_dw": logprobs_bwd._logprobs_bwd_dw_kernel,
+    "fwd": [logprobs_fwd._logprobs_fwd_kernel],
+    "bwd": [logprobs_bwd._grad_logits_kernel, logprobs_bwd._grad_hidden_kernel,
+            logprobs_bwd._grad_weight_kernel],
 }
 DTYPES = {"16bit": ["bf16", "fp16"], "fp32": ["fp32"]}
-INPUT_POINTERS = {"hidden_ptr", "weight_ptr", "bias_ptr"}
+# pointers in the input dtype (the gradient chunk and dW are kept in the weight's dtype)
+INPUT_POINTERS = {"hidden_ptr", "weight_ptr", "bias_ptr", "grad_chunk_ptr", "grad_weight_ptr"}
+INT8_POINTERS = {"keep_ptr"}
 INT64_POINTERS = {"rows_ptr", "targets_ptr", "argmax_ptr"}
 FLOAT_SCALARS = {"inv_temperature", "softcap", "inv_vocab", "filter_eps"}
+UNIT_STRIDES = {"stride_hh", "stride_wh"}
 
 
 def signature(fn, dtype: str, meta: dict):
+    """(signature, constants, attributes) as a launch on an aligned LLM head specialises them."""
     sig, constexprs = {}, {}
     for name in fn.arg_names:
-        if name in meta:
-            sig[name], constexprs[name] = "constexpr", meta[name]
+        if name in meta or name in UNIT_STRIDES:
+            sig[name], constexprs[name] = "constexpr", meta.get(name, 1)
         elif name in INPUT_POINTERS:
             sig[name] = f"*{dtype}"
         elif name in INT64_POINTERS:
             sig[name] = "*i64"
+        elif name in INT8_POINTERS:
+            sig[name] = "*i8"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         elif name in FLOAT_SCALARS:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-    return sig, constexprs
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if sig[name].startswith("*") or sig[name] == "i32"}
+    return sig, constexprs, aligned
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -73,21 +89,29 @@ def flag_sets(fn):
     return [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
 
 
+def compile_one(fn, entry: str, dtype: str, flags: dict, cfg: dict, arch: int) -> dict:
+    meta = {k: v for k, v in cfg.items() if k in fn.arg_names}
+    meta.update(flags, DOT_FP32=False, DOT_PRECISION="ieee")
+    sig, constexprs, aligned = signature(fn, dtype, meta)
+    compiled = triton.compile(
+        ASTSource(fn, sig, constexprs, aligned), target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return dict(
+        entry=entry, kernel=fn.__name__, dtype=dtype,
+        flags="all" if all(flags.values()) else "none", arch=arch, config=cfg,
+        shared=compiled.metadata.shared, limit=configs.SHARED_MEMORY_LIMIT[arch],
+        # Hopper's warp-group MMA: whether Triton lowered the tile products to wgmma
+        wgmma="wgmma.mma_async" in compiled.asm["ptx"],
+        # asynchronous global->shared copies: the K loop is software-pipelined
+        pipelined="cp.async" in compiled.asm["ptx"],
+        **resource_usage(compiled.asm["cubin"]))
+
+
 def main() -> int:
-    for (kernel, dtype_class, cfg), arch in itertools.product(configs.SHIPPED, (80, 90)):
-        fn = KERNELS[kernel]
-        for dtype, flags in itertools.product(DTYPES[dtype_class], flag_sets(fn)):
-            meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-            meta.update(flags, DOT_FP32=False, DOT_PRECISION="ieee")
-            sig, constexprs = signature(fn, dtype, meta)
-            compiled = triton.compile(
-                ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32),
-                options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-            print(json.dumps(dict(
-                kernel=kernel, dtype=dtype, flags="all" if all(flags.values()) else "none",
-                arch=arch, config=cfg, shared=compiled.metadata.shared,
-                limit=configs.SHARED_MEMORY_LIMIT[arch],
-                **resource_usage(compiled.asm["cubin"]))), flush=True)
+    for (entry, dtype_class, cfg), arch in itertools.product(configs.SHIPPED, (80, 90)):
+        for fn in KERNELS[entry]:
+            for dtype, flags in itertools.product(DTYPES[dtype_class], flag_sets(fn)):
+                print(json.dumps(compile_one(fn, entry, dtype, flags, cfg, arch)), flush=True)
     return 0
 
 

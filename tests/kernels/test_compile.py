@@ -30,15 +30,28 @@ def compiled():
 
 
 def test_every_shipped_config_compiles_for_sm80_and_sm90(compiled):
-    expected = {(kernel, arch) for kernel, _, _ in configs.SHIPPED for arch in (80, 90)}
+    from tests.kernels.compile_probe import KERNELS  # imports triton: after the skip mark
+    expected = {(fn.__name__, arch) for entry, _, _ in configs.SHIPPED
+                for fn in KERNELS[entry] for arch in (80, 90)}
     assert {(r["kernel"], r["arch"]) for r in compiled} == expected
-    dtype_variants = sum(2 if cls == "16bit" else 1 for _, cls, _ in configs.SHIPPED)
-    assert len(compiled) == dtype_variants * 2 * 2  # x archs x flag extremes
+    variants = sum((2 if cls == "16bit" else 1) * len(KERNELS[entry])
+                   for entry, cls, _ in configs.SHIPPED)
+    assert len(compiled) == variants * 2 * 2  # x archs x flag extremes
 
 
 def test_shared_memory_fits(compiled):
     for record in compiled:
         assert 0 < record["shared"] <= record["limit"], record
+
+
+def test_exact_k_loops_are_pipelined_and_16bit_tiles_use_wgmma_on_hopper(compiled):
+    """Without FILTER every K loop streams through cp.async stages; 16-bit tile products on
+    sm_90 lower to warp-group MMA. A config or code change that loses either is a slowdown
+    the interpreter cannot show. (FILTER's data-dependent skip stops the GEMMs' pipelining.)"""
+    exact = [r for r in compiled if r["flags"] == "none"]
+    assert exact and all(r["pipelined"] for r in exact), [r for r in exact if not r["pipelined"]]
+    hopper_16bit = [r for r in compiled if r["arch"] == 90 and r["dtype"] != "fp32"]
+    assert hopper_16bit and all(r["wgmma"] for r in hopper_16bit)
 
 
 def test_no_register_spills(compiled):

@@ -32,11 +32,16 @@ def test_forward_vocab_splits_merge_exactly(num_splits):
             assert_close(a, b, torch.float32, name=name)
 
 
-@pytest.mark.parametrize("config", [
-    dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16, num_warps=4, num_stages=1),
-    dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=1),
+@pytest.mark.parametrize("config,chunk_bytes", [
+    # one vocabulary chunk; chunks of 2 tiles with a ragged last chunk; odd grouping
+    (dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16, BLOCK_OUT=16, GROUP_N=1, num_warps=4,
+          num_stages=1), 1 << 20),
+    (dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16, BLOCK_OUT=32, GROUP_N=2, num_warps=4,
+          num_stages=1), 21 * 4 * 32),
+    (dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, BLOCK_OUT=16, GROUP_N=3, num_warps=4,
+          num_stages=1), 1),
 ])
-def test_backward_block_configs_and_strided_hidden(config):
+def test_backward_block_configs_chunks_and_strided_hidden(config, chunk_bytes):
     from fused_losses import kernels
     hidden, weight, targets, bias = make_inputs(21, 40, 99, torch.float32, bias=True)
     wide = torch.randn(21, 80)
@@ -46,12 +51,24 @@ def test_backward_block_configs_and_strided_hidden(config):
     lse = torch.logsumexp(strided.double() @ weight.double().T + bias.double(), -1)[rows].float()
     g = torch.randn(rows.numel())
     args = (rows, tgt, lse, None, g, None, None, None)
-    got = kernels.backward(strided, weight.detach(), bias.detach(), *args, config=config)
+    got = kernels.backward(strided, weight.detach(), bias.detach(), *args, config=config,
+                           chunk_bytes=chunk_bytes)
     want = _torch_backend.backward(strided.double(), weight.detach().double(),
                                    bias.detach().double(), rows, tgt, lse.double(), None,
                                    g.double(), None, None, None)
     for a, b in zip(got, want):
         assert_close(a, b, torch.float32, scale=4.0)
+
+
+@pytest.mark.parametrize("rows,vocab,block_v,budget,expected", [
+    (8, 1000, 32, 8 * 4 * 64, 64),        # two tiles fit
+    (8, 1000, 32, 1, 32),                 # never less than one tile
+    (8, 100, 32, 1 << 30, 128),           # never more than V rounded up to a tile
+    (0, 100, 32, 1 << 20, 128),           # no rows: no division by zero
+])
+def test_chunk_width(rows, vocab, block_v, budget, expected):
+    from fused_losses.kernels import logprobs_bwd
+    assert logprobs_bwd.chunk_width(rows, vocab, 4, block_v, budget) == expected
 
 
 def test_empty_rows():
