@@ -338,9 +338,13 @@ class GradInForwardFunction(torch.autograd.Function):
 # Public API
 # ---------------------------------------------------------------------------------------------
 
-def make_options(*, temperature, softcap, return_argmax=False, return_entropy=False,
-                 return_logits_mean=False, filter_eps=None, chunk_size=None,
-                 ignore_index=-100) -> Options:
+def make_options(backend_module, *, temperature, softcap, return_argmax=False,
+                 return_entropy=False, return_logits_mean=False, filter_eps=None,
+                 chunk_size=None, ignore_index=-100) -> Options:
+    if chunk_size is not None and backend_module is not _torch_backend:
+        raise ValueError(
+            f"chunk_size={chunk_size} (tokens per chunk) applies to backend='torch' only; the "
+            "Triton backend tiles by itself. Pass backend='torch' or drop chunk_size")
     return Options(temperature=float(temperature),
                    softcap=None if softcap is None else float(softcap),
                    with_argmax=return_argmax, with_entropy=return_entropy,
@@ -459,9 +463,10 @@ def linear_logprobs(
     backend_module, hidden_2d, rows, flat_targets = prepare(
         hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
         softcap=softcap, backend=backend)
-    opts = make_options(temperature=temperature, softcap=softcap, return_argmax=return_argmax,
-                        return_entropy=return_entropy, return_logits_mean=return_logits_mean,
-                        filter_eps=filter_eps, chunk_size=chunk_size, ignore_index=ignore_index)
+    opts = make_options(backend_module, temperature=temperature, softcap=softcap,
+                        return_argmax=return_argmax, return_entropy=return_entropy,
+                        return_logits_mean=return_logits_mean, filter_eps=filter_eps,
+                        chunk_size=chunk_size, ignore_index=ignore_index)
     outputs = LinearLogProbsFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
                                            backend_module, opts)
     return shape_outputs(outputs, targets.shape, return_lse=return_lse)
@@ -515,8 +520,9 @@ def linear_logprobs_loss(
         softcap=softcap, backend=backend)
     rows, boundaries = _group_rows(rows, groups, targets)
     flat_targets = targets.reshape(-1).index_select(0, rows).long()
-    opts = make_options(temperature=temperature, softcap=softcap, return_argmax=return_argmax,
-                        return_entropy=return_entropy, return_logits_mean=return_logits_mean,
-                        filter_eps=filter_eps, chunk_size=chunk_size, ignore_index=ignore_index)
+    opts = make_options(backend_module, temperature=temperature, softcap=softcap,
+                        return_argmax=return_argmax, return_entropy=return_entropy,
+                        return_logits_mean=return_logits_mean, filter_eps=filter_eps,
+                        chunk_size=chunk_size, ignore_index=ignore_index)
     return GradInForwardFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
                                        backend_module, opts, loss_fn, boundaries)

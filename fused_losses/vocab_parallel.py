@@ -346,7 +346,7 @@ def vocab_parallel_logprobs(
                 f"{shard.vocab}) that are not ignore_index={ignore_index} "
                 f"(first: {targets[bad][0].item()})")
     opts = primitive.make_options(
-        temperature=temperature, softcap=softcap, return_argmax=return_argmax,
+        backend_module, temperature=temperature, softcap=softcap, return_argmax=return_argmax,
         return_entropy=return_entropy, return_logits_mean=return_logits_mean,
         filter_eps=filter_eps, chunk_size=chunk_size, ignore_index=ignore_index)
     outputs = VocabParallelLogProbsFunction.apply(hidden_2d, weight, bias, rows, flat_targets,

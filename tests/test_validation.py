@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fused_losses import linear_logprobs
+from tests.helpers import HAS_TRITON
 
 V, H = 10, 8
 
@@ -42,6 +43,12 @@ def test_bad_tensors(mutate, error, pattern):
 def test_bad_options(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         linear_logprobs(*ok(), **kwargs)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_chunk_size_is_refused_on_the_triton_backend():
+    with pytest.raises(ValueError, match="chunk_size=4 .* backend='torch' only"):
+        linear_logprobs(*ok(), backend="triton", chunk_size=4)
 
 
 def test_bad_bias():
