@@ -27,7 +27,8 @@ step (reference forward, policy forward + head backward, decoder backward)::
   ``unfused`` is the trainer's ``--impl unfused`` path: ``[tokens, V]`` logits in the compute
   dtype, upcast to fp32, ``log_softmax``, gather (12 B per token per vocab entry at its peak;
   a Hugging Face model that also returns ``outputs.logits`` holds 2 B more). ``fused`` is
-  :func:`fused_losses.linear_logprobs` (dH, fp32 dW accumulator, O(tokens) statistics).
+  :func:`fused_losses.linear_logprobs` (dH and dW, O(tokens) statistics; the torch backend
+  adds an fp32 dW accumulator, the Triton backend a 64 MiB gradient chunk).
   With ``--tp`` the head is vocabulary-parallel: each GPU holds ``V / tp`` columns.
 
 Preference objectives (dpo, simpo, orpo, cpo, dil) run chosen and rejected sequences in one
@@ -43,7 +44,10 @@ import math
 import sys
 from dataclasses import asdict, dataclass, replace
 
+import torch
+
 from ._torch_backend import CHUNK_BYTES
+from .kernels import configs as kernel_configs
 
 GiB = 1 << 30
 
@@ -159,8 +163,8 @@ def head_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab: int,
 
     impl ``"unfused"``: logits [M, V] (compute dtype, then fp32), ``log_softmax`` saved,
     and in backward the gather's and ``log_softmax``'s fp32 gradients: 3 fp32 ``[M, V]``
-    live at once. impl ``"fused"``: ``backend="triton"`` (``fused_losses.kernels``: fp32
-    compact dH, then fp32 dW accumulator and its cast) or ``"torch"`` (chunked backend:
+    live at once. impl ``"fused"``: ``backend="triton"`` (``fused_losses.kernels``: dW,
+    fp32 compact dH and one vocabulary chunk's logit gradient) or ``"torch"`` (chunked backend:
     fp32 dW accumulator, dH, one chunk workspace); ``path="ce"`` is
     ``linear_cross_entropy``'s gradient-in-forward path (torch backend), whose gradients are
     formed in forward, saved, and scaled in place in backward.
@@ -175,11 +179,16 @@ def head_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab: int,
         return max(peak_logits, at_matmul) + stats
     if impl != "fused":
         raise ValueError(f"impl must be 'unfused' or 'fused', got {impl!r}")
-    acc = 4 * v * h  # fp32 dW accumulator
     if backend == "triton":
-        dh = 4 * n * h + d * m * h + (d * n * h if low else 0)
-        dw = d * m * h + acc + (d * v * h if low else 0)
-        return max(dh, dw) + stats
+        # dW in the compute dtype (written once per row, no fp32 copy), fp32 compact dH; in
+        # the loop one vocabulary chunk's gradient [N, VC]; at the end dH's cast and scatter.
+        block_v = kernel_configs.config_for("bwd", torch.float32 if d == 4 else torch.bfloat16,
+                                            interpreting=False)["BLOCK_V"]
+        columns = min(kernel_configs.chunk_width(n, v, d, block_v), v)
+        loop = d * v * h + 4 * n * h + d * n * columns
+        end = d * v * h + 4 * n * h + d * m * h + (d * n * h if low else 0)
+        return max(loop, end) + stats
+    acc = 4 * v * h  # fp32 dW accumulator
     # Torch backend: one reused workspace per call: a chunk's fp32 logits [c, V] (low
     # precision: plus the matmul's own output buffer; the one-pass gradient-in-forward path
     # keeps softmax(z) in the same buffer). A low-precision dW chunk product is formed and

@@ -165,6 +165,7 @@ def _interpreting() -> bool:
 
 def _triton_backend():
     from . import kernels  # lazy: triton is optional
+    from .kernels import backward, forward  # noqa: F401  (ImportError here without triton)
 
     return kernels
 

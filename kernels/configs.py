@@ -56,3 +56,11 @@ def config_for(kernel: str, dtype: torch.dtype, interpreting: bool) -> dict:
     if interpreting:
         return dict(INTERPRETER[kernel])
     return dict(_GPU[kernel][dtype_class(dtype)])
+
+
+def chunk_width(num_rows: int, vocab: int, itemsize: int, block_v: int,
+                budget: int = GRAD_CHUNK_BYTES) -> int:
+    """The backward's vocabulary columns per chunk: a multiple of ``block_v`` whose
+    ``[num_rows, columns]`` gradient fits ``budget`` bytes; at least one tile, at most V."""
+    tiles = max(1, budget // (max(num_rows, 1) * itemsize * block_v))
+    return min(tiles * block_v, -(-vocab // block_v) * block_v)

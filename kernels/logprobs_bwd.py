@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
+from . import _launch, configs
 from ._tl_helpers import grad_logits_tile, logits_tile
 
 
@@ -184,12 +184,6 @@ def _grad_weight_kernel(
              mask=mask_c[:, None] & mask_h[None, :])
 
 
-def chunk_width(num_rows: int, vocab: int, itemsize: int, block_v: int, budget: int) -> int:
-    """Vocabulary columns per chunk: a multiple of ``block_v`` whose gradient fits ``budget``."""
-    tiles = max(1, budget // (max(num_rows, 1) * itemsize * block_v))
-    return min(tiles * block_v, triton.cdiv(vocab, block_v) * block_v)
-
-
 def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, grad_lse,
              grad_entropy, grad_logits_mean, *, need_hidden=True, need_weight=True,
              need_bias=True, temperature=1.0, softcap=None, filter_eps=None, config=None,
@@ -219,8 +213,8 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
     grad_hidden_f32 = torch.zeros(num_rows, width, **f32) if need_hidden else None
     grad_weight = torch.zeros_like(weight) if need_weight else None
     grad_bias_f32 = torch.zeros(vocab, **f32) if need_bias else None
-    columns = chunk_width(num_rows, vocab, weight.element_size(), block_v,
-                          chunk_bytes or _launch.grad_chunk_bytes())
+    columns = configs.chunk_width(num_rows, vocab, weight.element_size(), block_v,
+                                  chunk_bytes or _launch.grad_chunk_bytes())
     token_tiles = triton.cdiv(num_rows, block_n)
     grad_chunk = torch.empty(num_rows, columns, dtype=weight.dtype, device=device)
     bias_partials = torch.empty(token_tiles, columns, **f32) if need_bias else zeros
@@ -255,6 +249,7 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
             partials = bias_partials.view(-1)[:token_tiles * width_here]
             torch.sum(partials.view(token_tiles, width_here), dim=0,
                       out=grad_bias_f32[v0:v0 + width_here])
+    del grad_chunk, bias_partials, keep  # before dH's cast and scatter: lower peak
     grad_hidden = None
     if need_hidden:
         grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows,

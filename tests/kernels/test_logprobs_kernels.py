@@ -67,8 +67,8 @@ def test_backward_block_configs_chunks_and_strided_hidden(config, chunk_bytes):
     (0, 100, 32, 1 << 20, 128),           # no rows: no division by zero
 ])
 def test_chunk_width(rows, vocab, block_v, budget, expected):
-    from fused_losses.kernels import logprobs_bwd
-    assert logprobs_bwd.chunk_width(rows, vocab, 4, block_v, budget) == expected
+    from fused_losses.kernels import configs
+    assert configs.chunk_width(rows, vocab, 4, block_v, budget) == expected
 
 
 def test_empty_rows():
