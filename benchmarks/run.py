@@ -88,6 +88,14 @@ def preset_cases(name: str, cuda: bool) -> list[tuple[dict, list[str]]]:
                                                (128, 512, 1024, 4096)]))
         out.append((_case("chunk", "ce", 4096, 1024, 32000, "fp32"),
                     ["naive", "ours_torch_gif"] + [f"ours_torch_c{c}" for c in (1024, 4096)]))
+    elif name == "gpu_point":
+        # The issue-4 targets only (one device call): Llama-3-8B's head and the Cut
+        # Cross-Entropy paper's Gemma-2 case, and the DPO point.
+        for mode, variants in (("logprobs", GPU_LOGPROBS), ("ce", GPU_CE)):
+            out.append((_case("point", mode, 8192, 4096, 128256, "bf16"), variants))
+            out.append((_case("gemma2", mode, 8192, 2304, 256000, "bf16"), variants))
+        out.append((_case("point", "dpo", 2 * 8 * 1024, 4096, 128256, "bf16", pairs=8,
+                          seq=1024), DPO))
     elif name == "gpu":
         for mode, variants in (("logprobs", GPU_LOGPROBS), ("ce", GPU_CE)):
             for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536):
@@ -265,7 +273,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
     ap.add_argument("--preset", default=None,
-                    choices=["default", "quick", "sweep", "dpo", "chunks", "gpu"],
+                    choices=["default", "quick", "sweep", "dpo", "chunks", "gpu_point", "gpu"],
                     help="default: 'gpu' when CUDA is available, else 'default'")
     ap.add_argument("--quick", action="store_true", help="same as --preset quick")
     ap.add_argument("--variants", default=None, help="comma list: only these variants")

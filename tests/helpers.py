@@ -31,7 +31,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 
 def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, *, bias: bool = False,
-                ignore_frac: float = 0.25, ignore_index: int = -100, lead=None):
+                ignore_frac: float = 0.25, ignore_index: int = -100, lead=None,
+                device: str = "cpu"):
     """Random (hidden, weight, targets, bias) with about ``ignore_frac`` positions ignored.
 
     Hidden and weight are scaled so logits have unit-ish spread: a peaked but not one-hot
@@ -43,5 +44,6 @@ def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, *, bias: bool = Fals
     targets = torch.randint(0, v, lead)
     targets[torch.rand(lead) < ignore_frac] = ignore_index
     b = torch.randn(v, dtype=torch.float64) * 0.5 if bias else None
-    cast = [t.to(dtype).requires_grad_() if t is not None else None for t in (hidden, weight, b)]
-    return cast[0], cast[1], targets, cast[2]
+    cast = [t.to(device, dtype).requires_grad_() if t is not None else None
+            for t in (hidden, weight, b)]
+    return cast[0], cast[1], targets.to(device), cast[2]

@@ -53,7 +53,8 @@ def check_against_reference(backend, dtype, hidden, weight, targets, bias, *, wi
         picked = logits.gather(-1, out.argmax.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         logits_max = logits.max(-1).values
         assert_close(picked[valid], logits_max[valid], dtype, name="argmax logit")
-    upstream = {name: torch.randn(targets.shape, dtype=torch.float64) for name in with_grads}
+    upstream = {name: torch.randn(targets.shape, dtype=torch.float64, device=targets.device)
+                for name in with_grads}
     if not upstream:
         return
     params = [t for t in (hidden, weight, bias) if t is not None]
