@@ -14,6 +14,16 @@ def tanh(x):
 
 
 @triton.jit
+def dot_acc(a, b, acc, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` in fp32. The interpreter's bf16 dot is wrong; fp32 operands are exact
+    there, so under it (DOT_FP32) the operands are upcast first."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def logits_tile(
     hidden_ptr, weight_ptr, bias_ptr,      # [M, H], [V, H], [V]
     rows, offs_v, mask_n, mask_v,          # [BLOCK_N] int64 row ids, [BLOCK_V] int64 vocab ids
@@ -34,10 +44,7 @@ def logits_tile(
         weight_tile = tl.load(
             weight_ptr + offs_v[None, :] * stride_wv + offs_h[:, None] * stride_wh,
             mask=mask_v[None, :] & mask_h[:, None], other=0.0)            # [BLOCK_H, BLOCK_V]
-        if DOT_FP32:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
-            hidden_tile = hidden_tile.to(tl.float32)
-            weight_tile = weight_tile.to(tl.float32)
-        acc = tl.dot(hidden_tile, weight_tile, acc, input_precision=DOT_PRECISION)
+        acc = dot_acc(hidden_tile, weight_tile, acc, DOT_FP32, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     acc = acc * inv_temperature

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs
-from ._tl_helpers import grad_logits_tile, logits_tile
+from ._tl_helpers import dot_acc, grad_logits_tile, logits_tile
 
 
 @triton.jit
@@ -138,10 +138,7 @@ def _grad_hidden_kernel(
                 weight_ptr + (v0 + offs_c.to(tl.int64))[:, None] * stride_wv
                 + offs_h[None, :] * stride_wh,
                 mask=mask_c[:, None] & mask_h[None, :], other=0.0)  # [BLOCK_V, BLOCK_OUT]
-            if DOT_FP32:
-                grad = grad.to(tl.float32)
-                weight = weight.to(tl.float32)
-            acc = tl.dot(grad, weight, acc, input_precision=DOT_PRECISION)
+            acc = dot_acc(grad, weight, acc, DOT_FP32, DOT_PRECISION)
     tl.store(out, acc, mask=out_mask)
 
 
@@ -175,10 +172,7 @@ def _grad_weight_kernel(
             hidden = tl.load(
                 hidden_ptr + rows[:, None] * stride_hm + offs_h[None, :] * stride_hh,
                 mask=mask_n[:, None] & mask_h[None, :], other=0.0)  # [BLOCK_N, BLOCK_OUT]
-            if DOT_FP32:
-                grad_t = grad_t.to(tl.float32)
-                hidden = hidden.to(tl.float32)
-            acc = tl.dot(grad_t, hidden, acc, input_precision=DOT_PRECISION)
+            acc = dot_acc(grad_t, hidden, acc, DOT_FP32, DOT_PRECISION)
     out = grad_weight_ptr + (v0 + offs_c.to(tl.int64))[:, None] * H + offs_h[None, :]
     tl.store(out, acc.to(grad_weight_ptr.dtype.element_ty),
              mask=mask_c[:, None] & mask_h[None, :])
