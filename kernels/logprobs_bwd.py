@@ -214,6 +214,8 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
     bias_partials = torch.empty(token_tiles, columns, **f32) if need_bias else zeros
     keep = torch.empty(token_tiles, triton.cdiv(columns, block_v), dtype=torch.int8,
                        device=device)
+    out_tiles = triton.cdiv(width, cfg["BLOCK_OUT"])
+    gemm = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_OUT=cfg["BLOCK_OUT"], **flags, **meta)
     for v0 in range(0, vocab if num_rows else 0, columns):
         width_here = min(columns, vocab - v0)
         vocab_tiles = triton.cdiv(width_here, block_v)
@@ -227,9 +229,6 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             WITH_ENTROPY_GRAD=with_entropy_grad, WITH_MEAN_GRAD=with_mean_grad,
             NEED_BIAS_GRAD=need_bias, **flags, **meta)
-        out_tiles = triton.cdiv(width, cfg["BLOCK_OUT"])
-        gemm = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_OUT=cfg["BLOCK_OUT"], **flags,
-                    **meta)
         if need_hidden:
             _grad_hidden_kernel[(token_tiles, out_tiles)](
                 grad_chunk, weight, keep, grad_hidden_f32, num_rows, width, v0, width_here,
