@@ -98,7 +98,7 @@ def sft(hidden, weight, labels, ref, *, divergence, beta=1.0, value_mode="token"
     if not value_grad:
         lse = lse.detach()
     linear = divergence == "total_variation"
-    terms, count = [], 0
+    terms = []
     for b in range(labels.shape[0]):
         scored = [t for t in range(labels.shape[1]) if mask[b, t]]
         if not scored:
@@ -188,6 +188,17 @@ def batch(rows=3, T=9, H=16, V=67, *, bias=False, seed=None):
     b = torch.randn(V, generator=g, dtype=torch.float64) * 0.5 if bias else None
     leaves = [t.requires_grad_() if t is not None else None for t in (hidden, weight, b)]
     return leaves[0], leaves[1], labels, leaves[2]
+
+
+def pairs(B=2, **kw):
+    """``batch`` of B preference pairs: chosen rows first, then rejected."""
+    return batch(rows=2 * B, **kw)
+
+
+def ref_for(hidden, weight, labels, spread=0.3):
+    """Reference = policy ± noise, so ρ is O(spread) and every loss is in its curved part."""
+    logps, _, mask = labels_logps(hidden.detach(), weight.detach(), labels)
+    return (logps + spread * torch.randn(logps.shape, dtype=torch.float64)) * mask
 
 
 def grads(loss, *tensors):

@@ -7,19 +7,10 @@ from fused_losses import dil_loss, dpo_loss
 from fused_losses.objectives import DIL_LOSSES
 from tests.helpers import assert_close
 from tests.objectives import naive
-from tests.objectives.naive import batch, grads, halves
+from tests.objectives.naive import grads, halves, pairs, ref_for
 
 F64 = torch.float64
 TORCH = dict(backend="torch")
-
-
-def pairs(B=2, **kw):
-    return batch(rows=2 * B, **kw)
-
-
-def ref_for(hidden, weight, labels, spread=0.3):
-    logps, _, mask = naive.labels_logps(hidden.detach(), weight.detach(), labels)
-    return (logps + spread * torch.randn(logps.shape, dtype=F64)) * mask
 
 
 def naive_dil(hidden, weight, labels, ref, variant, average=True, beta=0.1, clamp=None):

@@ -9,20 +9,10 @@ from fused_losses import FusedDPOLoss, dpo_loss
 from fused_losses.objectives import DPO_LOSSES
 from tests.helpers import assert_close
 from tests.objectives import naive
-from tests.objectives.naive import batch, grads, halves
+from tests.objectives.naive import grads, halves, pairs, ref_for
 
 F64 = torch.float64
 TORCH = dict(backend="torch")
-
-
-def pairs(B=2, **kw):
-    return batch(rows=2 * B, **kw)
-
-
-def ref_for(hidden, weight, labels, spread=0.3):
-    """Reference = policy ± noise, so ρ is O(spread) and every loss is in its curved part."""
-    logps, _, mask = naive.labels_logps(hidden.detach(), weight.detach(), labels)
-    return (logps + spread * torch.randn(logps.shape, dtype=F64)) * mask
 
 
 def naive_dpo(hidden, weight, labels, ref, *, loss_type, beta, eps=0.0, average=False,

@@ -9,15 +9,11 @@ import torch.nn.functional as F
 from fused_losses import cpo_loss, orpo_loss, simpo_loss
 from tests.helpers import assert_close
 from tests.objectives import naive
-from tests.objectives.naive import batch, grads, halves
+from tests.objectives.naive import grads, halves, pairs
 
 F64 = torch.float64
 TORCH = dict(backend="torch")
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
-
-
-def pairs(B=2, **kw):
-    return batch(rows=2 * B, **kw)
 
 
 def _check(loss, expected, hidden, weight, bias=None, dtype=F64, scale=10):

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_losses import linear_logprobs  # noqa: F401  (the primitive the losses run on)
 from fused_losses.objectives import DIVERGENCES, phi_safe, sft_loss
 from tests.helpers import HAS_TRITON, assert_close
 from tests.objectives import naive
