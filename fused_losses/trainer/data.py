@@ -151,6 +151,26 @@ def read_jsonl(path: str | os.PathLike, kind: str) -> list[dict]:
     return records
 
 
+def load_records(data: str | None, eval_data: str | None, kind: str, train_size: int,
+                 eval_size: int) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) records: ``data`` (its last ``eval_size`` records held out unless
+    ``eval_data`` is given) or the embedded default; at most ``eval_size`` held out."""
+    if data:
+        records = read_jsonl(data, kind)
+        if eval_data:
+            held_out = read_jsonl(eval_data, kind)
+        else:
+            if len(records) <= eval_size:
+                raise DataError(f"{data}: {len(records)} records leave none for training "
+                                f"after holding out --eval-size {eval_size}")
+            records, held_out = records[:-eval_size], records[-eval_size:]
+    else:
+        records = default_records("train", kind, train_size)
+        held_out = (read_jsonl(eval_data, kind) if eval_data
+                    else default_records("eval", kind, eval_size))
+    return records, held_out[:eval_size]
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------------------------

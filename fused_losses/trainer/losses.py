@@ -17,6 +17,8 @@ that summing micro-batch gradients gives exactly the big-batch gradient.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,6 +27,9 @@ import torch.nn.functional as F
 import fused_losses
 from fused_losses.objectives import DIL_LOSSES, DPO_LOSSES, phi_safe
 from fused_losses.reference import linear_cross_entropy_reference, linear_logprobs_reference
+
+from .data import collate
+from .distributed import barrier
 
 IGNORE = -100
 PREFERENCE = ("dpo", "simpo", "orpo", "cpo", "dil")
@@ -87,6 +92,34 @@ def reference_logprobs(ref_lm, batch, impl: str) -> torch.Tensor:
                                            batch["attention_mask"]).float()
     hidden = decode(ref_lm, batch)
     return token_logprobs_unfused(hidden, head_weight(ref_lm, hidden), batch["labels"])[0]
+
+
+@torch.no_grad()
+def precompute_reference(ref_lm, datasets, out: Path, impl: str, pad_id: int, procs) -> None:
+    """Reference log-probs of every row, computed once and cached in the output directory
+    (keyed by the implementation); each record's rows are padded alone, so the values do not
+    depend on which batch a record later lands in."""
+    path = out / f"ref_logprobs_{impl}.pt"
+    if path.exists():
+        cached = torch.load(path, weights_only=False)
+        for data, ref in zip(datasets, cached):
+            data.ref = ref
+        return
+    device = next(ref_lm.parameters()).device
+    for data in datasets:
+        refs = []
+        for index in range(len(data.rows)):
+            batch = {k: v.to(device) for k, v in collate(data, [index], pad_id).items()}
+            values = reference_logprobs(ref_lm, batch, impl).cpu()
+            refs.append(tuple(values[k, :len(ids)].clone()
+                              for k, (ids, _) in enumerate(data.rows[index])))
+        data.ref = refs
+    if procs.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save([data.ref for data in datasets], tmp)
+        os.replace(tmp, path)
+    barrier(procs)
 
 
 def _seq(logp, mask, average):
