@@ -2,7 +2,8 @@
 
 ``checkpoint.pt`` holds the full model and optimizer state (gathered to rank 0 under FSDP2),
 the scheduler, the RNG states, the data position (the batch order is a pure function of seed
-and step, so the position is the step) and the run's fingerprint.
+and step, so the position is the step), what the objective and the batch source carry across
+steps (bco_pair's running δ; a sampler's state) and the run's fingerprint.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, TrainError
+from .config import Config
+from .errors import TrainError
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "fused-losses-trainer/1"
@@ -46,12 +48,14 @@ def _full_state(core, optimizer):
     return get_state_dict(core, optimizer, options=opts)
 
 
-def save(path: Path, cfg: Config, core, optimizer, scheduler, step: int, is_main: bool) -> None:
+def save(path: Path, cfg: Config, core, optimizer, scheduler, step: int, is_main: bool,
+         carried: dict) -> None:
+    """``carried``: the objective's state and the batch source's (their ``state_dict``s)."""
     model_state, optim_state = _full_state(core, optimizer)  # collective under FSDP2
     if not is_main:
         return
     state = {"format": FORMAT, "step": step, "model": model_state,
-             "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+             "optimizer": optim_state, "scheduler": scheduler.state_dict(), **carried,
              "config": {k: getattr(cfg, k) for k in FINGERPRINT},
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()

@@ -10,25 +10,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from . import losses as L
-
-
-class TrainError(Exception):
-    """A clear, user-facing error: the command prints it and exits with status 2."""
-
-
-PRESETS = {
-    # Random-weight models built from a config. V = 32000 so that the LM head dominates, as in
-    # real LMs; the embedded tokenizer uses the first few hundred ids.
-    "tiny-llama": dict(model_type="llama", vocab_size=32000, hidden_size=256,
-                       intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, max_position_embeddings=512,
-                       tie_word_embeddings=False),
-    "tiny-qwen2": dict(model_type="qwen2", vocab_size=32000, hidden_size=256,
-                       intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=512,
-                       tie_word_embeddings=False),
-}
+from .model import PRESETS
+from .recipes import RECIPES, options
 
 
 def _f(default, help, choices=None):
@@ -37,7 +20,7 @@ def _f(default, help, choices=None):
 
 @dataclass
 class Config:
-    objective: str = _f(None, "training objective (required)", L.OBJECTIVES)
+    objective: str = _f(None, "training objective (required)", tuple(RECIPES))
     impl: str = _f("fused", "loss implementation: fused, or unfused (materialised logits)",
                    ("fused", "unfused"))
     compare: bool = _f(False, "run fused and unfused (same seed and data), write report.md")
@@ -122,13 +105,13 @@ def parse_args(argv: list[str]) -> Config:
     if cfg.batch_size % cfg.grad_accum:
         problems.append(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum "
                         f"{cfg.grad_accum}")
-    if cfg.objective == "reinforce" and not cfg.reward_model:
-        problems.append("--objective reinforce needs --reward-model DIR (the SFT model whose "
-                        "log-prob ratio to --reward-ref gives the token rewards)")
-    try:
-        loss_options(cfg)
-    except ValueError as err:
-        problems.append(str(err))
+    if cfg.objective is not None:
+        recipe = RECIPES[cfg.objective]
+        problems += recipe.check(cfg)
+        try:  # --compare runs the unfused implementation too
+            options(recipe, loss_options(cfg), "unfused" if cfg.compare else cfg.impl)
+        except ValueError as err:
+            problems.append(str(err))
     if problems:
         parser.error("; ".join(problems))
     return cfg
@@ -147,8 +130,10 @@ def to_argv(cfg: Config) -> list[str]:
 
 
 def loss_options(cfg: Config) -> dict:
-    """Keyword arguments for the objective: the named flags, then --loss-kwargs."""
-    opts = {k: getattr(cfg, k) for k in ("beta", "loss_type", "divergence", "variant")
+    """The objective's options the user gave, keyed by where they came from: the named flags
+    (``"--beta"``), then the keys of --loss-kwargs. ``recipes.options`` checks and completes
+    them."""
+    opts = {flag(k): getattr(cfg, k) for k in ("beta", "loss_type", "divergence", "variant")
             if getattr(cfg, k) is not None}
     if cfg.loss_kwargs:
         try:

@@ -4,9 +4,11 @@ eval, save.
     fused-losses train --objective dpo --compare --output-dir runs/dpo
     torchrun --nproc_per_node 2 -m fused_losses.train --objective sft --fsdp --output-dir runs/x
 
-The parts live beside it: ``config`` (the flags), ``model``, ``data``, ``losses`` (the loss
-step, fused or unfused, picked once at set-up), ``step`` (the optimisation step),
-``sampling`` (where batches come from), ``checkpoint``, ``distributed``, ``report``.
+The parts live beside it: ``config`` (the flags), ``model``, ``data``, ``recipes`` (one entry
+per objective: its data, loss steps fused and unfused, item count, frozen models, state),
+``step`` (the optimisation step), ``sampling`` (where batches come from), ``checkpoint``,
+``distributed``, ``report``. Fused vs unfused is one function picked at set-up; no line of
+this file depends on which objective runs.
 """
 from __future__ import annotations
 
@@ -22,13 +24,12 @@ import torch
 
 from . import checkpoint
 from . import data as D
-from . import distributed
-from . import losses as L
-from .config import Config, TrainError, loss_options, parse_args, to_argv
+from . import distributed, recipes
+from .config import Config, loss_options, parse_args, to_argv
+from .errors import TrainError
 from .model import (Memory, PolicyLoss, build_model, describe_model,
-                    enable_activation_checkpointing, frozen_copy, load_frozen,
-                    save_final_model)
-from .sampling import DatasetBatches
+                    enable_activation_checkpointing, save_final_model)
+from .recipes import RECIPES
 from .step import Step, make_optimizer
 
 __all__ = ["Config", "main", "parse_args", "to_argv", "train", "compare"]
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(cfg: Config) -> dict:
+    recipe = RECIPES[cfg.objective]
+    opts = recipes.options(recipe, loss_options(cfg), cfg.impl)
+
     # --- processes, device, the run directory ----------------------------------------------
     procs = distributed.init(cfg.threads)
     if cfg.batch_size % (cfg.grad_accum * procs.world):
@@ -65,77 +69,64 @@ def train(cfg: Config) -> dict:
                               enabled=procs.device.type == "cuda" and cfg.bf16)
 
     # --- model (built first: a local model directory may bring its tokenizer) --------------
-    lm, local_tokenizer = build_model(cfg)
+    lm, local_tokenizer = build_model(cfg.model, cfg.model_config, cfg.seed)
     lm.train()  # from_pretrained returns eval mode
     memory = Memory(procs.device, lm)
 
     # --- data -------------------------------------------------------------------------------
-    kind = "preference" if cfg.objective in L.PREFERENCE else "sft"
     enc = D.Encoder.make(local_tokenizer or D.embedded_tokenizer(cfg.tokenizer_cache))
-    records, held_out = D.load_records(cfg.data, cfg.eval_data, kind, cfg.train_size,
+    records, held_out = D.load_records(cfg.data, cfg.eval_data, recipe.data, cfg.train_size,
                                        cfg.eval_size)
-    train_set = D.encode_records(records, kind, enc, cfg.max_length, cfg.too_long)
-    eval_set = D.encode_records(held_out, kind, enc, cfg.max_length, cfg.too_long)
+    train_set = D.encode_records(records, recipe.data, enc, cfg.max_length, cfg.too_long)
+    eval_set = D.encode_records(held_out, recipe.data, enc, cfg.max_length, cfg.too_long)
     vocab = lm.get_output_embeddings().weight.shape[0]
     if enc.vocab_size > vocab:
         raise TrainError(f"the tokenizer has {enc.vocab_size} ids but the model's vocabulary "
                          f"is {vocab}")
     lm.to(procs.device)
 
-    # --- the objective: frozen models, the loss step --------------------------------------
-    opts = loss_options(cfg)
-    ref_lm = frozen_copy(lm) if L.needs_reference(cfg.objective, opts) else None
-    reward_lms = None
-    if cfg.objective == "reinforce":
-        reward_ref = (load_frozen(cfg.reward_ref, lm, "--reward-ref") if cfg.reward_ref
-                      else frozen_copy(lm))
-        reward_lms = (load_frozen(cfg.reward_model, lm, "--reward-model"), reward_ref)
-    init_lm = None  # REINFORCE's KL penalty is against the starting policy
-    if cfg.objective == "reinforce" and opts.get("kl_coef", 0) > 0:
-        init_lm = frozen_copy(lm)
-    if ref_lm is not None and cfg.precompute_ref:
-        L.precompute_reference(ref_lm, (train_set, eval_set), out, cfg.impl, enc.pad_id, procs)
-        ref_lm = None  # the log-probs now travel with the batches
+    # --- the objective: frozen models, loss step, state carried across steps ----------------
+    models = recipe.frozen(cfg, lm, opts)  # copies of the start policy, reward models, ...
+    if cfg.precompute_ref and "ref" in models:  # the log-probs travel with the batches instead
+        recipes.precompute_reference(models.pop("ref"), (train_set, eval_set), out, cfg.impl,
+                                     enc.pad_id, procs)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(lm)
-    try:
-        loss_step = L.make_loss_step(cfg.objective, cfg.impl, opts)
-    except ValueError as err:
-        raise TrainError(str(err)) from None
+    loss_step = (recipe.fused if cfg.impl == "fused" else recipe.unfused)(opts)
+    state = recipe.state(opts)
 
-    def context(batch, num_items):
-        """What a loss needs besides the policy: the global normaliser, reference log-probs
-        (computed by the same implementation as the policy's) and token rewards."""
-        ctx = {"num_items": num_items}
+    def context(batch: dict, num_items: int) -> dict:
+        """What a loss reads besides the policy: the step's item count (its divisor), the
+        frozen models' outputs (by the same implementation as the policy's), the state."""
         with autocast:
-            if "ref_logprobs" in batch:
-                ctx["ref_logprobs"] = batch["ref_logprobs"]
-            elif ref_lm is not None:
-                ctx["ref_logprobs"] = L.reference_logprobs(ref_lm, batch, cfg.impl)
-            if reward_lms is not None:
-                ctx["rewards"] = (L.reference_logprobs(reward_lms[0], batch, cfg.impl)
-                                  - L.reference_logprobs(reward_lms[1], batch, cfg.impl))
-            if init_lm is not None:
-                ctx["init_logprobs"] = L.reference_logprobs(init_lm, batch, cfg.impl)
-        return ctx
+            return {"num_items": num_items, **recipe.context(models, batch, cfg.impl),
+                    **state.values()}
 
-    # --- wrapping, optimizer, resume ------------------------------------------------------
+    # --- wrapping, optimizer, batches, resume -----------------------------------------------
     core = PolicyLoss(lm, loss_step)
     model = distributed.wrap(core, lm, cfg.fsdp, procs)
     optimizer, scheduler = make_optimizer(core, cfg, procs.device)
-    start = checkpoint.restore(resumed, core, optimizer, scheduler) if resumed else 0
+    source = recipe.sampler(cfg, lm, train_set, enc, procs)
+    width = len(D.RESPONSES[recipe.data])
+    step_once = Step(model, core, optimizer, scheduler, context, state.update, autocast,
+                     cfg.grad_accum, cfg.grad_clip, width, procs)
+    start = 0
+    if resumed:
+        start = checkpoint.restore(resumed, core, optimizer, scheduler)
+        state.load_state_dict(resumed.get("objective_state", {}))
+        source.load_state_dict(resumed.get("batches", {}))
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.trim_metrics(out / "metrics.jsonl", start)
-    paired = kind == "preference"
-    source = DatasetBatches(train_set, cfg.batch_size, cfg.seed, enc.pad_id, paired, procs)
-    step_once = Step(model, core, optimizer, scheduler, context, autocast, cfg.grad_accum,
-                     cfg.grad_clip, paired, procs)
-    micro = cfg.batch_size // (cfg.grad_accum * procs.world)  # records per micro-batch
+
+    def save(step: int) -> None:
+        checkpoint.save(out / checkpoint.CHECKPOINT, cfg, core, optimizer, scheduler, step,
+                        procs.is_main, {"objective_state": state.state_dict(),
+                                        "batches": source.state_dict()})
 
     def evaluate() -> dict:
-        return step_once.evaluate(eval_set, enc.pad_id,
-                                  lambda b: L.items_in(cfg.objective, b, opts), micro)
+        micro = cfg.batch_size // (cfg.grad_accum * procs.world)  # records per micro-batch
+        return step_once.evaluate(eval_set, enc.pad_id, lambda b: recipe.items(b, opts), micro)
 
     # --- the loop ---------------------------------------------------------------------------
     from tqdm import tqdm
@@ -147,8 +138,7 @@ def train(cfg: Config) -> dict:
         t0 = time.perf_counter()
         batch = source.batch(step)
         # One sum over processes gives the step's item count (the loss divisor) and tokens.
-        counts = torch.tensor([L.items_in(cfg.objective, batch, opts),
-                               int(batch["attention_mask"].sum())])
+        counts = torch.tensor([recipe.items(batch, opts), int(batch["attention_mask"].sum())])
         num_items, tokens = distributed.sum_over_processes(counts, procs).tolist()
         record = {"step": step + 1, **step_once(batch, num_items)}
         seconds = time.perf_counter() - t0
@@ -165,14 +155,12 @@ def train(cfg: Config) -> dict:
                         mem=f"{record['peak_memory_mb']:.0f}MB")
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
-            checkpoint.save(out / checkpoint.CHECKPOINT, cfg, core, optimizer, scheduler,
-                            step + 1, procs.is_main)
+            save(step + 1)
     bar.close()
 
     # --- eval and save ------------------------------------------------------------------------
     final_eval = evaluate()
-    checkpoint.save(out / checkpoint.CHECKPOINT, cfg, core, optimizer, scheduler,
-                    cfg.max_steps, procs.is_main)
+    save(cfg.max_steps)
     summary = {"objective": cfg.objective, "impl": cfg.impl, "device": str(procs.device),
                "world_size": procs.world, "fsdp": cfg.fsdp, "steps": cfg.max_steps,
                "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
@@ -182,7 +170,7 @@ def train(cfg: Config) -> dict:
                "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else None,
                "torch_threads": torch.get_num_threads(), **final_eval}
     if procs.is_main:
-        save_final_model(lm, out / "final", cfg)
+        save_final_model(lm, out / "final", sharded=cfg.fsdp and procs.world > 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps({k: summary[k] for k in ("objective", "impl", "peak_memory_mb",
                                                    "tokens_per_s")} | final_eval), flush=True)

@@ -6,28 +6,40 @@ weight from ``lm.get_output_embeddings()``; there is no per-architecture code.
 """
 from __future__ import annotations
 
-import copy
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from .._memory import reset_peak_rss, status_kib
-from .config import PRESETS, Config, TrainError
+from .errors import TrainError
 
 
-def build_model(cfg: Config):
-    """``(lm, tokenizer or None)``: random weights from ``--model-config`` or a preset (seeded,
-    so both implementations start from the same weights), else a local directory (which may
-    bring its tokenizer)."""
+PRESETS = {
+    # Random-weight models built from a config. V = 32000 so that the LM head dominates, as in
+    # real LMs; the embedded tokenizer uses the first few hundred ids.
+    "tiny-llama": dict(model_type="llama", vocab_size=32000, hidden_size=256,
+                       intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, max_position_embeddings=512,
+                       tie_word_embeddings=False),
+    "tiny-qwen2": dict(model_type="qwen2", vocab_size=32000, hidden_size=256,
+                       intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=False),
+}
+
+
+def build_model(model: str, model_config: str | None, seed: int):
+    """``(lm, tokenizer or None)``: random weights from ``model_config`` (``--model-config``)
+    or a preset (seeded, so both implementations start from the same weights), else the local
+    directory ``model`` (which may bring its tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.manual_seed(cfg.seed)
-    if cfg.model_config or cfg.model in PRESETS:
-        spec = dict(PRESETS.get(cfg.model, {}))
-        if cfg.model_config:
-            text = cfg.model_config
+    torch.manual_seed(seed)
+    if model_config or model in PRESETS:
+        spec = dict(PRESETS.get(model, {}))
+        if model_config:
+            text = model_config
             try:
                 spec = json.loads(text if text.lstrip().startswith("{")
                                   else Path(text).read_text())
@@ -43,10 +55,10 @@ def build_model(cfg: Config):
         except ValueError as err:
             raise TrainError(f"--model-config: {err}") from None
         return AutoModelForCausalLM.from_config(config, attn_implementation="eager"), None
-    if Path(cfg.model).is_dir():
-        lm = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True)
-        return lm, _local_tokenizer(cfg.model)
-    raise TrainError(f"--model {cfg.model!r} is neither a local directory nor a preset "
+    if Path(model).is_dir():
+        lm = AutoModelForCausalLM.from_pretrained(model, local_files_only=True)
+        return lm, _local_tokenizer(model)
+    raise TrainError(f"--model {model!r} is neither a local directory nor a preset "
                      f"{sorted(PRESETS)}")
 
 
@@ -57,22 +69,6 @@ def _local_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def frozen_copy(lm):
-    """A frozen copy of the policy as it is now (a reference, or the start of a KL penalty)."""
-    return copy.deepcopy(lm).eval().requires_grad_(False)
-
-
-def load_frozen(path: str, like, flag: str):
-    """A frozen model from a local directory, on ``like``'s device; ``flag`` names the option
-    that gave the path in the error."""
-    from transformers import AutoModelForCausalLM
-
-    if not Path(path).is_dir():
-        raise TrainError(f"{flag} {path!r} is not a model directory")
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval() \
-        .requires_grad_(False).to(like.device)
 
 
 def enable_activation_checkpointing(lm) -> None:
@@ -123,8 +119,10 @@ class Memory:
         return max(status_kib("VmHWM") - self.base, 0) / 1024 + self.weights_mb
 
 
-def save_final_model(lm, path: Path, cfg: Config) -> None:
-    """The trained weights as a transformers directory (usable as --model or --reward-model)."""
-    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return  # the full state dict is in checkpoint.pt; save_pretrained needs local tensors
+def save_final_model(lm, path: Path, sharded: bool) -> None:
+    """The trained weights as a transformers directory (usable as --model or --reward-model);
+    not for ``sharded`` (FSDP2) weights, whose full state dict is in checkpoint.pt:
+    ``save_pretrained`` needs local tensors."""
+    if sharded:
+        return
     lm.save_pretrained(path)

@@ -18,6 +18,7 @@ from . import data as D
 from .distributed import Processes
 
 
+
 class BatchSource(Protocol):
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """This process's rows of the batch of optimizer step ``step`` (0-based), on the CPU."""
@@ -38,16 +39,25 @@ class DatasetBatches:
     batch_size: int  # records per step over all processes
     seed: int
     pad_id: int
-    paired: bool  # two rows (chosen, rejected) per record
+    width: int  # rows per record
     procs: Processes
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         indices = D.batch_indices(len(self.data.rows), self.batch_size, step, self.seed)
         whole = D.collate(self.data, indices, self.pad_id)
-        return D.split_rows(whole, self.procs.world, self.procs.rank, self.paired)
+        return D.split_rows(whole, self.procs.world, self.procs.rank, self.width)
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def dataset_batches(cfg, lm, data: D.Encoded, enc: D.Encoder,
+                    procs: Processes) -> BatchSource:
+    """The default batch source of a recipe: the training set itself. (A sampler for an
+    on-policy objective takes the same arguments: the policy ``lm`` to generate with, the
+    encoded prompts, the tokenizer to decode completions and score them.)"""
+    width = len(data.rows[0]) if data.rows else 1
+    return DatasetBatches(data, cfg.batch_size, cfg.seed, enc.pad_id, width, procs)

@@ -44,10 +44,11 @@ class Step:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     context: Callable[[dict, int], dict]  # (micro-batch, items in the step) -> the loss's ctx
+    observe: Callable[[dict], None]  # the objective's state takes each training forward's metrics
     autocast: torch.autocast
     grad_accum: int
     grad_clip: float  # 0: off
-    paired: bool  # rows come in (chosen, rejected) pairs: micro-batches split by pair
+    width: int  # rows per record: a record's rows stay in one micro-batch
     procs: Processes
 
     def __call__(self, batch: dict[str, torch.Tensor], num_items: int) -> dict[str, float]:
@@ -57,11 +58,12 @@ class Step:
         step_loss = torch.zeros((), device=device)
         step_metrics: dict[str, torch.Tensor] = {}
         for k in range(self.grad_accum):
-            part = to_device(D.split_rows(batch, self.grad_accum, k, self.paired), device)
+            part = to_device(D.split_rows(batch, self.grad_accum, k, self.width), device)
             ctx = self.context(part, num_items)
             sync_gradients(self.model, last=k == self.grad_accum - 1)
             with self.autocast:
                 loss, metrics = self.model(part, ctx)
+            self.observe(metrics)
             (loss * world).backward()
             step_loss += loss.detach().float()
             for key, value in metrics.items():
