@@ -67,6 +67,27 @@ def test_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache, reward_model,
         assert 0.0 <= fused["eval/rewards/accuracies"] <= 1.0
 
 
+@pytest.mark.parametrize("objective,flags", [
+    ("sft", {"divergence": "kl"}), ("sft", {"divergence": "kl", "loss_kwargs": '{"value_mode": "token"}'}),
+    ("sft", {"divergence": "pearson_chi2", "beta": 0.5}), ("simpo", {}),
+    ("dpo", {"loss_kwargs": '{"average_log_prob": true}'})])
+def test_fused_and_unfused_agree_when_the_first_label_is_scored(tmp_path, tok_cache, objective,
+                                                                flags):
+    # An empty prompt scores labels[:, 0], which no position predicts; the unfused SFT step
+    # counted it as a token (a spurious phi(u_0) term: 0.91 apart in loss).
+    path = tmp_path / "data.jsonl"
+    answers = [f" {a} + {b} = {a + b}." for a in range(4) for b in range(5)]
+    rows = ([{"prompt": "", "completion": x} for x in answers] if objective == "sft" else
+            [{"prompt": "", "chosen": x, "rejected": x[:-2] + "1."} for x in answers])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = tiny_args(tmp_path / "f", objective, impl="fused", data=path, eval_size=4, **flags)
+    run(argv)
+    run(tiny_args(tmp_path / "u", objective, impl="unfused", data=path, eval_size=4, **flags))
+    bounds = step_tolerances(argv, steps=3)
+    for x, y, bound in zip(losses(tmp_path / "f"), losses(tmp_path / "u"), bounds):
+        assert abs(x - y) <= bound, (x, y, bound)
+
+
 def test_qwen2_architecture(tmp_path, tok_cache):
     run(tiny_args(tmp_path / "f", "dpo", arch="qwen2", impl="fused"))
     run(tiny_args(tmp_path / "u", "dpo", arch="qwen2", impl="unfused"))

@@ -32,3 +32,10 @@ def tiny_args(out: Path, objective: str, arch: str = "llama", **flags) -> list[s
 
 def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    """The tiny random model the runs above train, built in-process."""
+    from fused_losses.trainer.model import build_model
+
+    return build_model("", json.dumps(TINY[arch]), seed)[0]
