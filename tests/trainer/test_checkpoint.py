@@ -8,9 +8,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from fused_losses.trainer import loop
+from fused_losses.trainer import checkpoint, loop
 
 from .trainer_helpers import losses, tiny_args
 
@@ -72,3 +73,30 @@ def test_incompatible_checkpoint_is_refused(tmp_path, tok_cache, capsys):
     assert loop.main(tiny_args(out, "sft", max_steps=4)) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_carries_the_objectives_state(tmp_path, tok_cache, monkeypatch):
+    """bco_pair's running delta is in the checkpoint: a run stopped after step 2 and resumed
+    gives the uninterrupted run's losses and deltas."""
+    flags = dict(loss_type="bco_pair", max_steps=4, save_every=2)
+    loop.train(loop.parse_args(tiny_args(tmp_path / "whole", "dpo", **flags)))
+
+    class Stop(Exception):
+        pass
+
+    save = checkpoint.save
+
+    def save_then_stop(path, cfg, core, optimizer, scheduler, step, *args):
+        save(path, cfg, core, optimizer, scheduler, step, *args)
+        raise Stop
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    with pytest.raises(Stop):
+        loop.train(loop.parse_args(tiny_args(tmp_path / "stopped", "dpo", **flags)))
+    monkeypatch.setattr(checkpoint, "save", save)
+    loop.train(loop.parse_args(tiny_args(tmp_path / "stopped", "dpo", resume=True, **flags)))
+    for key in ("loss", "bco/delta", "bco/count"):
+        a, b = (torch.tensor([json.loads(x)[key] for x in
+                              (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+                for run in ("stopped", "whole"))
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

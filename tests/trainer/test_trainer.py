@@ -88,6 +88,18 @@ def test_fused_and_unfused_agree_when_the_first_label_is_scored(tmp_path, tok_ca
         assert abs(x - y) <= bound, (x, y, bound)
 
 
+def test_bco_pair_running_mean_is_carried_across_steps(tmp_path, tok_cache):
+    # delta after step k is the mean of the k batch-mean rewards so far (TRL's running mean),
+    # not each step's own batch mean. A pair's rewards are beta*rho_w, beta*rho_l: the batch
+    # mean reward is the mean of the logged chosen and rejected means.
+    run(tiny_args(tmp_path, "dpo", loss_type="bco_pair", max_steps=4))
+    logged = records(tmp_path)
+    assert [r["bco/count"] for r in logged] == [1, 2, 3, 4]
+    means = [(r["rewards/chosen"] + r["rewards/rejected"]) / 2 for r in logged]
+    for k, record in enumerate(logged, 1):
+        assert record["bco/delta"] == pytest.approx(sum(means[:k]) / k, rel=1e-5, abs=1e-7)
+
+
 def test_qwen2_architecture(tmp_path, tok_cache):
     run(tiny_args(tmp_path / "f", "dpo", arch="qwen2", impl="fused"))
     run(tiny_args(tmp_path / "u", "dpo", arch="qwen2", impl="unfused"))
