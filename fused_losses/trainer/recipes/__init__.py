@@ -54,7 +54,7 @@ def options(recipe: Recipe, given: dict[str, object], impl: str) -> dict:
         if name in defaults or name in PRIMITIVE_OPTIONS:
             chosen[name] = value
         else:
-            unknown.append(source)
+            unknown.append(source if source.startswith("--") else f"--loss-kwargs {source!r}")
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not an option of {recipe.objective.__name__} "
                          f"(it takes {sorted(defaults)} and the primitive's "
