@@ -139,8 +139,12 @@ def _use_grad_in_forward(requested: bool | None, backend: str, hidden) -> bool:
 
 
 def _scale(reduction: str, num_items_in_batch, num_scored):
+    # 1/count of an integer tensor would be float32 (a 3e-8 error in a float64 loss); a
+    # float64 0-dim scale keeps each loss in its own dtype.
     if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            return 1.0 / num_items_in_batch.double()
         return 1.0 / num_items_in_batch
     if reduction == "mean":
-        return 1.0 / num_scored.clamp(min=1)  # all ignored: a zero loss, not 0/0
+        return 1.0 / num_scored.clamp(min=1).double()  # all ignored: a zero loss, not 0/0
     return 1.0

@@ -125,3 +125,15 @@ def test_shift_checks_its_argument():
     hidden, weight, labels, _ = make_inputs(4, 8, 10, torch.float32)
     with pytest.raises(TypeError, match="shift"):
         linear_cross_entropy(hidden, weight, labels, shift=1)
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, torch.tensor(7)])
+def test_float64_loss_keeps_float64_precision(num_items_in_batch):
+    """The 1/count scale of an integer count must not round the loss to float32."""
+    hidden, weight, targets, _ = make_inputs(9, 16, 40, torch.float64)
+    loss = linear_cross_entropy(hidden, weight, targets, num_items_in_batch=num_items_in_batch,
+                                backend="torch")
+    ref = linear_cross_entropy_reference(hidden, weight, targets, reduction="sum")
+    ref = ref / ((targets != -100).sum() if num_items_in_batch is None else num_items_in_batch)
+    assert loss.dtype == torch.float64
+    assert_close(loss, ref, torch.float64, name="loss")
