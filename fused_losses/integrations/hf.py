@@ -187,10 +187,10 @@ class _Patch:
                 hidden, weight, labels, bias, shift=not request.shifted,
                 num_items_in_batch=num_items, temperature=self.model_temperature,
                 softcap=self.softcap, **options)
-        values = torch.tensor(_PROBE, dtype=hidden.dtype, device=hidden.device)
-        connected = torch.where(torch.zeros_like(values, dtype=torch.bool),
-                                anchor.to(values.dtype), values)
-        return connected.view(1, 1, -1)
+        values = torch.tensor([[_PROBE]], dtype=hidden.dtype, device=hidden.device)
+        # Not a view (FSDP2 warns about returned views); forward value exactly the probe.
+        return torch.where(torch.zeros_like(values, dtype=torch.bool), anchor.to(values.dtype),
+                           values)
 
     def _fused_fields(self, hidden, weight, bias, labels, request, num_items):
         temperature, outputs, cast = self.temperature, self.outputs, self.cast_lm_head_to_fp32
