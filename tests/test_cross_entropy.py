@@ -8,7 +8,6 @@ from fused_losses.reference import linear_cross_entropy_reference
 from tests.helpers import BACKEND_PARAMS, assert_close, make_inputs
 
 
-
 def _double(*tensors):
     return [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
 
@@ -96,7 +95,7 @@ def test_option_errors():
         linear_cross_entropy(hidden, weight, targets, lse_square_scale=-1.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_shift_takes_hugging_face_labels(backend, reduction):
     """shift=True equals F.cross_entropy on logits[:, :-1] against labels[:, 1:] (HF's causal
