@@ -179,6 +179,42 @@ def test_trl_head_before_or_after_the_patch(order):
         patch_causal_lm(ours, temperature=0.9)(**inputs, labels=labels, fused_lm_head=True)
 
 
+def test_trls_fp32_head_option_is_honoured():
+    """GRPO's cast_lm_head_to_fp32: a bf16 model's head runs in float32, outside autocast."""
+    trl_utils = _trl_utils()
+    theirs, ours = build("llama").bfloat16(), build("llama").bfloat16()
+    for model in (theirs, ours):
+        trl_utils.add_fused_lm_head(model, cast_lm_head_to_fp32=True,
+                                    outputs=("log_probs", "entropy"))
+    patch_causal_lm(ours)
+    ran = []
+    ours.get_output_embeddings().register_forward_hook(lambda *_: ran.append(1))
+    inputs, labels = model_inputs("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(**inputs, labels=labels, fused_lm_head=True)
+        want = theirs(**inputs, labels=labels, fused_lm_head=True)
+    assert ran == [1] and got.log_probs.dtype == torch.float32
+    for name in ("log_probs", "entropy"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5,
+                                   atol=1e-5, msg=name)
+
+
+@pytest.mark.xfail(raises=RuntimeError, strict=False, reason=(
+    "waits on gpu-right's autocast work (issue 12 item 3): linear_cross_entropy under "
+    "autocast fails in index_copy_ (float32 vs bfloat16)"))
+def test_plain_loss_under_autocast_runs_the_head_in_the_autocast_dtype():
+    """Under autocast the stock head runs in bf16 (F.linear); the patched loss must agree
+    with the stock loss to bf16 accuracy and give float32 gradients to float32 weights."""
+    stock, fused = build("llama").float(), patch_causal_lm(build("llama").float())
+    inputs, labels = model_inputs("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = stock(**inputs, labels=labels).loss
+        got = fused(**inputs, labels=labels).loss
+    assert_close(got, want.double(), torch.bfloat16, name="loss")
+    got.backward()
+    assert all(p.grad.dtype == torch.float32 for p in fused.parameters() if p.grad is not None)
+
+
 def test_our_add_fused_lm_head_takes_trls_signature():
     trl_utils = _trl_utils()
     theirs, ours = build("qwen2"), build("qwen2")
