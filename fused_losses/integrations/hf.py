@@ -57,17 +57,16 @@ class _Patch:
     models) copies the patch along with the model and the copy's hooks serve the copy.
     """
 
-    def __init__(self, model, causal_lm, head, *, temperature, outputs, cast_lm_head_to_fp32,
+    def __init__(self, causal_lm, head, *, temperature, outputs, cast_lm_head_to_fp32,
                  primitive_options):
-        self.model, self.causal_lm, self.head = model, causal_lm, head
+        self.causal_lm, self.head = causal_lm, head
         transform = causal_lm_head(causal_lm).options
         self.model_temperature = transform.get("temperature", 1.0)  # 1/logit scale
         self.softcap = transform.get("softcap")
         config = causal_lm.config
-        self.text_config = config.get_text_config() if hasattr(config, "get_text_config") \
-            else config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.aux_loss_coef = getattr(causal_lm, "router_aux_loss_coef",
-                                     getattr(self.text_config, "router_aux_loss_coef", 0.0))
+                                     getattr(text_config, "router_aux_loss_coef", 0.0))
         self.temperature, self.outputs = temperature, outputs
         self.cast_lm_head_to_fp32 = cast_lm_head_to_fp32
         self.primitive_options = primitive_options
@@ -326,7 +325,7 @@ def patch_causal_lm(
     primitive_options = dict(backend=backend, filter_eps=filter_eps, chunk_size=chunk_size)
     if grad_in_forward is not None:
         primitive_options["grad_in_forward"] = grad_in_forward
-    patch = _Patch(model, causal_lm, head, temperature=temperature,
+    patch = _Patch(causal_lm, head, temperature=temperature,
                    outputs=check_outputs(outputs), cast_lm_head_to_fp32=cast_lm_head_to_fp32,
                    primitive_options=primitive_options)
     head.forward = patch.head_forward
