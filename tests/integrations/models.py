@@ -5,8 +5,6 @@ import torch.nn.functional as F
 
 from tests.objectives.models import VOCAB, lm_batch, tiny_model
 
-__all__ = ["VOCAB", "lm_batch", "build", "ARCHS", "hf_loss", "next_token_targets"]
-
 _COMMON = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -5,7 +5,6 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_losses import patch_causal_lm, unpatch_causal_lm
