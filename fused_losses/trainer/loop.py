@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, D.DataError) as err:
         print(f"fused-losses train: error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:  # the objectives name the bad option (e.g. --loss-type)
+    except (TypeError, ValueError) as err:  # the objectives name a bad option's value
         print(f"fused-losses train: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as stop:

@@ -70,6 +70,8 @@ def test_options_are_checked_and_completed():
     with pytest.raises(ValueError, match=r"--loss-type: not an option of sft_loss"):
         options(sft, {"--loss-type": "ipo"}, "fused")
     assert options(RECIPES["orpo"], {"--beta": 0.5}, "unfused")["lam"] == 0.5
+    with pytest.raises(ValueError, match="'lam' sets lam a second time"):
+        options(RECIPES["orpo"], {"--beta": 0.5, "lam": 0.2}, "fused")
     assert options(sft, {"backend": "torch"}, "fused")["backend"] == "torch"
     with pytest.raises(ValueError, match=r"--impl unfused does not implement \['backend'\]"):
         options(sft, {"backend": "torch"}, "unfused")
