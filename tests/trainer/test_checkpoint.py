@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
-from fused_losses.trainer import checkpoint, loop
+from fused_losses.trainer import loop
 
-from .trainer_helpers import losses, tiny_args
+from .trainer_helpers import losses, tiny_args, train_until_first_checkpoint
 
 # Large enough that a step takes a noticeable time, so the kill lands mid-run.
 SLOW = dict(max_steps=40, save_every=4, batch_size=8, max_length=200)
@@ -81,19 +79,7 @@ def test_resume_carries_the_objectives_state(tmp_path, tok_cache, monkeypatch):
     flags = dict(loss_type="bco_pair", max_steps=4, save_every=2)
     loop.train(loop.parse_args(tiny_args(tmp_path / "whole", "dpo", **flags)))
 
-    class Stop(Exception):
-        pass
-
-    save = checkpoint.save
-
-    def save_then_stop(path, cfg, core, optimizer, scheduler, step, *args):
-        save(path, cfg, core, optimizer, scheduler, step, *args)
-        raise Stop
-
-    monkeypatch.setattr(checkpoint, "save", save_then_stop)
-    with pytest.raises(Stop):
-        loop.train(loop.parse_args(tiny_args(tmp_path / "stopped", "dpo", **flags)))
-    monkeypatch.setattr(checkpoint, "save", save)
+    train_until_first_checkpoint(tiny_args(tmp_path / "stopped", "dpo", **flags), monkeypatch)
     loop.train(loop.parse_args(tiny_args(tmp_path / "stopped", "dpo", resume=True, **flags)))
     for key in ("loss", "bco/delta", "bco/count"):
         a, b = (torch.tensor([json.loads(x)[key] for x in

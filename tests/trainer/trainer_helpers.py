@@ -39,3 +39,25 @@ def tiny_model(arch: str = "llama", seed: int = 0):
     from fused_losses.trainer.model import build_model
 
     return build_model("", json.dumps(TINY[arch]), seed)[0]
+
+
+def train_until_first_checkpoint(argv: list[str], monkeypatch) -> None:
+    """Run ``argv`` in-process and stop it right after its first checkpoint is written, as a
+    kill would (the resume tests' interrupted run, without a subprocess)."""
+    import pytest
+
+    from fused_losses.trainer import checkpoint, loop
+
+    class Stop(Exception):
+        pass
+
+    save = checkpoint.save
+
+    def save_then_stop(*args):
+        save(*args)
+        raise Stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save", save_then_stop)
+        with pytest.raises(Stop):
+            loop.train(loop.parse_args(argv))
