@@ -96,7 +96,7 @@ def test_bad_inputs():
         dil_loss(hidden[:1], weight, labels[:1], ref_logprobs=ref[:1], **TORCH)
     with pytest.raises(ValueError, match="needs a reference"):
         dil_loss(hidden, weight, labels, **TORCH)
-    with pytest.raises(ValueError, match="beta must be a positive number"):
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
         dil_loss(hidden, weight, labels, ref_logprobs=ref, variant="dpo", beta=0, **TORCH)
     with pytest.raises(ValueError, match="ref_hidden and ref_weight go together"):
         dil_loss(hidden, weight, labels, ref_hidden=hidden.detach(), **TORCH)

@@ -165,13 +165,13 @@ def test_bad_inputs_are_clear_errors():
         dpo_loss(hidden[:3], weight, labels[:3], ref_logprobs=ref[:3], **TORCH)
     with pytest.raises(ValueError, match="loss_type must be one of .*'ipo'.*'sigmoid'"):
         dpo_loss(hidden, weight, labels, ref_logprobs=ref, loss_type="dpo", **TORCH)
-    with pytest.raises(ValueError, match="beta must be a positive number"):
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
         dpo_loss(hidden, weight, labels, ref_logprobs=ref, beta=-0.1, **TORCH)
     with pytest.raises(ValueError, match="ref_logprobs must have the shape of labels"):
         dpo_loss(hidden, weight, labels, ref_logprobs=ref[:, 1:], **TORCH)
     with pytest.raises(ValueError, match="needs a reference"):
         dpo_loss(hidden, weight, labels, **TORCH)
-    with pytest.raises(ValueError, match="label_smoothing must be a number in"):
+    with pytest.raises(ValueError, match="label_smoothing must be a finite number in"):
         dpo_loss(hidden, weight, labels, ref_logprobs=ref, label_smoothing=0.5, **TORCH)
     with pytest.raises(ValueError, match="not both"):
         dpo_loss(hidden, weight, labels, ref_logprobs=ref, ref_hidden=hidden.detach(),

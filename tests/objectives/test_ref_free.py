@@ -101,7 +101,7 @@ def test_bad_inputs(fn):
     with pytest.raises(ValueError, match="odd number"):
         fn(hidden[:3], weight, labels[:3], **TORCH)
     bad = {"simpo_loss": "beta", "orpo_loss": "lam", "cpo_loss": "beta"}[fn.__name__]
-    with pytest.raises(ValueError, match=f"{bad} must be a positive number"):
+    with pytest.raises(ValueError, match=f"{bad} must be a positive finite number"):
         fn(hidden, weight, labels, **{bad: 0.0}, **TORCH)
     assert math.isfinite(float(fn(hidden, weight, labels, **TORCH).loss.detach()))
 

@@ -172,7 +172,7 @@ def test_bad_inputs_are_clear_errors():
         sft_loss(hidden, weight, labels, divergence="kld", **TORCH)
     with pytest.raises(ValueError, match="value_mode must be one of"):
         sft_loss(hidden, weight, labels, value_mode="seq", **TORCH)
-    with pytest.raises(ValueError, match="beta must be a positive number"):
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
         sft_loss(hidden, weight, labels, beta=0.0, **TORCH)
     with pytest.raises(ValueError, match="needs a reference"):
         sft_loss(hidden, weight, labels, divergence="kl", **TORCH)
