@@ -117,7 +117,8 @@ def test_dil(case, paths):
 
 @pytest.mark.parametrize("case", [
     dict(), dict(divergence="kl"), dict(divergence="jensen_shannon", value_grad=True),
-    dict(divergence="reverse_kl", value_mode="sequence"),
+    dict(divergence="reverse_kl", value_mode="token"),
+    dict(divergence="squared_hellinger", value_mode="token", value_grad=True),
     dict(divergence="pearson_chi2", value_mode="sequence", value_grad=True,
          num_items_in_batch=11),
     dict(divergence="total_variation", value_mode="sequence", value_grad=True, beta=0.5)],
