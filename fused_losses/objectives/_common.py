@@ -128,6 +128,16 @@ def own_options(fn: Callable) -> tuple[str, ...]:
                  if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
+def check_call(fn: Callable, hidden, labels, primitive_options: dict, *,
+               pairs: bool = False) -> None:
+    """The checks every ``(hidden, weight, labels, **)`` objective starts with: its
+    pass-through keywords, the labels against ``hidden``, and a preference batch's 2B rows."""
+    check_options(fn.__name__, primitive_options, own=own_options(fn))
+    check_labels(hidden, labels)
+    if pairs:
+        check_pairs(labels)
+
+
 def resolve_alias(function: str, name: str, value, default, alias: str, alias_value):
     """``value`` of option ``name``, or of its alias (TRL's name for it) when that is given.
 

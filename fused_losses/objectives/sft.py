@@ -13,10 +13,9 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-from ._common import (LossOutput, check_bool, check_choice, check_count, check_labels,
-                      check_options, check_positive, fused_objective, log1mexp, masked,
-                      masked_mean, own_options, reference_logprobs, shift_targets,
-                      token_metrics)
+from ._common import (LossOutput, check_bool, check_call, check_choice, check_count,
+                      check_positive, fused_objective, log1mexp, masked, masked_mean,
+                      reference_logprobs, shift_targets, token_metrics)
 
 _LOG2 = math.log(2.0)
 
@@ -160,8 +159,7 @@ def sft_loss(
 
     Paper: implicit-reward-sft-dpo-fdivergence §3.2 (Lemma 1, Eq. 5), Table 2, App. C Table 4.
     """
-    check_options("sft_loss", primitive_options, own=own_options(sft_loss))
-    check_labels(hidden, labels)
+    check_call(sft_loss, hidden, labels, primitive_options)
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("value_mode", value_mode, VALUE_MODES)
     check_positive("beta", beta)

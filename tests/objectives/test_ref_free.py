@@ -140,3 +140,19 @@ def test_simpo_orpo_cpo_match_liger():
         for got, want, name in zip(grads(ours.loss, hidden, weight), grads(theirs, h, w),
                                    ("dH", "dW")):
             assert_close(got, want, torch.float32, scale=10, name=f"{name} vs Liger")
+
+
+@pytest.mark.parametrize("fn,ours,trl,value", [
+    (orpo_loss, "lam", "beta", 0.3), (simpo_loss, "gamma", "simpo_gamma", 0.8),
+    (cpo_loss, "alpha", "cpo_alpha", 0.4)])
+def test_trl_names_are_aliases(fn, ours, trl, value):
+    """A TRL user's hyper-parameter name means what it means in TRL; given with ours, a
+    TypeError names both."""
+    hidden, weight, labels, _ = pairs()
+    a = fn(hidden, weight, labels, **{ours: value}, **TORCH)
+    b = fn(hidden, weight, labels, **{trl: value}, **TORCH)
+    assert_close(b.loss, a.loss.detach(), F64)
+    with pytest.raises(TypeError, match=f"{fn.__name__}\\(\\) got both {ours}=.* and {trl}="):
+        fn(hidden, weight, labels, **{ours: value / 2, trl: value}, **TORCH)
+    with pytest.raises(ValueError, match=f"{trl} must be a"):
+        fn(hidden, weight, labels, **{trl: float("inf")}, **TORCH)
