@@ -157,7 +157,8 @@ def test_reinforce_whitened_kl_recomputes(paths):
 def test_ift(gamma, detach, paths):
     model = tiny_model("llama")
     input_ids, labels, attention_mask = lm_batch()
-    params = [model.get_output_embeddings().weight, model.get_input_embeddings().weight]
+    params = [model.get_output_embeddings().weight,
+              model.get_decoder().layers[0].self_attn.q_proj.weight]
 
     def run(grad_in_forward):
         out = ift_loss(model, input_ids, labels, attention_mask=attention_mask, gamma=gamma,
