@@ -21,6 +21,7 @@ from torch import nn
 from .objectives import (LossOutput, cpo_loss, dil_loss, dpo_loss, ift_loss, orpo_loss,
                          reinforce_loss, sft_loss, simpo_loss)
 from .objectives._common import PRIMITIVE_OPTIONS, own_options
+from .objectives.dpo import check_running_mean
 
 
 class FusedLoss(nn.Module):
@@ -66,7 +67,8 @@ class FusedDPOLoss(FusedLoss):
     after each call in training mode, as TRL's running moments are. Under data parallelism
     pass ``bco_process_group=`` (at construction or per call) so every rank folds in every
     rank's batch mean and the buffers stay equal across ranks. A ``bco_delta``/``bco_count``
-    given to ``forward`` replaces the buffers' values for that call.
+    given at construction is the buffers' starting value; given to ``forward``, it replaces
+    the buffers' values for that call.
     """
 
     loss_fn = staticmethod(dpo_loss)
@@ -75,8 +77,11 @@ class FusedDPOLoss(FusedLoss):
         super().__init__(**options)
         self.tracks_delta = self.default("loss_type") == "bco_pair"
         if self.tracks_delta:
-            self.register_buffer("bco_delta", torch.zeros(()))
-            self.register_buffer("bco_count", torch.zeros(()))
+            start = {name: self.options.pop(name, 0.0) for name in ("bco_delta", "bco_count")}
+            check_running_mean(start["bco_delta"], start["bco_count"])
+            for name, value in start.items():
+                self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32)
+                                     .detach().clone().reshape(()))
 
     def forward(self, *args, **kwargs) -> LossOutput:
         if not self.tracks_delta or kwargs.get("loss_type", "bco_pair") != "bco_pair":

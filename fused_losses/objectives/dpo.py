@@ -169,7 +169,7 @@ def dpo_loss(
     if rpo_alpha is not None:
         check_range("rpo_alpha", rpo_alpha, 0.0, math.inf)
     if loss_type == "bco_pair":
-        _check_running_mean(bco_delta, bco_count)
+        check_running_mean(bco_delta, bco_count)
     average = average_log_prob or loss_type == "ipo"
     reference = sequence_reference(
         labels, average=average, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
@@ -207,7 +207,8 @@ def dpo_loss(
     return LossOutput(loss, metrics)
 
 
-def _check_running_mean(delta, count) -> None:
+def check_running_mean(delta, count) -> None:
+    """``bco_delta`` (finite) and ``bco_count`` (>= 0): numbers or one-element tensors."""
     for name, value, low in (("bco_delta", delta, -math.inf), ("bco_count", count, 0.0)):
         if isinstance(value, torch.Tensor):
             if value.numel() != 1 or not (value.is_floating_point() or value.dtype in (

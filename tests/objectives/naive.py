@@ -171,8 +171,9 @@ def halves(x):
 
 
 def chosen_nll(logps, mask):
+    """Token-mean NLL of the chosen rows; 0 when none of their tokens is scored."""
     lw, mw = halves(logps)[0], halves(mask)[0]
-    return -(lw * mw).sum() / mw.sum()
+    return -(lw * mw).sum() / max(int(mw.sum()), 1)
 
 
 def batch(rows=3, T=9, H=16, V=67, *, bias=False, seed=None):

@@ -157,6 +157,12 @@ def test_bco_delta_given_to_the_module_replaces_the_buffers():
     assert_close(out.loss, want.loss.detach(), F64)
     assert float(module.bco_count) == 4
     assert_close(module.bco_delta.double(), want.metrics["bco/delta"], torch.float32)
+    # given at construction: the buffers' starting values (they were ignored before)
+    started = FusedDPOLoss(loss_type="bco_pair", backend="torch", bco_delta=0.5, bco_count=3)
+    assert_close(started(hidden, weight, labels, ref_logprobs=ref).loss, want.loss.detach(),
+                 torch.float32)
+    with pytest.raises(ValueError, match="bco_delta must be a finite number"):
+        FusedDPOLoss(loss_type="bco_pair", bco_delta=float("nan"))
 
 
 def _bco_rank_batches(rank, world, steps=2, B=2):

@@ -36,8 +36,7 @@ PER_TOKEN_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("poison,grad_in_forward", [(math.nan, None), (math.nan, False),
-                                                     (math.inf, None), (-math.inf, False)])
+@pytest.mark.parametrize("poison,grad_in_forward", [(math.nan, None), (-math.inf, False)])
 @pytest.mark.parametrize("fn,names,options,paired", PER_TOKEN_INPUTS,
                          ids=lambda v: getattr(v, "__name__", None) or "")
 def test_nan_at_ignored_positions_never_reaches_the_loss(fn, names, options, paired, poison,

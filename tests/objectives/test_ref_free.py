@@ -32,8 +32,9 @@ def naive_simpo(hidden, weight, labels, beta, gamma, eps):
 
 def naive_orpo(hidden, weight, labels, lam, bias=None):
     logps, _, mask = naive.labels_logps(hidden, weight, labels, bias)
-    w, l = halves(naive.seq(logps, mask, True))
-    log_odds = (w - l) - (torch.log(1 - torch.exp(w)) - torch.log(1 - torch.exp(l)))
+    # Ā just below 0 (the documented guard): a row of certain, or no, tokens stays finite
+    w, l = (a.clamp_max(-torch.finfo(F64).tiny) for a in halves(naive.seq(logps, mask, True)))
+    log_odds = (w - l) - (torch.log(-torch.expm1(w)) - torch.log(-torch.expm1(l)))
     return naive.chosen_nll(logps, mask) - lam * F.logsigmoid(log_odds).mean(), log_odds
 
 
