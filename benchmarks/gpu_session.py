@@ -711,6 +711,10 @@ def markdown(doc: dict) -> str:
                 f"{v['verdict']} |" for v in doc["targets"]]
         out += ["", "Cut Cross-Entropy's paper: Gemma-2 2B's head, loss + gradient, 135 ms / "
                 "1164 MB on an A100."]
+        fastest = {v["case"]: v["ours"] for v in doc["targets"]}
+        out += ["", f"`backend=\"auto\"` on CUDA picks `{meta.get('auto_on_cuda')}`; our "
+                "fastest exact cross-entropy: " + ", ".join(f"{case} `{name}`" for case, name
+                                                             in fastest.items()) + "."]
     planner_record = stages.get("planner", {})
     pairs = planner_record.get("against_heads", []) + [
         dict(case=f"M={c['rows']} H={c['hidden']} V={c['vocab']} {c['dtype']}",
@@ -776,7 +780,12 @@ def session_meta(args, device: str) -> dict:
 
     import torch
 
+    try:
+        from fused_losses.backends import CUDA_DEFAULT as auto_on_cuda
+    except ImportError:  # before the backends package
+        auto_on_cuda = None
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "backends": list(providers.our_backends()), "auto_on_cuda": auto_on_cuda,
             "command": " ".join(shlex.quote(a) for a in sys.argv), "device": None,
             "device_name": device, "dry_run": args.dry_run,
             "commit": git_commit() or os.environ.get("FL_COMMIT", "unknown"),
