@@ -447,7 +447,8 @@ def stage_heads(session: Session, deadline: float, ctx: dict) -> dict:
         code, out, err = finish(procs.pop(i), timeout, feed="go\n")
         group = {"mode": mode, "variant": name, "returncode": code,
                  "wall_s": round(time.time() - t0, 1),
-                 "autotune": [ln for ln in err.splitlines() if AUTOTUNE_LINE.search(ln)][-20:]}
+                 "autotune": [ln for ln in (out + err).splitlines()  # Triton prints them
+                              if AUTOTUNE_LINE.search(ln)][-20:]}
         results = results_of(out)
         for result in results:
             case = case_of(result.pop("job"), cases)
