@@ -50,6 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import _isolate  # noqa: E402  (does nothing until main sets its environment)
 import providers  # noqa: E402
 import run  # noqa: E402  (build_rows: the sweep driver's row format)
 
@@ -277,7 +278,7 @@ def stage_peers(session: Session, deadline: float, ctx: dict) -> dict:
                               deadline - time.time())
         record["install"] = "ok" if code == 0 else f"failed ({code}): {tail(err, 5)}"
         session.say(f"peers: pip install --target {ctx['peers_dir']}: {record['install']}")
-        importlib.invalidate_caches()
+        _isolate.install()  # this process too now sees what was carried
     else:
         record["install"] = (f"no wheels in {ctx['wheels']}: run "
                              "benchmarks/fetch_peer_wheels.sh; peers import from this "
@@ -845,8 +846,6 @@ def main(argv=None) -> int:
     # carried peers as the workers do, and nothing the GPU image lacks.
     os.makedirs(peers_dir)
     os.environ.update(FL_BENCH_PEERS=peers_dir, FL_BENCH_HIDE=env["FL_BENCH_HIDE"])
-    import _isolate
-
     _isolate.install()
     ctx = {"settings": settings, "device": "cuda" if cuda else "cpu", "env": env,
            "wheels": args.wheels, "peers_dir": peers_dir, "scratch": scratch}

@@ -488,10 +488,6 @@ def skip_reason(p: Provider, device: str) -> str | None:
             p.interpretable and _interpreting()):
         return p.cuda_only
     for mod in p.needs:
-        try:
-            found = importlib.util.find_spec(mod.partition(".")[0]) is not None
-        except ModuleNotFoundError:  # hidden by _isolate: the GPU image lacks it
-            found = False
-        if not found:
+        if importlib.util.find_spec(mod.partition(".")[0]) is None:
             return f"{mod} is not installed (pip install it; benchmarks never download)"
     return None

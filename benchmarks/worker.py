@@ -310,7 +310,13 @@ def probe_imports(args) -> dict:
             module = importlib.import_module(name)
             imported[name] = {"ok": True, "file": getattr(module, "__file__", None)}
         except Exception as err:  # noqa: BLE001 (recorded: this is what the probe is for)
-            imported[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:400]}
+            message = f"{type(err).__name__}: {err}"
+            top = (getattr(err, "name", None) or "").partition(".")[0]
+            if top in os.environ.get(_isolate.ENV_HIDE, "").split(",") and \
+                    sys.modules.get(top, 0) is None:
+                message += (f" ({top} is hidden: the GPU image lacks it and .whl/ does not "
+                            "carry it; benchmarks/fetch_peer_wheels.sh)")
+            imported[name] = {"ok": False, "error": message[:400]}
     versions = {}
     for dist in VERSIONS:
         try:

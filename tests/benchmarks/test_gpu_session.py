@@ -5,6 +5,7 @@ check the pieces whose mistakes a dry run on a CPU would not show (a wrong verdi
 package the GPU image has, a test outcome read wrong).
 """
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -39,15 +40,30 @@ def test_hidden_modules_hide_what_the_image_lacks_and_nothing_it_needs(tmp_path)
     assert gpu_session.hidden_modules(str(image)) == []
 
 
-def test_hidden_module_resolves_from_the_carried_folder_only(tmp_path):
-    (tmp_path / "fl_carried_probe.py").write_text("VALUE = 1\n")
-    finder = _isolate.HideAbsent({"fl_carried_probe", "json"}, [str(tmp_path)])
-    spec = finder.find_spec("fl_carried_probe")
-    assert spec is not None and spec.origin == str(tmp_path / "fl_carried_probe.py")
-    with pytest.raises(ModuleNotFoundError, match="not on the GPU image"):
-        finder.find_spec("json")  # hidden, and not carried
-    assert finder.find_spec("json.decoder") is None  # submodules follow their parent
-    assert finder.find_spec("os") is None  # not hidden: the normal finders decide
+def test_hidden_modules_look_absent_unless_carried(tmp_path, monkeypatch):
+    here, peers = tmp_path / "site", tmp_path / "peers"  # this machine's packages, the carried
+    for folder in (here, peers):
+        folder.mkdir()
+        (folder / "fl_probe_carried.py").write_text(f"WHERE = {folder.name!r}\n")
+    (here / "fl_probe_absent.py").write_text("WHERE = 'site'\n")
+    names = ("fl_probe_carried", "fl_probe_absent")
+    monkeypatch.setattr(sys, "path", [str(here)] + sys.path)
+    monkeypatch.setenv(_isolate.ENV_PEERS, str(peers))
+    monkeypatch.setenv(_isolate.ENV_HIDE, ",".join(names))
+    try:
+        _isolate.install()
+        assert importlib.util.find_spec("fl_probe_absent") is None  # as if not installed
+        with pytest.raises(ModuleNotFoundError):
+            import fl_probe_absent  # noqa: F401
+        import fl_probe_carried
+        assert fl_probe_carried.WHERE == "peers"
+        (peers / "fl_probe_absent.py").write_text("WHERE = 'peers'\n")  # carried later
+        _isolate.install()
+        import fl_probe_absent  # noqa: F811
+        assert fl_probe_absent.WHERE == "peers"
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
 
 
 def test_wheel_pins_one_per_distribution(tmp_path):
