@@ -211,15 +211,19 @@ def measure(args) -> dict:
 
 
 def _git_head() -> str:
-    """The library commit this process imported (others commit while a long run goes on)."""
+    """The library commit this process imported (others commit while a long run goes on);
+    empty where there is no git or no history (the GPU machine's copy of the tree)."""
     import subprocess
 
     here = os.path.dirname(os.path.abspath(__file__))
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
-                          capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "../fused_losses",
-                            "../kernels"], cwd=here, capture_output=True, text=True).stdout
-    return head + ("+dirty" if dirty else "")
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../fused_losses",
+                                "../kernels"], cwd=here, capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+    return head + ("+dirty" if head and dirty else "")
 
 
 def _time_op(op, args) -> list[float]:
