@@ -73,9 +73,8 @@ def variant_plan(backends: tuple[str, ...]) -> list[tuple[str, str]]:
     """(mode, variant) in priority order: what decides the defaults and the peer comparison
     first, so that a short session still has it. Ours: every backend but the CPU one first."""
     fast = [b for b in backends if b != "torch"]
-    plan = [("ce", f"ours_{b}_gif") for b in fast]
+    plan = [("ce", f"ours_{b}_{path}") for b in fast for path in ("gif", "recompute")]
     plan += [("ce", name) for name in PEER_CE]
-    plan += [("ce", f"ours_{b}_recompute") for b in fast]
     plan += [("logprobs", f"ours_{b}") for b in fast]
     plan += [("logprobs", f"ours_{b}_loss") for b in fast]
     plan += [("logprobs", "cce_exact"), ("logprobs", "trl")]
@@ -294,9 +293,10 @@ def stage_peers(session: Session, deadline: float, ctx: dict) -> dict:
     record.update(found[0])
     for module, outcome in found[0]["imports"].items():
         where = outcome.get("file") or ""
-        session.say(f"peers: import {module}: " + (
-            f"ok ({os.path.relpath(where, ctx['peers_dir']) if where.startswith(ctx['peers_dir']) else where})"
-            if outcome["ok"] else outcome["error"]))
+        if where.startswith(ctx["peers_dir"]):
+            where = "carried: " + os.path.relpath(where, ctx["peers_dir"])
+        session.say(f"peers: import {module}: "
+                    + (f"ok ({where})" if outcome["ok"] else outcome["error"]))
         if not outcome["ok"] and session.doc["dry_run"]:
             session.problem(f"peer import {module} fails with the GPU image's packages: "
                             f"{outcome['error']}")
