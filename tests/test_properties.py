@@ -499,7 +499,7 @@ CONTRACTS = {
 
 
 @pytest.mark.parametrize("name", sorted(CONTRACTS))
-@deterministic(20)
+@deterministic(15)
 @given(data=st.data())
 def test_contract_objective(name, data):
     CONTRACTS[name].check(data)
