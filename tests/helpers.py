@@ -46,6 +46,52 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                atol=atol * scale, msg=lambda m: f"{name}: {m}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Accuracy against a float64 reference built from the SAME (rounded) inputs: the reference
+# upcasts the bf16/fp16 tensors the backend saw, so only the backend's own arithmetic counts.
+# Stated once here; used by the CPU tests, the CUDA tests and the tests that break a kernel
+# on purpose (tests/kernels/test_breaks.py), so a tolerance that lets a break through fails
+# there.
+# ---------------------------------------------------------------------------------------------
+
+# lse, logprobs, entropy, logits_mean: every backend forms logits and statistics in fp32
+# whatever the input dtype, so these are held to fp32 scale for every input dtype: (rtol, atol).
+# A vocabulary split missing from the lse is off by ~0.2; a logit rounded to bf16, by ~1e-2.
+VALUE_TOL = {torch.float64: (1e-10, 1e-10), "fp32": (1e-4, 1e-4)}
+
+# Gradients, normwise: ||got - want|| / ||want|| per output dtype. 16-bit gradients are
+# rounded twice (the logit-gradient chunk, then dH/dW themselves), each at most the unit
+# roundoff u (bf16 2**-8, fp16 2**-11) per entry and about u / sqrt(3) in RMS: the bound is
+# 1.5 u. A softmax term dropped from dH/dW moves them by > 0.9% at LM-head sizes.
+GRAD_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.5 * 2.0 ** -8,
+            torch.float16: 1.5 * 2.0 ** -11}
+
+
+def assert_values_close(actual: torch.Tensor, expected: torch.Tensor, input_dtype: torch.dtype,
+                        *, name: str = "") -> None:
+    """Per-token statistics at fp32 scale (float64 inputs: at float64 scale); NaN where the
+    reference has NaN and nowhere else."""
+    rtol, atol = VALUE_TOL.get(input_dtype, VALUE_TOL["fp32"])
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
+                               equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+def normwise_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    diff = torch.linalg.vector_norm(actual.double() - expected)
+    return float(diff / torch.linalg.vector_norm(expected).clamp(min=1e-300))
+
+
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *,
+                      name: str = "") -> None:
+    """A gradient against its float64 reference, normwise, at ``dtype``'s tolerance."""
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), f"{name}: non-finite entries"
+    error = normwise_error(actual, expected)
+    assert error <= GRAD_TOL[dtype], (f"{name}: normwise relative error {error:.3g} > "
+                                      f"{GRAD_TOL[dtype]:.3g} ({dtype})")
+
+
 def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, *, bias: bool = False,
                 ignore_frac: float = 0.25, ignore_index: int = -100, lead=None,
                 device: str = "cpu"):

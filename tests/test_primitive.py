@@ -165,8 +165,5 @@ def test_gradient_filtering_is_opt_in(backend):
     filtered = linear_logprobs(hidden, weight, targets, backend=backend, filter_eps=0.0)
     g_zero_eps = torch.autograd.grad(filtered.logprobs.sum(), (hidden, weight))
     for a, b in zip(g_exact, g_zero_eps):
-        torch.testing.assert_close(a, b)  # eps = 0 filters nothing
-    everything = linear_logprobs(hidden, weight, targets, backend=backend,
-                                 filter_eps=float("inf")).logprobs
-    g_inf = torch.autograd.grad(everything.sum(), (hidden, weight))
-    assert all((g == 0).all() for g in g_inf)  # every tile below an infinite threshold
+        torch.testing.assert_close(a, b)  # eps = 0 filters nothing (what it does filter:
+        # tests/backends/test_contract.py)
