@@ -17,9 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+import functools
+
 import torch
 
-from .backends import BACKENDS, resolve_backend
+from .backends import resolve_backend
 
 Backend = str  # one of BACKENDS
 
@@ -76,6 +78,19 @@ def _describe(name: str, t: torch.Tensor) -> str:
     return f"{name} (shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device})"
 
 
+def _is_real_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_positive_finite(name: str, value) -> None:
+    """A real number in (0, inf); a bool is refused (True would be silently 1)."""
+    if not _is_real_number(value):
+        raise TypeError(f"{name} must be a positive finite number, got {value!r} "
+                        f"({type(value).__name__})")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
 def validate(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -91,6 +106,12 @@ def validate(
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type == "meta":
+            raise ValueError(f"{_describe(name, t)}: expected a tensor with data (cpu or "
+                             "cuda); meta tensors have none to compute on")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r} "
+                        f"({type(ignore_index).__name__})")
     if type(weight).__name__ == "DTensor":
         raise TypeError(
             f"weight is a DTensor shard (placements {weight.placements}), not the full [V, H] "
@@ -114,6 +135,8 @@ def validate(
             f"last dim of {_describe('hidden', hidden)}")
     if weight.shape[0] < 1:
         raise ValueError(f"{_describe('weight', weight)}: the vocabulary V must be >= 1")
+    if weight.shape[1] < 1:
+        raise ValueError(f"{_describe('hidden', hidden)}: the hidden size H must be >= 1")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"{_describe('targets', targets)}: expected shape {tuple(hidden.shape[:-1])}, the "
@@ -129,10 +152,9 @@ def validate(
         if bias.dtype != hidden.dtype or bias.device != hidden.device:
             raise TypeError(
                 f"{_describe('bias', bias)}: expected dtype {hidden.dtype} on {hidden.device}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
+    check_positive_finite("temperature", temperature)
+    if softcap is not None:
+        check_positive_finite("softcap (None for no soft-capping)", softcap)
     if check_target_range and targets.numel():
         vocab = weight.shape[0]
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
@@ -147,15 +169,40 @@ def check_options(*, deterministic: bool = False, filter_eps=None, chunk_size=No
     """The primitive's non-tensor options, shared by every fused entry point."""
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
-    if filter_eps is not None and not filter_eps >= 0:
-        raise ValueError(f"filter_eps must be None or >= 0, got {filter_eps!r}")
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+    if filter_eps is not None and not (_is_real_number(filter_eps) and filter_eps >= 0):
+        raise ValueError(f"filter_eps must be None or a number >= 0, got {filter_eps!r}")
+    if chunk_size is not None and not (isinstance(chunk_size, int)
+                                       and not isinstance(chunk_size, bool) and chunk_size > 0):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------------------
+
+def first_order_only(backward):
+    """Make differentiating a Function's gradients (double backward: a gradient penalty
+    through ``create_graph=True``) a clear error instead of a silent zero.
+
+    ``torch.autograd.function.once_differentiable`` marks the gradients only when an upstream
+    gradient requires grad; ours also depend on the saved hidden and weight, so with
+    ``create_graph=True`` they are always marked, and any use of them in a backward raises.
+    """
+    message = (f"fused_losses: {backward.__qualname__.split('.')[0]} has no double backward: "
+               "its gradients cannot be differentiated again (create_graph=True followed by "
+               "a penalty on a gradient). Compute such a penalty without the fused LM head.")
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():  # the usual first-order backward
+            return grads
+        marked = [None if g is None else g.detach().requires_grad_() for g in grads]
+        error = torch._C._functions.DelayedError(message.encode(), len(marked))
+        return error(*marked)
+    return wrapper
+
 
 def _scatter(values: torch.Tensor | None, rows: torch.Tensor, size: int, fill=0):
     if values is None:
@@ -190,6 +237,7 @@ class LinearLogProbsFunction(torch.autograd.Function):
         )
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_logprobs, g_lse, _g_argmax, g_entropy, g_logits_mean):
         hidden, weight, bias, rows, targets, lse, entropy = ctx.saved_tensors
         grads = Grads(*(None if g is None else g.index_select(0, rows).to(lse.dtype)
@@ -288,6 +336,7 @@ class GradInForwardFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss):
         if ctx.input_grads is None:
             raise RuntimeError("a loss whose gradients were formed in forward can be "
@@ -436,5 +485,12 @@ def linear_logprobs_loss(
                         return_argmax=return_argmax, return_entropy=return_entropy,
                         return_logits_mean=return_logits_mean, filter_eps=filter_eps,
                         chunk_size=chunk_size, ignore_index=ignore_index)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (hidden, weight, bias))):
+        # No gradient wanted (no_grad, evaluation): the forward alone, one chunk of all groups.
+        with torch.no_grad():
+            stats = backend_module.forward(hidden_2d, weight, bias, rows, flat_targets,
+                                           **_forward_kwargs(opts))
+            return loss_fn(LogProbs(*stats), rows)
     return GradInForwardFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
                                        backend_module, opts, loss_fn, boundaries)

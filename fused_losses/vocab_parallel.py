@@ -261,6 +261,7 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
                 scatter(stats.entropy, rows, size), scatter(stats.logits_mean, rows, size))
 
     @staticmethod
+    @primitive.first_order_only
     def backward(ctx, g_logprobs, g_lse, _g_argmax, g_entropy, g_logits_mean):
         hidden, weight, bias, rows, local_targets, owned, lse, entropy = ctx.saved_tensors
         shard = ctx.shard

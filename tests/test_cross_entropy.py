@@ -94,3 +94,30 @@ def test_option_errors():
         linear_cross_entropy(hidden, weight, targets, num_items_in_batch=0)
     with pytest.raises(ValueError, match="lse_square_scale"):
         linear_cross_entropy(hidden, weight, targets, lse_square_scale=-1.0)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("no_grad", ["no_grad", "no_input_requires_grad"])
+def test_no_gradient_work_when_no_gradient_is_wanted(backend, no_grad, monkeypatch):
+    """Under torch.no_grad (or with no input requiring a gradient) the loss is a forward
+    pass: neither backward nor the gradients-in-forward pass may run."""
+    from fused_losses.backends import resolve_backend
+    module = resolve_backend(backend, torch.device("cpu"))
+    for name in ("backward", "forward_backward"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, _refuse(name))
+    hidden, weight, targets, _ = make_inputs(9, 16, 40, torch.float32)
+    if no_grad == "no_input_requires_grad":
+        hidden, weight = hidden.detach(), weight.detach()
+    with torch.no_grad() if no_grad == "no_grad" else torch.enable_grad():
+        for grad_in_forward in (None, True):
+            loss = linear_cross_entropy(hidden, weight, targets, backend=backend,
+                                        grad_in_forward=grad_in_forward)
+            want = linear_cross_entropy_reference(*_double(hidden, weight), targets)
+            assert_close(loss, want, torch.float32)
+
+
+def _refuse(name):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{name} ran although no gradient was wanted")
+    return refuse

@@ -112,3 +112,21 @@ def test_gradient_filtering_is_opt_in(backend):
     for a, b in zip(g_exact, g_zero_eps):
         torch.testing.assert_close(a, b)  # eps = 0 filters nothing (what it does filter:
         # tests/backends/test_contract.py)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("path", ["linear_logprobs", "linear_logprobs_loss"])
+def test_double_backward_is_a_clear_error(backend, path):
+    """A penalty on a gradient (create_graph=True) needs the backward's own gradient; the
+    Functions do not provide one, and say so instead of dropping the penalty silently."""
+    from fused_losses import linear_logprobs_loss
+    hidden, weight, targets, _ = make_inputs(6, 8, 20, torch.float32)
+    if path == "linear_logprobs":
+        loss = linear_logprobs(hidden, weight, targets, backend=backend).logprobs.sum()
+    else:
+        loss = linear_logprobs_loss(hidden, weight, targets, lambda s, p: s.logprobs.sum(),
+                                    backend=backend)
+    grad_hidden, = torch.autograd.grad(loss, hidden, create_graph=True)
+    penalty = grad_hidden.square().sum()
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        (loss + penalty).backward()
