@@ -56,7 +56,8 @@ def linear_cross_entropy(
 
     Args:
         hidden (Tensor): [..., H]; float32, bfloat16 or float16.
-        weight (Tensor): [V, H]; same dtype as ``hidden``.
+        weight (Tensor): [V, H]; dtypes may mix and autocast applies, as in
+            :func:`fused_losses.linear_logprobs`.
         targets (LongTensor): [...]; aligned with ``hidden`` (no shift), or with
             ``shift=True`` Hugging Face labels [..., T] for ``hidden`` [..., T, H].
         bias (Tensor, optional): [V]. Default: None.
@@ -116,10 +117,10 @@ def linear_cross_entropy(
         per_token = _token_loss(stats, label_smoothing, lse_square_scale)
         if reduction == "none":
             return per_token[..., :-1] if shift else per_token
-        return per_token.sum() * scale
+        return _scaled(per_token.sum(), scale)
 
     def chunk_loss(stats: LogProbs, positions: torch.Tensor) -> torch.Tensor:
-        return _token_loss(stats, label_smoothing, lse_square_scale).sum() * scale
+        return _scaled(_token_loss(stats, label_smoothing, lse_square_scale).sum(), scale)
 
     return linear_logprobs_loss(hidden, weight, targets, chunk_loss, bias,
                                 return_logits_mean=label_smoothing > 0, **primitive_options)
@@ -170,9 +171,14 @@ def check_item_count(name: str, value) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
+def _scaled(total: torch.Tensor, scale) -> torch.Tensor:
+    """``total * scale`` in total's dtype: two 0-dim tensors would promote to float64."""
+    return total * (scale.to(total.dtype) if isinstance(scale, torch.Tensor) else scale)
+
+
 def _scale(reduction: str, num_items_in_batch, num_scored):
-    # 1/count of an integer tensor would be float32 (a 3e-8 error in a float64 loss); a
-    # float64 0-dim scale keeps each loss in its own dtype.
+    # 1/count of an integer tensor would be float32 (a 3e-8 error in a float64 loss): the
+    # scale is float64, cast to the loss's own dtype by _scaled.
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):  # [] or [1]: a scalar loss either way
             return 1.0 / num_items_in_batch.reshape(()).double()

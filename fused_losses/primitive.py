@@ -118,11 +118,16 @@ def validate(
             "weight. Under FSDP/ZeRO-3 call the loss inside the module's forward (or "
             "register_fsdp_forward_method) so the weight is gathered; for a vocabulary-"
             "parallel (ColwiseParallel) head pass process_group= to use its shards directly")
-    if hidden.dtype not in _FLOATS:
-        raise TypeError(f"{_describe('hidden', hidden)}: expected a floating dtype {_FLOATS}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(
-            f"{_describe('weight', weight)}: expected the dtype of hidden ({hidden.dtype})")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{_describe(name, t)}: expected a floating dtype {_FLOATS}")
+    # 16/32-bit inputs may mix (compute_dtype promotes them, as mixed precision does);
+    # float64 is a reference precision and is not silently mixed in
+    for name, t in (("weight", weight), ("bias", bias)):
+        if isinstance(t, torch.Tensor) and (t.dtype == torch.float64) != (
+                hidden.dtype == torch.float64):
+            raise TypeError(f"{_describe(name, t)}: float64 mixes only with float64; hidden "
+                            f"is {hidden.dtype}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{_describe('targets', targets)}: expected integer token ids (int64)")
     if hidden.dim() < 1:
@@ -149,9 +154,9 @@ def validate(
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{_describe('bias', bias)}: expected shape [{weight.shape[0]}] (V)")
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise TypeError(
-                f"{_describe('bias', bias)}: expected dtype {hidden.dtype} on {hidden.device}")
+        if bias.dtype not in _FLOATS or bias.device != hidden.device:
+            raise TypeError(f"{_describe('bias', bias)}: expected a floating dtype {_FLOATS} "
+                            f"on {hidden.device}")
     check_positive_finite("temperature", temperature)
     if softcap is not None:
         check_positive_finite("softcap (None for no soft-capping)", softcap)
@@ -245,10 +250,11 @@ class LinearLogProbsFunction(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if all(g is None for g in grads) or rows.numel() == 0:
             return _zero_grads(hidden, weight, bias, ctx.needs_input_grad)
-        grad_hidden, grad_weight, grad_bias = ctx.backend.backward(
-            hidden, weight, bias, rows, targets, lse, entropy, *grads,
-            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
-            filter_eps=ctx.opts.filter_eps, **_backward_kwargs(ctx.opts))
+        with no_autocast(hidden.device):
+            grad_hidden, grad_weight, grad_bias = ctx.backend.backward(
+                hidden, weight, bias, rows, targets, lse, entropy, *grads,
+                need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                filter_eps=ctx.opts.filter_eps, **_backward_kwargs(ctx.opts))
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
@@ -373,17 +379,51 @@ def shape_outputs(outputs: tuple, shape, *, return_lse: bool) -> LogProbs:
     return LogProbs(logprobs, lse if return_lse else None, *rest)
 
 
+def compute_dtype(hidden, weight, bias=None) -> torch.dtype:
+    """The dtype the head runs in, as ``F.linear`` decides it: the autocast dtype when
+    autocast is on for hidden's device (float64 inputs excepted, as autocast leaves them),
+    else torch's type promotion of the inputs (a bf16 hidden with an fp32 head runs in fp32;
+    an fp32 hidden with a 16-bit head upcasts the head, a [V, H] fp32 copy)."""
+    dtypes = [t.dtype for t in (hidden, weight, bias) if t is not None]
+    device_type = hidden.device.type
+    if torch.float64 not in dtypes and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def no_autocast(device: torch.device):
+    """The backends compute in the dtype they are given: autocast must not recast inside."""
+    return torch.autocast(device.type, enabled=False)
+
+
+class Prepared(NamedTuple):
+    """The inputs as every backend takes them: one compute dtype, flat rows."""
+
+    backend: object  # the backend module
+    hidden: torch.Tensor  # [M, H], compute dtype; differentiable back to the caller's dtype
+    weight: torch.Tensor  # [V, H], compute dtype
+    bias: torch.Tensor | None  # [V], compute dtype
+    rows: torch.Tensor  # [N] int64, the scored rows of hidden
+    targets: torch.Tensor  # [N] int64, their targets
+
+
 def prepare(hidden, weight, targets, bias, *, ignore_index, temperature, softcap, backend,
-            check_target_range=True):
-    """Validate, flatten to [M, H] and list the scored rows; shared by every fused entry point."""
+            check_target_range=True) -> Prepared:
+    """Validate, cast to the compute dtype, flatten to [M, H] and list the scored rows;
+    shared by every fused entry point. The casts are autograd ops, so each input's gradient
+    comes back in its own dtype (fp32 master weights keep fp32 gradients)."""
     validate(hidden, weight, targets, bias, ignore_index=ignore_index,
              temperature=temperature, softcap=softcap, check_target_range=check_target_range)
     backend_module = resolve_backend(backend, hidden.device)
+    dtype = compute_dtype(hidden, weight, bias)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     # Ignored rows are never visited: they cost no FLOPs and get zero gradient.
     rows = (flat_targets != ignore_index).nonzero().squeeze(-1)
-    return backend_module, hidden_2d, rows, flat_targets.index_select(0, rows).long()
+    return Prepared(backend_module, hidden_2d, weight, bias, rows,
+                    flat_targets.index_select(0, rows).long())
 
 
 def _group_rows(rows: torch.Tensor, groups: torch.Tensor | None, targets: torch.Tensor):
@@ -421,15 +461,14 @@ def linear_logprobs(
     """The single-device primitive: :func:`fused_losses.linear_logprobs` without the
     vocabulary-parallel options (arguments and returns as documented there)."""
     check_options(deterministic=deterministic, filter_eps=filter_eps, chunk_size=chunk_size)
-    backend_module, hidden_2d, rows, flat_targets = prepare(
-        hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, backend=backend)
-    opts = make_options(backend_module, temperature=temperature, softcap=softcap,
+    inputs = prepare(hidden, weight, targets, bias, ignore_index=ignore_index,
+                     temperature=temperature, softcap=softcap, backend=backend)
+    opts = make_options(inputs.backend, temperature=temperature, softcap=softcap,
                         return_argmax=return_argmax, return_entropy=return_entropy,
                         return_logits_mean=return_logits_mean, filter_eps=filter_eps,
                         chunk_size=chunk_size, ignore_index=ignore_index)
-    outputs = LinearLogProbsFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
-                                           backend_module, opts)
+    with no_autocast(hidden.device):
+        outputs = LinearLogProbsFunction.apply(*inputs[1:], inputs.backend, opts)
     return shape_outputs(outputs, targets.shape, return_lse=return_lse)
 
 
@@ -476,21 +515,22 @@ def linear_logprobs_loss(
         Tensor: the scalar loss (float32; float64 for float64 inputs).
     """
     check_options(filter_eps=filter_eps, chunk_size=chunk_size)
-    backend_module, hidden_2d, rows, _ = prepare(
-        hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, backend=backend)
-    rows, boundaries = _group_rows(rows, groups, targets)
+    inputs = prepare(hidden, weight, targets, bias, ignore_index=ignore_index,
+                     temperature=temperature, softcap=softcap, backend=backend)
+    rows, boundaries = _group_rows(inputs.rows, groups, targets)
     flat_targets = targets.reshape(-1).index_select(0, rows).long()
-    opts = make_options(backend_module, temperature=temperature, softcap=softcap,
+    opts = make_options(inputs.backend, temperature=temperature, softcap=softcap,
                         return_argmax=return_argmax, return_entropy=return_entropy,
                         return_logits_mean=return_logits_mean, filter_eps=filter_eps,
                         chunk_size=chunk_size, ignore_index=ignore_index)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                            for t in (hidden, weight, bias))):
-        # No gradient wanted (no_grad, evaluation): the forward alone, one chunk of all groups.
-        with torch.no_grad():
-            stats = backend_module.forward(hidden_2d, weight, bias, rows, flat_targets,
-                                           **_forward_kwargs(opts))
-            return loss_fn(LogProbs(*stats), rows)
-    return GradInForwardFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
-                                       backend_module, opts, loss_fn, boundaries)
+    tensors = (inputs.hidden, inputs.weight, inputs.bias, rows, flat_targets)
+    with no_autocast(hidden.device):
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (hidden, weight, bias))):
+            # No gradient wanted (no_grad, evaluation): the forward alone, one chunk of all
+            # groups.
+            with torch.no_grad():
+                stats = inputs.backend.forward(*tensors, **_forward_kwargs(opts))
+                return loss_fn(LogProbs(*stats), rows)
+        return GradInForwardFunction.apply(*tensors, inputs.backend, opts, loss_fn,
+                                           boundaries)

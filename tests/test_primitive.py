@@ -130,3 +130,44 @@ def test_double_backward_is_a_clear_error(backend, path):
     penalty = grad_hidden.square().sum()
     with pytest.raises(RuntimeError, match="has no double backward"):
         (loss + penalty).backward()
+
+
+def _leaves(*tensors, dtype):
+    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+@pytest.mark.parametrize("case", ["autocast", "bf16_hidden_fp32_head"])
+def test_autocast_and_mixed_dtypes_behave_as_F_linear(backend, grad_in_forward, case):
+    """Under autocast the head runs in the autocast dtype (the result is the float64
+    reference of the bf16-rounded inputs); without it, mixed dtypes promote as torch does
+    (a bf16 hidden with an fp32 head runs in fp32). Each input gets its gradient in its own
+    dtype, on both gradient paths."""
+    from fused_losses import linear_cross_entropy
+    from fused_losses.reference import linear_cross_entropy_reference
+    from tests.helpers import GRAD_TOL, assert_grad_close, assert_values_close
+    hidden, weight, targets, bias = make_inputs(10, 16, 50, torch.float64, bias=True)
+    if case == "autocast":
+        leaves = _leaves(hidden, weight, bias, dtype=torch.float32)
+        compute = torch.bfloat16
+        context = torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        leaves = _leaves(hidden, dtype=torch.bfloat16) + _leaves(weight, bias,
+                                                                 dtype=torch.float32)
+        compute = torch.float32
+        context = torch.autocast("cpu", enabled=False)
+    with context:
+        loss = linear_cross_entropy(*leaves[:2], targets, leaves[2], backend=backend,
+                                    grad_in_forward=grad_in_forward, softcap=5.0)
+    grads = torch.autograd.grad(loss, leaves)
+    # the reference sees what the head computed on: the inputs rounded to the compute dtype
+    ref_leaves = [t.detach().to(compute).double().requires_grad_() for t in leaves]
+    want = linear_cross_entropy_reference(*ref_leaves[:2], targets, ref_leaves[2], softcap=5.0)
+    assert loss.dtype == torch.float32
+    assert_values_close(loss, want, compute, name="loss")
+    for name, got, leaf, ref in zip(("hidden", "weight", "bias"), grads, leaves,
+                                    torch.autograd.grad(want, ref_leaves)):
+        assert got.dtype == leaf.dtype, name  # fp32 master weights keep fp32 gradients
+        coarser = max(compute, leaf.dtype, key=lambda d: GRAD_TOL[d])  # bf16 hidden's dH
+        assert_grad_close(got, ref, coarser, backend=backend, name=f"grad {name}")

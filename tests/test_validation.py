@@ -18,7 +18,8 @@ def ok():
     (lambda h, w, t: (h, torch.randn(V, H + 1), t), ValueError, r"weight .*\[V, 8\]"),
     (lambda h, w, t: (h, w, t[:3]), ValueError, r"targets .*expected shape \(4,\)"),
     (lambda h, w, t: (h, w, t.float()), TypeError, r"targets .*float32.*integer"),
-    (lambda h, w, t: (h, w.double(), t), TypeError, r"weight .*float64.*dtype of hidden"),
+    (lambda h, w, t: (h, w.double(), t), TypeError, r"weight .*float64 mixes only with float64"),
+    (lambda h, w, t: (h, w.long(), t), TypeError, r"weight .*int64.*expected a floating"),
     (lambda h, w, t: (h.long(), w, t), TypeError, r"hidden .*int64.*floating"),
     (lambda h, w, t: (h, w, torch.tensor([0, 1, V, 2])), ValueError,
      r"targets .*outside \[0, 10\).*first: 10"),
@@ -83,8 +84,10 @@ def test_bad_bias():
     h, w, t = ok()
     with pytest.raises(ValueError, match=r"bias .*expected shape \[10\]"):
         linear_logprobs(h, w, t, torch.randn(V + 1))
-    with pytest.raises(TypeError, match=r"bias .*expected dtype torch.float32"):
+    with pytest.raises(TypeError, match=r"bias .*float64 mixes only with float64"):
         linear_logprobs(h, w, t, torch.randn(V, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"bias .*int64.*expected a floating dtype"):
+        linear_logprobs(h, w, t, torch.zeros(V, dtype=torch.int64))
 
 
 def test_ignore_index_is_not_out_of_range():
