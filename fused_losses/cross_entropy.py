@@ -6,9 +6,8 @@ from typing import Literal
 
 import torch
 
-from .backends import resolve_backend
-from .primitive import (Backend, LogProbs, _is_real_number, linear_logprobs,
-                        linear_logprobs_loss)
+from .primitive import (Backend, LogProbs, _is_real_number, gradients_in_forward_available,
+                        linear_logprobs, linear_logprobs_loss)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -144,7 +143,9 @@ def _use_grad_in_forward(requested: bool | None, backend: str, hidden, weight, b
         isinstance(t, torch.Tensor) and t.requires_grad for t in (hidden, weight, bias))
     if requested is False or not needs_grad:
         return False
-    return requested or hasattr(resolve_backend(backend, hidden.device), "forward_backward")
+    if torch.compiler.is_compiling():  # one custom op, recompute in backward
+        return False
+    return requested or gradients_in_forward_available(backend, hidden.device)
 
 
 def check_item_count(name: str, value) -> None:

@@ -268,7 +268,8 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
         g = Grads(*(None if t is None else t.index_select(0, rows).to(lse.dtype)
                     for t in (g_logprobs, g_lse, g_entropy, g_logits_mean)))
         if all(t is None for t in g) or rows.numel() == 0:
-            return primitive._zero_grads(hidden, weight, bias, ctx.needs_input_grad) + (None,)
+            return primitive._zero_grads(hidden, weight, bias, ctx.needs_input_grad) \
+                + (None,) * 5
         grad_logprobs, grad_lse = g.logprobs, g.lse
         if grad_logprobs is not None:
             # d logp / dz = onehot(y) - p: the onehot only where y is owned, -p everywhere,
@@ -346,13 +347,8 @@ def vocab_parallel_logprobs(
     inputs = primitive.prepare(hidden, weight, targets, bias, ignore_index=ignore_index,
                                temperature=temperature, softcap=softcap, backend=backend,
                                check_target_range=False)
-    if targets.numel():  # ids are global here: checked against the whole vocabulary
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= shard.vocab))
-        if bool(bad.any()):
-            raise ValueError(
-                f"targets: {int(bad.sum())} id(s) outside the global vocabulary [0, "
-                f"{shard.vocab}) that are not ignore_index={ignore_index} "
-                f"(first: {targets[bad][0].item()})")
+    # ids are global here: checked against the whole vocabulary
+    primitive.check_target_ids(targets, shard.vocab, ignore_index, "the global vocabulary ")
     opts = primitive.make_options(
         inputs.backend, temperature=temperature, softcap=softcap, return_argmax=return_argmax,
         return_entropy=return_entropy, return_logits_mean=return_logits_mean,
