@@ -14,10 +14,9 @@ followed by the soft-cap chain rule ``1 - (z/s)^2`` and ``1/temperature``.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
-
-import functools
 
 import torch
 
