@@ -14,6 +14,15 @@ import torch
 GRAD_CHUNK_BYTES = 64 << 20
 INTERPRETER_GRAD_CHUNK_BYTES = 4 << 10
 
+# The cuBLAS backend's fp32 product chunks (backends/cublas_epilogue.py). Recompute path: a
+# vocabulary chunk of every scored row, [N, C] (C = 2048 at N = 8192). One-pass (6NHV) path:
+# a token chunk over all of V, [n, V]; its GEMMs re-read the whole weight (and dW) once per
+# chunk, so n sets their FLOP per byte: n = 512 at V = 128256 (256 MiB) keeps all three
+# compute-bound on an H200 (benchmarks/notes.md, G5); 64 MiB (n = 130) would not.
+CUBLAS_CHUNK_BYTES = 64 << 20
+ONE_PASS_BYTES = 256 << 20
+INTERPRETER_CHUNK_BYTES = 4 << 10
+
 # Shared memory per block (opt-in maximum), bytes.
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 
@@ -37,11 +46,24 @@ _GPU = {
     },
 }
 
+# The epilogue kernels (epilogue.py) stream a GEMM-formed chunk once, so they are memory-bound:
+# every tile step loads 4096 fp32 entries (16 KiB, 32 per thread as 16-byte vectors). A chunk
+# of few rows (a token chunk of the one-pass path: 512 rows x all of V) takes shorter, wider
+# tiles, so that the grid still covers the device while a program owns whole rows, which the
+# in-place gradient needs. Tiles in preference order; ``epilogue_config`` picks the first
+# whose grid has at least two programs per multiprocessor.
+EPILOGUE_TILES = (
+    dict(BLOCK_N=16, BLOCK_V=256, num_warps=4, num_stages=1),
+    dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4, num_stages=1),
+    dict(BLOCK_N=1, BLOCK_V=4096, num_warps=4, num_stages=1),
+)
+
 # Under TRITON_INTERPRET=1 small blocks keep tests fast and cross many tile edges.
 INTERPRETER = {
     "fwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=1),
     "bwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, BLOCK_OUT=16, GROUP_N=2, num_warps=4,
                 num_stages=1),
+    "epilogue": dict(BLOCK_N=4, BLOCK_V=16, num_warps=4, num_stages=1),
 }
 
 SHIPPED = [(kernel, dtype_class, cfg) for kernel, table in _GPU.items()
@@ -56,6 +78,30 @@ def config_for(kernel: str, dtype: torch.dtype, interpreting: bool) -> dict:
     if interpreting:
         return dict(INTERPRETER[kernel])
     return dict(_GPU[kernel][dtype_class(dtype)])
+
+
+def epilogue_config(rows: int, multiprocessors: int, interpreting: bool) -> dict:
+    """The epilogue tile for a chunk of ``rows`` rows (see ``EPILOGUE_TILES``)."""
+    if interpreting:
+        return dict(INTERPRETER["epilogue"])
+    for tile in EPILOGUE_TILES:
+        if -(-rows // tile["BLOCK_N"]) >= 2 * multiprocessors:
+            return dict(tile)
+    return dict(EPILOGUE_TILES[-1])
+
+
+def product_columns(rows: int, vocab: int, budget: int) -> int:
+    """Vocabulary columns of a recompute-path chunk: ``[rows, columns]`` fp32 within
+    ``budget``, a multiple of 128 when that wide (aligned rows, whole epilogue tiles)."""
+    columns = max(1, budget // (4 * max(rows, 1)))
+    if columns >= 128:
+        columns -= columns % 128
+    return min(columns, vocab)
+
+
+def one_pass_rows(vocab: int, budget: int) -> int:
+    """Token rows of a one-pass chunk: ``[rows, vocab]`` fp32 within ``budget``."""
+    return max(1, budget // (4 * vocab))
 
 
 def chunk_width(num_rows: int, vocab: int, itemsize: int, block_v: int,
