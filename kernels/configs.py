@@ -15,12 +15,17 @@ GRAD_CHUNK_BYTES = 64 << 20
 INTERPRETER_GRAD_CHUNK_BYTES = 4 << 10
 
 # The cuBLAS backend's fp32 product chunks (backends/cublas_epilogue.py). Recompute path: a
-# vocabulary chunk of every scored row, [N, C] (C = 2048 at N = 8192). One-pass (6NHV) path:
-# a token chunk over all of V, [n, V]; its GEMMs re-read the whole weight (and dW) once per
-# chunk, so n sets their FLOP per byte: n = 512 at V = 128256 (256 MiB) keeps all three
-# compute-bound on an H200 (benchmarks/notes.md, G5); 64 MiB (n = 130) would not.
+# vocabulary chunk of every scored row, [N, C], about CUBLAS_CHUNK_BYTES (C = 2048 at
+# N = 8192). One-pass (6NHV) path: token chunks of about ONE_PASS_ROWS rows over all of V.
+# Each one-pass chunk re-reads the weight twice and reads and writes the fp32 dW accumulator
+# once, so the rows set the GEMMs' FLOP per byte: the dW update does rows / 4 FLOP per byte
+# of its fp32 accumulator, above an H200's ~184 (790 TFLOP/s over 4.3 TB/s) only from about
+# 740 rows (benchmarks/notes.md, G5). Groups larger than ONE_PASS_BYTES of products are
+# recomputed instead (fused_losses.backends: the one-pass bound).
 CUBLAS_CHUNK_BYTES = 64 << 20
-ONE_PASS_BYTES = 256 << 20
+ONE_PASS_ROWS = 1024
+ONE_PASS_BYTES = 1 << 30
+# Under the interpreter a few KiB of products, so that tests cross chunk edges.
 INTERPRETER_CHUNK_BYTES = 4 << 10
 
 # Shared memory per block (opt-in maximum), bytes.
@@ -99,9 +104,11 @@ def product_columns(rows: int, vocab: int, budget: int) -> int:
     return min(columns, vocab)
 
 
-def one_pass_rows(vocab: int, budget: int) -> int:
-    """Token rows of a one-pass chunk: ``[rows, vocab]`` fp32 within ``budget``."""
-    return max(1, budget // (4 * vocab))
+def one_pass_rows(vocab: int, interpreting: bool) -> int:
+    """Token rows per one-pass chunk (groups may make a chunk longer or shorter)."""
+    if interpreting:
+        return max(1, INTERPRETER_CHUNK_BYTES // (4 * vocab))
+    return ONE_PASS_ROWS
 
 
 def chunk_width(num_rows: int, vocab: int, itemsize: int, block_v: int,

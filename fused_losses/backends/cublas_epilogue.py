@@ -14,7 +14,7 @@ read each fp32 chunk of raw products once, applying bias, temperature and soft-c
   buffer). 6NHV; 8NHV with the forward.
 * ``forward_backward`` (the 6NHV path of losses whose upstream gradient is known in forward):
   token chunks of whole groups over all of V, ``[n, V]`` fp32 products of about
-  ``configs.ONE_PASS_BYTES``: statistics, the loss's upstream gradients, the gradient in
+  ``configs.ONE_PASS_ROWS`` rows: statistics, the loss's upstream gradients, the gradient in
   place, ``dH[chunk] = G @ W`` (K = V, written once) and ``dW += Gᵀ @ hidden[chunk]`` into an
   fp32 ``[V, H]`` accumulator. Each logit is formed once: 6NHV in total.
 
@@ -182,13 +182,13 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
 def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=None,
                      need_hidden=True, need_weight=True, need_bias=True, temperature=1.0,
                      softcap=None, filter_eps=None, with_argmax=False, with_entropy=False,
-                     with_logits_mean=False, chunk_bytes=None):
+                     with_logits_mean=False, chunk_rows=None):
     """One pass: per token chunk of whole groups, statistics, the head's upstream gradients
     and the input gradients, each logit formed once (6NHV).
 
     ``head(5 per-token stats of a chunk, its row slice) -> (loss of the chunk, 4 upstream
-    grads)``; chunks end only at ``boundaries``; a chunk's ``[rows, V]`` fp32 products take
-    about ``chunk_bytes`` (default ``configs.ONE_PASS_BYTES``). Returns (loss, dH, dW, dBias).
+    grads)``; chunks of about ``chunk_rows`` rows (default ``configs.ONE_PASS_ROWS``) end
+    only at ``boundaries``. Returns (loss, dH, dW, dBias).
     """
     _check(hidden, weight, bias)
     _no_filter(filter_eps)
@@ -199,19 +199,19 @@ def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=No
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
     grad_weight_f32 = torch.zeros(vocab, width, **f32) if need_weight else None
     grad_bias_f32 = torch.zeros(vocab, **f32) if need_bias else None
-    size = configs.one_pass_rows(vocab, chunk_bytes or _one_pass_bytes())
+    size = chunk_rows or configs.one_pass_rows(vocab, _launch.interpreting())
     products = _Products(vocab, _product_dtype(hidden), device)
     flags = dict(with_argmax=with_argmax, with_entropy=with_entropy,
                  with_logits_mean=with_logits_mean)
     for piece in _chunks(num_rows, vocab, size, boundaries):
-        chunk_rows, chunk_targets = rows[piece], targets[piece]
-        count = chunk_rows.numel()
-        scored = hidden.index_select(0, chunk_rows)
+        piece_rows, piece_targets = rows[piece], targets[piece]
+        count = piece_rows.numel()
+        scored = hidden.index_select(0, piece_rows)
         product = products.get(count, vocab)
         _matmul(scored, weight.T, product)
         state = epilogue.fold_state(epilogue.fold_splits(count, vocab, device), count, device,
                                     **flags)
-        epilogue.fold(product, 0, bias, chunk_targets, state, temperature=temperature,
+        epilogue.fold(product, 0, bias, piece_targets, state, temperature=temperature,
                       softcap=softcap)
         stats = epilogue.statistics(state, vocab)
         chunk_loss, (grad_logprobs, grad_lse, grad_entropy, grad_logits_mean) = \
@@ -222,15 +222,16 @@ def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=No
             continue
         mu = stats[1] - stats[3] if grad_entropy is not None else None
         grad = _gradient_view(product, weight.dtype)
-        epilogue.grad(product, grad, 0, bias, chunk_targets, stats[1], grad_logprobs,
+        epilogue.grad(product, grad, 0, bias, piece_targets, stats[1], grad_logprobs,
                       grad_lse, grad_entropy, mu, grad_logits_mean, vocab=vocab,
                       temperature=temperature, softcap=softcap)
         if need_hidden:  # K = V: cuBLAS sums in fp32 and rounds once
-            grad_hidden.index_copy_(0, chunk_rows, grad @ weight)
+            grad_hidden.index_copy_(0, piece_rows, grad @ weight)
         if need_weight:
             _matmul(grad.T, scored, grad_weight_f32, accumulate=True)
         if need_bias:
             grad_bias_f32 += grad.sum(dim=0, dtype=torch.float32)
+    del products  # before dW's cast: lower peak
     return (loss, grad_hidden,
             None if grad_weight_f32 is None else grad_weight_f32.to(weight.dtype),
             None if grad_bias_f32 is None else grad_bias_f32.to(bias.dtype))
@@ -239,11 +240,6 @@ def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=No
 def _chunk_bytes() -> int:
     return configs.INTERPRETER_CHUNK_BYTES if _launch.interpreting() else \
         configs.CUBLAS_CHUNK_BYTES
-
-
-def _one_pass_bytes() -> int:
-    return configs.INTERPRETER_CHUNK_BYTES if _launch.interpreting() else \
-        configs.ONE_PASS_BYTES
 
 
 def _no_filter(filter_eps):

@@ -126,7 +126,7 @@ def test_one_pass_matches_autograd_through_the_reference(cublas, dtype, rows_per
 
     loss, *grads = cublas.forward_backward(
         hidden, weight, bias, rows, tgt, head, boundaries=boundaries, **options, **FLAGS,
-        chunk_bytes=rows_per_chunk * 4 * weight.shape[0])
+        chunk_rows=rows_per_chunk)
     pairs_per_chunk = [set(torch.div(chunk, 6, rounding_mode="floor").tolist())
                        for chunk in seen]
     assert sum(map(len, pairs_per_chunk)) == len(set().union(*pairs_per_chunk))  # no pair split
