@@ -1,11 +1,19 @@
-"""Block configurations for every kernel: one known-good default per (kernel, dtype class).
+"""Block configurations: one known-good default per (kernel, dtype class), and a tuning space.
 
-Every configuration listed in ``SHIPPED`` is compiled for sm_80 and sm_90 by the test suite
-(``tests/kernels/test_compile.py``), which also checks it fits those chips' shared memory.
-These defaults are conservative starting points, not measured optima: tuning needs a GPU and
-is tracked in ``benchmarks/notes.md``.
+Every default (``SHIPPED``) is compiled for sm_80 and sm_90 by the test suite
+(``tests/kernels/test_compile.py``: no spills, fits shared memory, pipelined, wgmma), and so is
+every member of the autotune space (``SPACE``, the slow part of that test). Tuning is opt-in,
+as in Cut Cross-Entropy: with ``FUSED_LOSSES_AUTOTUNE=1`` on CUDA, :func:`tuned` times each
+member of the space that fits the device's shared memory by running the launcher with it, once
+per (kernel, dtype, V, H, bucket of N, device capability), and keeps the fastest for the
+process. The defaults are predictions from the compile reports, not measured optima
+(``benchmarks/notes.md``).
 """
 from __future__ import annotations
+
+import itertools
+import os
+from typing import Callable
 
 import torch
 
@@ -51,16 +59,58 @@ _GPU = {
     },
 }
 
+# The autotune space per kernel and dtype class: the default first, then tile shapes around it.
+# Pruned by what the compile probe showed (tests/kernels/compile_probe.py, sm_80 and sm_90,
+# every flag on): the forward's online statistics keep about five [BLOCK_N, BLOCK_V] fp32
+# tiles live, so it spills beyond 32 accumulator entries per thread; the backward kernels hold
+# one GEMM accumulator and stay spill-free up to 64. Members over a device's shared memory are
+# dropped at run time (:func:`shared_memory`).
+def _grid(base: dict, **axes) -> list[dict]:
+    names = list(axes)
+    return [dict(base, **dict(zip(names, values)))
+            for values in itertools.product(*(axes[n] for n in names))]
+
+
+def _entries_per_thread(cfg: dict, *dims: str) -> int:
+    return cfg[dims[0]] * cfg[dims[1]] // (32 * cfg["num_warps"])
+
+
+SPACE = {
+    "fwd": {
+        "16bit": [c for c in _grid(dict(BLOCK_H=64), BLOCK_N=(64, 128), BLOCK_V=(64, 128, 256),
+                                   num_warps=(4, 8), num_stages=(3, 4))
+                  if _entries_per_thread(c, "BLOCK_N", "BLOCK_V") <= 32],
+        "fp32": [c for c in _grid(dict(BLOCK_H=16), BLOCK_N=(64, 128), BLOCK_V=(64, 128),
+                                  num_warps=(4, 8), num_stages=(2, 3))
+                 if _entries_per_thread(c, "BLOCK_N", "BLOCK_V") <= 32],
+    },
+    "bwd": {
+        "16bit": [c for c in _grid(dict(BLOCK_H=64, GROUP_N=8), BLOCK_N=(64, 128),
+                                   BLOCK_V=(64, 128), BLOCK_OUT=(128, 256), num_warps=(4, 8),
+                                   num_stages=(3, 4))
+                  if max(_entries_per_thread(c, "BLOCK_N", "BLOCK_V"),
+                         _entries_per_thread(c, "BLOCK_N", "BLOCK_OUT"),
+                         _entries_per_thread(c, "BLOCK_V", "BLOCK_OUT")) <= 64],
+        "fp32": [c for c in _grid(dict(BLOCK_H=16, GROUP_N=8), BLOCK_N=(64,), BLOCK_V=(64,),
+                                  BLOCK_OUT=(32, 64), num_warps=(4, 8), num_stages=(2, 3))],
+    },
+}
+for _kernel, _table in SPACE.items():  # the default leads its space
+    for _cls, _members in _table.items():
+        _default = _GPU[_kernel][_cls]
+        _table[_cls] = [_default] + [m for m in _members if m != _default]
+
+
 # The epilogue kernels (epilogue.py) stream a GEMM-formed chunk once, so they are memory-bound:
-# every tile step loads 4096 fp32 entries (16 KiB, 32 per thread as 16-byte vectors). A chunk
-# of few rows (a token chunk of the one-pass path: 512 rows x all of V) takes shorter, wider
+# every tile step loads 4096 fp32 entries (16 KiB, 16 per thread as 16-byte vectors). A chunk
+# of few rows (a token chunk of the one-pass path: 1024 rows x all of V) takes shorter, wider
 # tiles, so that the grid still covers the device while a program owns whole rows, which the
 # in-place gradient needs. Tiles in preference order; ``epilogue_config`` picks the first
 # whose grid has at least two programs per multiprocessor.
 EPILOGUE_TILES = (
-    dict(BLOCK_N=16, BLOCK_V=256, num_warps=4, num_stages=1),
-    dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4, num_stages=1),
-    dict(BLOCK_N=1, BLOCK_V=4096, num_warps=4, num_stages=1),
+    dict(BLOCK_N=16, BLOCK_V=256, num_warps=8, num_stages=1),
+    dict(BLOCK_N=4, BLOCK_V=1024, num_warps=8, num_stages=1),
+    dict(BLOCK_N=1, BLOCK_V=4096, num_warps=8, num_stages=1),
 )
 
 # Under TRITON_INTERPRET=1 small blocks keep tests fast and cross many tile edges.
@@ -71,8 +121,10 @@ INTERPRETER = {
     "epilogue": dict(BLOCK_N=4, BLOCK_V=16, num_warps=4, num_stages=1),
 }
 
+# Every default the compile test checks: (kernel family, dtype class, config).
 SHIPPED = [(kernel, dtype_class, cfg) for kernel, table in _GPU.items()
-           for dtype_class, cfg in table.items()]
+           for dtype_class, cfg in table.items()] + [
+    ("epilogue", dtype_class, tile) for tile in EPILOGUE_TILES for dtype_class in ("16bit", "fp32")]
 
 
 def dtype_class(dtype: torch.dtype) -> str:
@@ -117,3 +169,71 @@ def chunk_width(num_rows: int, vocab: int, itemsize: int, block_v: int,
     ``[num_rows, columns]`` gradient fits ``budget`` bytes; at least one tile, at most V."""
     tiles = max(1, budget // (max(num_rows, 1) * itemsize * block_v))
     return min(tiles * block_v, -(-vocab // block_v) * block_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared memory and opt-in autotuning
+# ---------------------------------------------------------------------------------------------
+
+def shared_memory(kernel: str, itemsize: int, cfg: dict) -> int:
+    """Bytes of shared memory a config's pipelined loops take: ``num_stages`` buffers of each
+    K-step's operand tiles (what Triton allocates on sm_90; sm_80 keeps one buffer fewer), the
+    largest over the kernel family."""
+    n, v, stages = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["num_stages"]
+    per_stage = (n + v) * cfg["BLOCK_H"]                     # logit tile: hidden and weight
+    if kernel == "bwd":
+        out = cfg["BLOCK_OUT"]
+        per_stage = max(per_stage, n * v + v * out, v * n + n * out)  # dH and dW GEMMs
+    return stages * per_stage * itemsize
+
+
+def device_shared_memory(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    return limit or SHARED_MEMORY_LIMIT.get(props.major * 10, SHARED_MEMORY_LIMIT[80])
+
+
+def space(kernel: str, dtype: torch.dtype, limit: int | None = None) -> list[dict]:
+    """The tuning space of ``kernel`` at ``dtype``, default first; with ``limit``, only the
+    members whose :func:`shared_memory` fits it."""
+    itemsize = torch.finfo(dtype).bits // 8
+    return [dict(c) for c in SPACE[kernel][dtype_class(dtype)]
+            if limit is None or shared_memory(kernel, itemsize, c) <= limit]
+
+
+AUTOTUNE_VARIABLE = "FUSED_LOSSES_AUTOTUNE"
+_TUNED: dict[tuple, dict] = {}
+
+
+def autotuning() -> bool:
+    return os.environ.get(AUTOTUNE_VARIABLE, "0") == "1"
+
+
+def tokens_bucket(tokens: int) -> int:
+    """The key's token count: the next power of two (at least 64)."""
+    return max(64, 1 << max(tokens - 1, 1).bit_length())
+
+
+def tuned(kernel: str, dtype: torch.dtype, sizes: tuple[int, int, int], device: torch.device,
+          run: Callable[[dict], object]) -> dict:
+    """The config for ``kernel`` at ``sizes = (N, V, H)``: the default; with
+    ``FUSED_LOSSES_AUTOTUNE=1`` on CUDA the fastest member of the space, found by timing
+    ``run(config)`` (the whole launcher, so that allocations sized by the config count) once
+    per key and kept for the process. Members that fail to launch are skipped."""
+    if not autotuning() or device.type != "cuda":
+        return config_for(kernel, dtype, interpreting=False)
+    tokens, vocab, width = sizes
+    key = (kernel, dtype, vocab, width, tokens_bucket(tokens),
+           torch.cuda.get_device_capability(device))
+    if key not in _TUNED:
+        from triton.runtime.errors import OutOfResources
+        from triton.testing import do_bench
+
+        timings = []
+        for cfg in space(kernel, dtype, device_shared_memory(device)):
+            try:
+                timings.append((do_bench(lambda c=cfg: run(c), return_mode="median"), cfg))
+            except OutOfResources:
+                continue
+        _TUNED[key] = min(timings, key=lambda t: t[0])[1]
+    return dict(_TUNED[key])
