@@ -22,13 +22,13 @@ On the CPU the GEMMs are torch's (16-bit operands upcast to fp32, so the product
 products of the same inputs) and the epilogues run under ``TRITON_INTERPRET=1``; that is how
 the tests run it. Without ``out_dtype`` (torch < 2.8 on CUDA) the products are rounded to the
 input dtype before the epilogue (error about ``|z| * 2**-8`` in bf16 logits).
-Same signatures as ``fused_losses._torch_backend``; no atomics anywhere (deterministic).
+The interface of :mod:`fused_losses.backends`; no atomics anywhere (deterministic).
 """
 from __future__ import annotations
 
 import torch
 
-from .._torch_backend import _chunks
+from .torch_chunked import _chunks
 from ..kernels import _launch, configs, epilogue
 
 NAME = "cublas"

@@ -4,7 +4,7 @@ materialised reference in tests/test_primitive.py)."""
 import pytest
 import torch
 
-from fused_losses import _torch_backend
+from fused_losses.backends import torch_chunked
 from fused_losses.primitive import LogProbs, _loss_and_grads
 from tests.helpers import HAS_TRITON, assert_close, make_inputs
 
@@ -50,12 +50,12 @@ def test_forward_and_backward_match_float64(cublas, dtype, chunk_bytes):
     options = dict(temperature=0.7, softcap=2.5)
     got = cublas.forward(hidden, weight, bias, rows, tgt, chunk_bytes=chunk_bytes, **options,
                          **FLAGS)
-    want = _torch_backend.forward(*_double(hidden, weight, bias), rows, tgt, **options, **FLAGS)
+    want = torch_chunked.forward(*_double(hidden, weight, bias), rows, tgt, **options, **FLAGS)
     _check_stats(got, want, dtype)
     upstream = [torch.randn(rows.numel(), dtype=torch.float64) for _ in range(4)]
     grads = cublas.backward(hidden, weight, bias, rows, tgt, got[1], got[3],
                             *(g.float() for g in upstream), chunk_bytes=chunk_bytes, **options)
-    ref = _torch_backend.backward(*_double(hidden, weight, bias), rows, tgt, want[1], want[3],
+    ref = torch_chunked.backward(*_double(hidden, weight, bias), rows, tgt, want[1], want[3],
                                   *upstream, **options)
     for name, a, b in zip(("hidden", "weight", "bias"), grads, ref):
         assert a.dtype == dtype and a.shape == b.shape
@@ -74,7 +74,7 @@ def test_every_row_scored_transposed_weight_and_partial_needs(cublas):
     g = torch.randn(9)
     got = cublas.backward(hidden, weight_t, None, rows, tgt, stats[1], None, g, None, None,
                           None, need_hidden=False, need_bias=False)
-    ref = _torch_backend.backward(*_double(hidden, weight), None, rows, tgt, stats[1].double(),
+    ref = torch_chunked.backward(*_double(hidden, weight), None, rows, tgt, stats[1].double(),
                                   None, g.double(), None, None, None)
     assert got[0] is None and got[2] is None
     assert_close(got[1], ref[1], torch.float32, scale=4.0, name="grad weight")
@@ -85,7 +85,7 @@ def test_single_token_vocabulary_of_one_and_no_rows(cublas):
                                                            ignore_frac=0.0))
     rows, tgt = _scored(targets)
     got = cublas.forward(hidden, weight, bias, rows, tgt, **FLAGS)
-    want = _torch_backend.forward(*_double(hidden, weight, bias), rows, tgt, **FLAGS)
+    want = torch_chunked.forward(*_double(hidden, weight, bias), rows, tgt, **FLAGS)
     _check_stats(got, want, torch.float32)
     empty = torch.zeros(0, dtype=torch.int64)
     out = cublas.forward(hidden, weight, bias, empty, empty, **FLAGS)
