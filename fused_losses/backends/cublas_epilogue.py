@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from .torch_chunked import _chunks
 from ..kernels import _launch, configs, epilogue
+from ._one_pass import Products, gradient_view, run
 
 NAME = "cublas"
 OPTIONS = frozenset()  # chunks are sized by byte budgets (kernels/configs.py)
@@ -70,28 +70,6 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumulate: 
         out.add_(a @ b) if accumulate else out.copy_(a @ b)
 
 
-class _Products:
-    """One reused ``[rows, columns]`` buffer for GEMM-formed chunks; grows for a larger group."""
-
-    def __init__(self, columns: int, dtype: torch.dtype, device: torch.device):
-        self.columns, self.dtype, self.device, self.buffer = columns, dtype, device, None
-
-    def get(self, rows: int, columns: int) -> torch.Tensor:
-        """A contiguous ``[rows, columns]`` view (a last, narrower chunk packs its rows)."""
-        if self.buffer is None or self.buffer.numel() < rows * self.columns:
-            self.buffer = None  # free the old one first
-            self.buffer = torch.empty(rows * self.columns, dtype=self.dtype, device=self.device)
-        return self.buffer[:rows * columns].view(rows, columns)
-
-
-def _gradient_view(product: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The in-place gradient over ``product``'s storage, in the GEMM operand dtype: the same
-    elements, or (16-bit over fp32) the first half of each row's bytes."""
-    if product.dtype == dtype:
-        return product
-    return product.view(dtype)[:, :product.shape[1]]
-
-
 def _scored_hidden(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``hidden[rows]`` ([N, H]); ``hidden`` itself, without a copy, when every row is scored
     in order (then ``rows`` is the identity: an [M, H] copy saved, 64 MB at N=8192, H=4096)."""
@@ -122,7 +100,7 @@ def forward(hidden, weight, bias, rows, targets, *, temperature=1.0, softcap=Non
     if num_rows:
         scored = _scored_hidden(hidden, rows)
         columns = configs.product_columns(num_rows, vocab, chunk_bytes or _chunk_bytes())
-        products = _Products(columns, _product_dtype(hidden), hidden.device)
+        products = Products(columns, _product_dtype(hidden), hidden.device)
         for v0 in range(0, vocab, columns):
             block = weight[v0:v0 + columns]
             product = products.get(num_rows, block.shape[0])
@@ -154,12 +132,12 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
         if need_weight else None
     grad_bias_f32 = torch.empty(vocab, **f32) if need_bias else None
     columns = configs.product_columns(num_rows, vocab, chunk_bytes or _chunk_bytes())
-    products = _Products(columns, _product_dtype(hidden), hidden.device)
+    products = Products(columns, _product_dtype(hidden), hidden.device)
     for v0 in range(0, vocab, columns):
         block = weight[v0:v0 + columns]
         product = products.get(num_rows, block.shape[0])
         _matmul(scored, block.T, product)
-        grad = _gradient_view(product, weight.dtype)
+        grad = gradient_view(product, weight.dtype)
         epilogue.grad(product, grad, v0, bias, targets, lse, grad_logprobs, grad_lse,
                       grad_entropy, mu, grad_logits_mean, vocab=vocab,
                       temperature=temperature, softcap=softcap)
@@ -178,13 +156,36 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
     return grad_hidden, grad_weight, None if grad_bias_f32 is None else grad_bias_f32.to(bias.dtype)
 
 
+class _CublasGemms:
+    """The one pass's GEMMs by cuBLAS: hidden rows gathered once per chunk."""
+
+    @staticmethod
+    def rows(hidden, rows):
+        return hidden.index_select(0, rows)
+
+    @staticmethod
+    def products(scored, weight, out):
+        _matmul(scored, weight.T, out)
+
+    @staticmethod
+    def grad_hidden(grad, weight):  # K = V: one fp32 sum, rounded by the caller once
+        out = torch.empty(grad.shape[0], weight.shape[1], dtype=torch.float32,
+                          device=grad.device)
+        _matmul(grad, weight, out)
+        return out
+
+    @staticmethod
+    def grad_weight(grad, scored, accumulator):
+        _matmul(grad.T, scored, accumulator, accumulate=True)
+
+
 @torch.no_grad()
 def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=None,
                      need_hidden=True, need_weight=True, need_bias=True, temperature=1.0,
                      softcap=None, filter_eps=None, with_argmax=False, with_entropy=False,
                      with_logits_mean=False, chunk_rows=None):
-    """One pass: per token chunk of whole groups, statistics, the head's upstream gradients
-    and the input gradients, each logit formed once (6NHV).
+    """One pass (``_one_pass.run``): per token chunk of whole groups, statistics, the head's
+    upstream gradients and the input gradients, each logit formed once (6NHV).
 
     ``head(5 per-token stats of a chunk, its row slice) -> (loss of the chunk, 4 upstream
     grads)``; chunks of about ``chunk_rows`` rows (default ``configs.ONE_PASS_ROWS``) end
@@ -192,49 +193,11 @@ def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=No
     """
     _check(hidden, weight, bias)
     _no_filter(filter_eps)
-    num_rows, (vocab, width) = rows.numel(), weight.shape
-    device, need_bias = hidden.device, need_bias and bias is not None
-    f32 = dict(dtype=torch.float32, device=device)
-    loss = torch.zeros((), **f32)
-    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-    grad_weight_f32 = torch.zeros(vocab, width, **f32) if need_weight else None
-    grad_bias_f32 = torch.zeros(vocab, **f32) if need_bias else None
-    size = chunk_rows or configs.one_pass_rows(vocab, _launch.interpreting())
-    products = _Products(vocab, _product_dtype(hidden), device)
-    flags = dict(with_argmax=with_argmax, with_entropy=with_entropy,
-                 with_logits_mean=with_logits_mean)
-    for piece in _chunks(num_rows, vocab, size, boundaries):
-        piece_rows, piece_targets = rows[piece], targets[piece]
-        count = piece_rows.numel()
-        scored = hidden.index_select(0, piece_rows)
-        product = products.get(count, vocab)
-        _matmul(scored, weight.T, product)
-        state = epilogue.fold_state(epilogue.fold_splits(count, vocab, device), count, device,
-                                    **flags)
-        epilogue.fold(product, 0, bias, piece_targets, state, temperature=temperature,
-                      softcap=softcap)
-        stats = epilogue.statistics(state, vocab)
-        chunk_loss, (grad_logprobs, grad_lse, grad_entropy, grad_logits_mean) = \
-            head(stats, piece)
-        loss += chunk_loss
-        if grad_logprobs is None and grad_lse is None and grad_entropy is None \
-                and grad_logits_mean is None:
-            continue
-        mu = stats[1] - stats[3] if grad_entropy is not None else None
-        grad = _gradient_view(product, weight.dtype)
-        epilogue.grad(product, grad, 0, bias, piece_targets, stats[1], grad_logprobs,
-                      grad_lse, grad_entropy, mu, grad_logits_mean, vocab=vocab,
-                      temperature=temperature, softcap=softcap)
-        if need_hidden:  # K = V: cuBLAS sums in fp32 and rounds once
-            grad_hidden.index_copy_(0, piece_rows, grad @ weight)
-        if need_weight:
-            _matmul(grad.T, scored, grad_weight_f32, accumulate=True)
-        if need_bias:
-            grad_bias_f32 += grad.sum(dim=0, dtype=torch.float32)
-    del products  # before dW's cast: lower peak
-    return (loss, grad_hidden,
-            None if grad_weight_f32 is None else grad_weight_f32.to(weight.dtype),
-            None if grad_bias_f32 is None else grad_bias_f32.to(bias.dtype))
+    return run(_CublasGemms, _product_dtype(hidden), hidden, weight, bias, rows, targets, head,
+               boundaries=boundaries, need_hidden=need_hidden, need_weight=need_weight,
+               need_bias=need_bias, temperature=temperature, softcap=softcap,
+               filter_eps=filter_eps, with_argmax=with_argmax, with_entropy=with_entropy,
+               with_logits_mean=with_logits_mean, chunk_rows=chunk_rows)
 
 
 def _chunk_bytes() -> int:
