@@ -80,3 +80,14 @@ def grad_logits_tile(
         grad = grad * (1.0 - capped * capped)
     grad = grad * inv_temperature
     return tl.where(mask_n[:, None] & mask_v[None, :], grad, 0.0)
+
+
+@triton.jit
+def grouped_tile(pid, tiles_n, tiles_v, GROUP_N: tl.constexpr):
+    """(token tile, vocabulary tile) of program ``pid`` in grouped order (Triton's matmul
+    tutorial): GROUP_N token tiles run back to back on one vocabulary tile, so its weight rows
+    come from L2 after the first, and the group's hidden rows stay in L2 across it."""
+    per_group = GROUP_N * tiles_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(tiles_n - first_n, GROUP_N)
+    return first_n + (pid % per_group) % group_size, (pid % per_group) // group_size
