@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs
-from ._tl_helpers import grad_logits_tile, tanh
+from ._tl_helpers import grad_logits_tile, online_update, tanh
 from .logprobs_fwd import _combine
 
 
@@ -52,7 +52,7 @@ def _chunk_logits(product_ptr, bias_ptr, offs_n, offs_c, offs_v, mask_n, mask_c,
 def _fold_kernel(
     product_ptr, bias_ptr, targets_ptr,                             # [R, C], [V], [R]
     max_ptr, sumexp_ptr, zdot_ptr, zsum_ptr, argmax_ptr, target_ptr,  # state [SPLITS, R] each
-    R, C, v0, cols_per_split, stride_pr,
+    R, C, V, v0, cols_per_split, stride_pr,
     inv_temperature, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -63,19 +63,22 @@ def _fold_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < R
     targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
-    slot = pid_s * R + offs_n
+    slot = pid_s.to(tl.int64) * R + offs_n
     running_max = tl.load(max_ptr + slot, mask=mask_n, other=float("-inf"))
     sumexp = tl.load(sumexp_ptr + slot, mask=mask_n, other=0.0)
     target_logit = tl.load(target_ptr + slot, mask=mask_n, other=0.0)
     zdot = sumexp                                      # sum exp(z - m) * z (WITH_ENTROPY)
     zsum = sumexp                                      # sum z (WITH_LOGITS_MEAN)
     best = targets                                     # argmax id (WITH_ARGMAX)
+    first_nan = tl.zeros((BLOCK_N,), dtype=tl.int64) + V   # V: no NaN so far
     if WITH_ENTROPY:
         zdot = tl.load(zdot_ptr + slot, mask=mask_n, other=0.0)
     if WITH_LOGITS_MEAN:
         zsum = tl.load(zsum_ptr + slot, mask=mask_n, other=0.0)
     if WITH_ARGMAX:
         best = tl.load(argmax_ptr + slot, mask=mask_n, other=0)
+        # an earlier chunk that saw a NaN left max = NaN and its first NaN as the argmax
+        first_nan = tl.where(running_max != running_max, best, first_nan)
 
     c_begin = pid_s * cols_per_split
     c_end = tl.minimum(c_begin + cols_per_split, C)
@@ -85,24 +88,15 @@ def _fold_kernel(
         offs_v = v0 + offs_c.to(tl.int64)
         logits = _chunk_logits(product_ptr, bias_ptr, offs_n, offs_c, offs_v, mask_n, mask_c,
                                stride_pr, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
-        logits_or_ninf = tl.where(mask_c[None, :], logits, float("-inf"))
-        tile_max = tl.max(logits_or_ninf, axis=1)
-        new_max = tl.maximum(running_max, tile_max)
-        rescale = tl.exp(running_max - new_max)
-        probs = tl.exp(logits_or_ninf - new_max[:, None])          # 0 on masked columns
-        sumexp = sumexp * rescale + tl.sum(probs, axis=1)
-        if WITH_ENTROPY:
-            zdot = zdot * rescale + tl.sum(probs * logits, axis=1)  # logits are 0 where masked
-        if WITH_LOGITS_MEAN:
-            zsum += tl.sum(logits, axis=1)
-        if WITH_ARGMAX:
-            # strict > keeps the first maximum (earlier chunks hold lower ids), as torch does
-            tile_arg = v0 + c_start + tl.argmax(logits_or_ninf, axis=1).to(tl.int64)
-            best = tl.where(tile_max > running_max, tile_arg, best)
-        hit = offs_v[None, :] == targets[:, None]
-        target_logit += tl.sum(tl.where(hit, logits, 0.0), axis=1)
-        running_max = new_max
+        running_max, sumexp, zdot, zsum, best, first_nan, target_logit = online_update(
+            logits, offs_v, mask_c, v0 + c_start, targets, V, running_max, sumexp, zdot, zsum,
+            best, first_nan, target_logit, WITH_ENTROPY, WITH_LOGITS_MEAN, WITH_ARGMAX)
 
+    if WITH_ARGMAX:
+        # a slot with a NaN keeps its first NaN, and a NaN max for the next chunk and combine
+        has_nan = first_nan < V
+        best = tl.where(has_nan, first_nan, best)
+        running_max = tl.where(has_nan, float("nan"), running_max)
     tl.store(max_ptr + slot, running_max, mask=mask_n)
     tl.store(sumexp_ptr + slot, sumexp, mask=mask_n)
     tl.store(target_ptr + slot, target_logit, mask=mask_n)
@@ -201,9 +195,9 @@ def fold_splits(rows: int, cols: int, device) -> int:
 
 
 def fold(product: torch.Tensor, v0: int, bias, targets: torch.Tensor, state: FoldState, *,
-         temperature: float = 1.0, softcap: float | None = None) -> None:
+         vocab: int, temperature: float = 1.0, softcap: float | None = None) -> None:
     """Continue ``state`` with ``product`` [R, C] (raw products of vocabulary ids
-    ``[v0, v0 + C)``, inner stride 1); chunks must come in increasing ``v0``."""
+    ``[v0, v0 + C)`` of ``vocab``, inner stride 1); chunks must come in increasing ``v0``."""
     rows, cols = product.shape
     if rows == 0 or cols == 0:
         return
@@ -215,7 +209,7 @@ def fold(product: torch.Tensor, v0: int, bias, targets: torch.Tensor, state: Fol
         product, bias if bias is not None else product, targets,
         state.max, state.sumexp, _or(state.zdot, state.sumexp), _or(state.zsum, state.sumexp),
         _or(state.argmax, targets), state.target,
-        rows, cols, v0, per_split, product.stride(0),
+        rows, cols, vocab, v0, per_split, product.stride(0),
         1.0 / temperature, softcap or 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         WITH_ENTROPY=state.zdot is not None, WITH_LOGITS_MEAN=state.zsum is not None,

@@ -87,8 +87,8 @@ def run(gemms: Gemms, product_dtype: torch.dtype, hidden, weight, bias, rows, ta
         gemms.products(operand, weight, product)
         state = epilogue.fold_state(epilogue.fold_splits(count, vocab, device), count, device,
                                     **flags)
-        epilogue.fold(product, 0, bias, piece_targets, state, temperature=temperature,
-                      softcap=softcap)
+        epilogue.fold(product, 0, bias, piece_targets, state, vocab=vocab,
+                      temperature=temperature, softcap=softcap)
         stats = epilogue.statistics(state, vocab)
         chunk_loss, (grad_logprobs, grad_lse, grad_entropy, grad_logits_mean) = \
             head(stats, piece)

@@ -105,8 +105,8 @@ def forward(hidden, weight, bias, rows, targets, *, temperature=1.0, softcap=Non
             block = weight[v0:v0 + columns]
             product = products.get(num_rows, block.shape[0])
             _matmul(scored, block.T, product)
-            epilogue.fold(product, v0, bias, targets, state, temperature=temperature,
-                          softcap=softcap)
+            epilogue.fold(product, v0, bias, targets, state, vocab=vocab,
+                          temperature=temperature, softcap=softcap)
     return epilogue.statistics(state, vocab)
 
 

@@ -168,10 +168,10 @@ def test_in_place_gradient_equals_a_separate_buffer_and_splits_fold_alike():
     product = torch.randn(rows, cols) * 3
     flags = dict(with_argmax=True, with_entropy=True, with_logits_mean=True)
     split = epilogue.fold_state(3, rows, product.device, **flags)
-    epilogue.fold(product, 0, None, targets, split)
+    epilogue.fold(product, 0, None, targets, split, vocab=cols)
     chunked = epilogue.fold_state(1, rows, product.device, **flags)
-    epilogue.fold(product[:, :50], 0, None, targets, chunked)
-    epilogue.fold(product[:, 50:].contiguous(), 50, None, targets, chunked)
+    epilogue.fold(product[:, :50], 0, None, targets, chunked, vocab=cols)
+    epilogue.fold(product[:, 50:].contiguous(), 50, None, targets, chunked, vocab=cols)
     stats = [epilogue.statistics(state, cols) for state in (split, chunked)]
     for name, a, b in zip(NAMES, *stats):
         torch.testing.assert_close(a, b, msg=name)
