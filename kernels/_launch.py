@@ -20,8 +20,13 @@ def check_inputs(hidden, weight, bias) -> None:
                         f"dtype {hidden.dtype} (use backend='torch' for float64)")
     if hidden.device.type != "cuda" and not interpreting():
         raise ValueError(f"the Triton kernels need CUDA tensors, got device {hidden.device}")
-    if bias is not None and not bias.is_contiguous():
-        raise ValueError("bias must be contiguous for the Triton kernels")
+
+
+def contiguous(*vectors):
+    """The [V]/[N] vectors the kernels index as ``ptr + offs``: contiguous copies where they
+    are not (an upstream gradient can arrive expanded, with stride 0). hidden and weight
+    need no copy: the kernels take their strides."""
+    return tuple(None if t is None else t.contiguous() for t in vectors)
 
 
 def config(kernel: str, hidden: torch.Tensor) -> dict:

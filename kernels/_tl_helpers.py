@@ -2,6 +2,8 @@
 
 A logit tile is ``z = cap((hidden[rows] @ weight[offs_v].T + bias) * inv_temperature)``,
 [BLOCK_N, BLOCK_V] in fp32, with ``cap(x) = softcap * tanh(x / softcap)`` when soft-capping.
+Every product of an index with a stride is int64: a transposed ``[H, V]`` head passed as
+``P.T`` has ``stride_wh = V``, and ``H * V`` passes 2**31 at H = 8192, V = 262144.
 """
 import triton
 import triton.language as tl
@@ -36,7 +38,7 @@ def logits_tile(
     """[BLOCK_N, BLOCK_V] fp32 logits; masked rows/columns hold finite junk, callers mask."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for h_start in range(0, H, BLOCK_H):
-        offs_h = h_start + tl.arange(0, BLOCK_H)
+        offs_h = (h_start + tl.arange(0, BLOCK_H)).to(tl.int64)
         mask_h = offs_h < H
         hidden_tile = tl.load(
             hidden_ptr + rows[:, None] * stride_hm + offs_h[None, :] * stride_hh,
@@ -58,21 +60,29 @@ def grad_logits_tile(
     logits, offs_v, mask_n, mask_v,        # [BLOCK_N, BLOCK_V] fp32 capped logits
     targets, lse, grad_logprobs, grad_lse,  # [BLOCK_N] each
     grad_entropy, mu, grad_logits_mean,     # [BLOCK_N] each (read only when flagged)
-    inv_vocab, inv_temperature, softcap,
+    inv_vocab, inv_temperature, softcap, filter_eps,
     HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr,
+    FILTER: tl.constexpr,
 ):
     """dL/d(raw logits) of one tile, fp32, zero outside the masks (objectives.md, Notation):
 
     p * (g_lse - g_lp - g_ent * (z - mu)) + g_lp * onehot(y) + g_mean / V,
-    then the soft-cap chain rule ``1 - (z/s)^2`` and ``1/temperature``.
+    then the soft-cap chain rule ``1 - (z/s)^2`` and ``1/temperature``. With ``FILTER`` the
+    softmax terms are dropped where ``p < filter_eps`` (``fused_losses.backends``).
+    A NaN ``lse`` (a row with a NaN or +inf logit) makes the whole row NaN.
     """
     probs = tl.exp(logits - lse[:, None])
     coef = grad_lse - grad_logprobs
     if WITH_ENTROPY_GRAD:
-        grad = probs * (coef[:, None] - grad_entropy[:, None] * (logits - mu[:, None]))
+        # at a -inf logit p = 0 and z - mu = -inf: its term is 0, not 0 * inf = NaN
+        soft = tl.where(probs == 0.0, 0.0,
+                        probs * (coef[:, None] - grad_entropy[:, None] * (logits - mu[:, None])))
     else:
-        grad = probs * coef[:, None]
-    grad += tl.where(offs_v[None, :] == targets[:, None], grad_logprobs[:, None], 0.0)
+        soft = probs * coef[:, None]
+    if FILTER:
+        # p itself is compared, not the scaled gradient; NaN < eps is false: NaN survives
+        soft = tl.where(probs < filter_eps, 0.0, soft)
+    grad = soft + tl.where(offs_v[None, :] == targets[:, None], grad_logprobs[:, None], 0.0)
     if WITH_MEAN_GRAD:
         grad += grad_logits_mean[:, None] * inv_vocab
     if HAS_SOFTCAP:

@@ -5,6 +5,12 @@ range of vocabulary tiles. It walks its range with an online log-sum-exp (runnin
 ``sum exp(z - m)``, and ``sum exp(z - m) * z`` for the entropy) and writes one partial per
 (split, token); ``_combine`` merges the SPLITS partials on the host side in O(SPLITS * N).
 No atomics, so results are bitwise reproducible.
+
+Non-finite logits follow the contract of ``fused_losses.backends``: ``-inf`` logits weigh 0
+(the online max never subtracts ``-inf`` from ``-inf``); a NaN or ``+inf`` logit makes the
+row's sum NaN whatever the GPU's max does with NaN (``exp(NaN - m)`` and ``exp(inf - inf)``
+are NaN), and with ``WITH_ARGMAX`` the first NaN is tracked explicitly and wins the argmax, as
+in torch: a GPU's ``max``/``argmax`` ignore NaN where numpy and torch propagate it.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ def _logprobs_fwd_kernel(
     zdot = tl.zeros((BLOCK_N,), dtype=tl.float32)      # sum exp(z - m) * z
     zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)      # sum z
     best = tl.zeros((BLOCK_N,), dtype=tl.int64)
+    first_nan = tl.zeros((BLOCK_N,), dtype=tl.int64) + V    # V: none so far
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
     v_begin = pid_s * tiles_per_split * BLOCK_V
@@ -55,22 +62,36 @@ def _logprobs_fwd_kernel(
         logits_or_zero = tl.where(mask_v[None, :], logits, 0.0)
         tile_max = tl.max(logits_or_ninf, axis=1)
         new_max = tl.maximum(running_max, tile_max)
-        rescale = tl.exp(running_max - new_max)
-        probs = tl.exp(logits_or_ninf - new_max[:, None])        # 0 on masked columns
+        # while a row has seen only -inf, exponentiate against 0, not against -inf
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp(running_max - shift)
+        probs = tl.exp(logits_or_ninf - shift[:, None])          # 0 on masked columns
         sumexp = sumexp * rescale + tl.sum(probs, axis=1)
         if WITH_ENTROPY:
-            zdot = zdot * rescale + tl.sum(probs * logits_or_zero, axis=1)
+            # p * z with p = 0 at a -inf logit is 0, not NaN
+            zdot = zdot * rescale + tl.sum(tl.where(probs == 0.0, 0.0, probs * logits_or_zero),
+                                           axis=1)
         if WITH_LOGITS_MEAN:
             zsum += tl.sum(logits_or_zero, axis=1)
         if WITH_ARGMAX:
-            # strict > keeps the first maximum, as torch.argmax does
-            tile_arg = v_start + tl.argmax(logits_or_ninf, axis=1).to(tl.int64)
+            # NaN is tracked on its own: argmax sees it as -inf (GPUs skip NaN in argmax, the
+            # interpreter refuses an all-NaN row). Strict > keeps the first maximum, as
+            # torch.argmax does.
+            is_nan = logits_or_ninf != logits_or_ninf
+            tile_arg = v_start + tl.argmax(tl.where(is_nan, float("-inf"), logits_or_ninf),
+                                           axis=1).to(tl.int64)
             best = tl.where(tile_max > running_max, tile_arg, best)
+            first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan, offs_v[None, :], V), axis=1))
         hit = offs_v[None, :] == targets[:, None]
         target_logit += tl.sum(tl.where(hit, logits_or_zero, 0.0), axis=1)
         running_max = new_max
 
-    out = pid_s * N + offs_n
+    if WITH_ARGMAX:
+        # a split with a NaN reports its first NaN, and a NaN max for _combine to see
+        has_nan = first_nan < V
+        best = tl.where(has_nan, first_nan, best)
+        running_max = tl.where(has_nan, float("nan"), running_max)
+    out = pid_s.to(tl.int64) * N + offs_n
     tl.store(max_ptr + out, running_max, mask=mask_n)
     tl.store(sumexp_ptr + out, sumexp, mask=mask_n)
     tl.store(target_ptr + out, target_logit, mask=mask_n)
@@ -85,16 +106,23 @@ def _logprobs_fwd_kernel(
 def _combine(split_max, sumexp, zdot, zsum, argmax, target_logit, vocab, with_flags):
     """Merge [SPLITS, N] partials into the five per-token outputs."""
     with_argmax, with_entropy, with_logits_mean = with_flags
-    token_max = split_max.max(dim=0).values
-    weights = torch.exp(split_max - token_max)
+    token_max = split_max.max(dim=0).values                 # NaN if a split saw a NaN
+    weights = torch.exp(split_max - token_max)              # NaN when every logit is -inf
     total = (sumexp * weights).sum(0)
     lse = token_max + torch.log(total)
     logprobs = target_logit.sum(0) - lse
     entropy = lse - (zdot * weights).sum(0) / total if with_entropy else None
-    logits_mean = zsum.sum(0) / vocab if with_logits_mean else None
-    # argmax over splits: ties resolve to the lowest split, hence the lowest id
-    best_split = (split_max == token_max).int().argmax(dim=0) if with_argmax else None
-    best = argmax.gather(0, best_split.unsqueeze(0)).squeeze(0) if with_argmax else None
+    logits_mean = None
+    if with_logits_mean:  # +inf logits sum to inf; the contract says NaN
+        logits_mean = torch.where(lse.isnan(), float("nan"), zsum.sum(0) / vocab)
+    best = None
+    if with_argmax:
+        # the first split with a NaN holds the first NaN; else ties resolve to the lowest
+        # split, hence the lowest id
+        nan_split = split_max.isnan()
+        best_split = torch.where(nan_split.any(0), nan_split.int().argmax(dim=0),
+                                 (split_max == token_max).int().argmax(dim=0))
+        best = argmax.gather(0, best_split.unsqueeze(0)).squeeze(0)
     return logprobs, lse, best, entropy, logits_mean
 
 
@@ -103,6 +131,7 @@ def forward(hidden, weight, bias, rows, targets, *, temperature=1.0, softcap=Non
             config=None):
     """hidden [M, H], weight [V, H], bias [V] | None, rows [N], targets [N] -> 5 x [N]."""
     _launch.check_inputs(hidden, weight, bias)
+    bias, rows, targets = _launch.contiguous(bias, rows, targets)
     num_rows, vocab, width = rows.numel(), weight.shape[0], weight.shape[1]
     cfg = config or _launch.config("fwd", hidden)
     f32 = dict(dtype=torch.float32, device=hidden.device)

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from tests.helpers import HAS_TRITON, make_inputs
-from tests.test_primitive import check_against_reference
+from tests.helpers import check_against_reference
 
 shapes = st.fixed_dictionaries(dict(
     n=st.integers(1, 20), h=st.integers(1, 40), v=st.integers(1, 150),
