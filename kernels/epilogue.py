@@ -113,12 +113,13 @@ def _grad_kernel(
     product_ptr, bias_ptr, targets_ptr,                 # [R, C], [V], [R]
     lse_ptr, grad_logprobs_ptr, grad_lse_ptr,           # [R] fp32 each
     grad_entropy_ptr, mu_ptr, grad_logits_mean_ptr,     # [R] fp32 each (read when flagged)
+    inv_bound_ptr,                                      # [R] fp32 (HAS_ROW_SCALE)
     grad_ptr,                                           # -> [R, C], may alias product
     R, C, v0, cols_per_split, stride_pr, stride_gr,
-    inv_vocab, inv_temperature, softcap,
+    inv_vocab, inv_temperature, softcap, filter_eps,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr, FILTER: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -136,6 +137,9 @@ def _grad_kernel(
         mu = tl.load(mu_ptr + offs_n, mask=mask_n, other=0.0)
     if WITH_MEAN_GRAD:
         grad_logits_mean = tl.load(grad_logits_mean_ptr + offs_n, mask=mask_n, other=0.0)
+    row_scale = lse
+    if HAS_ROW_SCALE:  # fp16: each row stored divided by its bound (scaling.py)
+        row_scale = tl.load(inv_bound_ptr + offs_n, mask=mask_n, other=1.0)
     rows_out = grad_ptr + offs_n.to(tl.int64)[:, None] * stride_gr
 
     c_begin = pid_s * cols_per_split
@@ -148,8 +152,10 @@ def _grad_kernel(
                                stride_pr, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
         grad = grad_logits_tile(logits, offs_v, mask_n, mask_c, targets, lse, grad_logprobs,
                                 grad_lse, grad_entropy, mu, grad_logits_mean, inv_vocab,
-                                inv_temperature, softcap, HAS_SOFTCAP, WITH_ENTROPY_GRAD,
-                                WITH_MEAN_GRAD)
+                                inv_temperature, softcap, filter_eps, HAS_SOFTCAP,
+                                WITH_ENTROPY_GRAD, WITH_MEAN_GRAD, FILTER)
+        if HAS_ROW_SCALE:
+            grad = grad * row_scale[:, None]
         tl.store(rows_out + offs_c[None, :], grad.to(grad_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_c[None, :])
 
@@ -228,12 +234,15 @@ def statistics(state: FoldState, vocab: int) -> tuple:
 
 def grad(product: torch.Tensor, out: torch.Tensor, v0: int, bias, targets: torch.Tensor,
          lse: torch.Tensor, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean, *,
-         vocab: int, temperature: float = 1.0, softcap: float | None = None) -> None:
+         vocab: int, temperature: float = 1.0, softcap: float | None = None,
+         filter_eps: float | None = None, inv_bound: torch.Tensor | None = None) -> None:
     """Write the logit gradient of the chunk ``product`` [R, C] into ``out`` [R, C].
 
     ``out`` may share ``product``'s storage with the same row start in bytes (an fp32
     gradient over the same elements, or a 16-bit one over the first half of each row). The
-    per-token tensors are [R] fp32; ``grad_*`` and ``mu`` may be None (no such term)."""
+    per-token tensors are [R] fp32, any strides; ``grad_*`` and ``mu`` may be None (no such
+    term). ``filter_eps`` drops the softmax terms where ``p < filter_eps``; ``inv_bound``
+    ([R], fp16 chunks) multiplies each row before it is stored (``scaling.py``)."""
     rows, cols = product.shape
     if rows == 0 or cols == 0:
         return
@@ -249,18 +258,18 @@ def grad(product: torch.Tensor, out: torch.Tensor, v0: int, bias, targets: torch
     zeros = torch.zeros(rows, dtype=torch.float32, device=product.device)
     # the kernel indexes [R] vectors as ptr + offs: an expanded (stride-0) upstream gradient,
     # as autograd hands out for a .sum(), gets a contiguous copy
-    lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean = (
-        None if t is None else t.contiguous()
-        for t in (lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean))
+    lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean, inv_bound = \
+        _launch.contiguous(lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean,
+                           inv_bound)
     _grad_kernel[(triton.cdiv(rows, cfg["BLOCK_N"]), splits)](
         product, bias if bias is not None else product, targets,
         lse, _or(grad_logprobs, zeros), _or(grad_lse, zeros),
         _or(grad_entropy, zeros), _or(mu, zeros), _or(grad_logits_mean, zeros),
-        out, rows, cols, v0, per_split, product.stride(0), out.stride(0),
-        1.0 / vocab, 1.0 / temperature, softcap or 1.0,
+        _or(inv_bound, zeros), out, rows, cols, v0, per_split, product.stride(0), out.stride(0),
+        1.0 / vocab, 1.0 / temperature, softcap or 1.0, filter_eps or 0.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        WITH_ENTROPY_GRAD=grad_entropy is not None, WITH_MEAN_GRAD=grad_logits_mean is not None,
-        **cfg)
+        HAS_ROW_SCALE=inv_bound is not None, WITH_ENTROPY_GRAD=grad_entropy is not None,
+        WITH_MEAN_GRAD=grad_logits_mean is not None, FILTER=filter_eps is not None, **cfg)
 
 
 def _or(tensor, fallback):

@@ -8,7 +8,7 @@ For a loss whose upstream gradients are known in forward (``forward_backward`` o
 2. ``epilogue.fold``: the chunk's five per-token statistics;
 3. ``head(stats, piece)``: the chunk's loss and upstream gradients;
 4. ``epilogue.grad``: the logit gradient, in place over the products in the GEMM operand
-   dtype (fp16 rows divided by their bound, ``kernels/scaling.py``);
+   dtype (fp16 rows divided by their bound, :class:`RowScale`);
 5. ``dH[chunk] = G @ weight`` (GEMM 2, K = V) in fp32, unscaled, cast once;
 6. ``dW += Gᵀ @ hidden[chunk]`` into an fp32 ``[V, H]`` accumulator (GEMM 3, K = n).
 
@@ -17,12 +17,52 @@ memory: the ``[n, V]`` fp32 products and the fp32 dW accumulator (``benchmarks/n
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
-from ..kernels import _launch, configs, epilogue
+from ..kernels import _launch, configs, epilogue, scaling
+from ._gemm import matmul
 from .torch_chunked import _chunks
+
+
+class RowScale(NamedTuple):
+    """The fp16 gradient chunk's per-token scaling (``kernels/scaling.py``): row i is stored
+    as ``grad_i / bound_i``; dH rows are multiplied back by ``bound`` in fp32; a GEMM that sums
+    over tokens takes its other operand times ``ratio = bound / max_bound`` (in [0, 1], safe
+    in fp16) and multiplies its fp32 result by ``max_bound``."""
+
+    bound: torch.Tensor       # [n] fp32
+    ratio: torch.Tensor       # [n] fp32
+    max_bound: torch.Tensor   # [1] fp32, on the device
+
+    @classmethod
+    def of(cls, dtype, grad_logprobs, grad_lse, grad_entropy, grad_logits_mean, entropy,
+           vocab: int):
+        """The scaling of a chunk in ``dtype``; None where none is needed (bf16, fp32)."""
+        if not scaling.needs_row_scale(dtype):
+            return None
+        bound = scaling.grad_bound(grad_logprobs, grad_lse, grad_entropy, grad_logits_mean,
+                                   entropy, vocab)
+        max_bound = bound.max().reshape(1)
+        return cls(bound, bound / max_bound, max_bound)
+
+    def scaled_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows [n, H] * ratio`` in ``rows``' dtype: the other operand of a token-sum GEMM."""
+        return (rows.float() * self.ratio.unsqueeze(1)).to(rows.dtype)
+
+    def alpha(self) -> float:
+        """``max_bound`` as a host scalar, for a library GEMM's alpha (a host sync)."""
+        return float(self.max_bound)
+
+
+def column_sums(grad: torch.Tensor, scale: RowScale | None) -> torch.Tensor:
+    """``sum_i grad_i`` over a chunk's rows ([C] fp32; dBias), unscaled."""
+    if scale is None:
+        return grad.sum(dim=0, dtype=torch.float32)
+    out = torch.empty(1, grad.shape[1], dtype=torch.float32, device=grad.device)
+    matmul(scale.ratio.to(grad.dtype).unsqueeze(0), grad, out, alpha=scale.alpha())
+    return out[0]
 
 
 class Gemms(Protocol):
@@ -37,8 +77,9 @@ class Gemms(Protocol):
     def grad_hidden(self, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``grad [n, V] @ weight`` as a fresh fp32 ``[n, H]``."""
 
-    def grad_weight(self, grad: torch.Tensor, operand, accumulator: torch.Tensor) -> None:
-        """``accumulator [V, H]`` fp32 ``+= grad.T @ hidden[rows]``."""
+    def grad_weight(self, grad: torch.Tensor, operand, accumulator: torch.Tensor,
+                    scale: RowScale | None) -> None:
+        """``accumulator [V, H]`` fp32 ``+= gradᵀ @ hidden[rows]``, the gradient unscaled."""
 
 
 def gradient_view(product: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -97,17 +138,22 @@ def run(gemms: Gemms, product_dtype: torch.dtype, hidden, weight, bias, rows, ta
                 and grad_logits_mean is None:
             continue
         mu = stats[1] - stats[3] if grad_entropy is not None else None   # sum_v p z
+        scale = RowScale.of(weight.dtype, grad_logprobs, grad_lse, grad_entropy,
+                            grad_logits_mean, stats[3], vocab)
         grad = gradient_view(product, weight.dtype)
         epilogue.grad(product, grad, 0, bias, piece_targets, stats[1], grad_logprobs,
                       grad_lse, grad_entropy, mu, grad_logits_mean, vocab=vocab,
-                      temperature=temperature, softcap=softcap)
+                      temperature=temperature, softcap=softcap, filter_eps=filter_eps,
+                      inv_bound=None if scale is None else 1.0 / scale.bound)
         if need_hidden:
-            grad_hidden.index_copy_(0, piece_rows,
-                                    gemms.grad_hidden(grad, weight).to(hidden.dtype))
+            rows_f32 = gemms.grad_hidden(grad, weight)
+            if scale is not None:
+                rows_f32.mul_(scale.bound.unsqueeze(1))
+            grad_hidden.index_copy_(0, piece_rows, rows_f32.to(hidden.dtype))
         if need_weight:
-            gemms.grad_weight(grad, operand, grad_weight_f32)
+            gemms.grad_weight(grad, operand, grad_weight_f32, scale)
         if need_bias:
-            grad_bias_f32 += grad.sum(dim=0, dtype=torch.float32)
+            grad_bias_f32 += column_sums(grad, scale)
     del products  # before dW's cast: lower peak
     return (loss, grad_hidden,
             None if grad_weight_f32 is None else grad_weight_f32.to(weight.dtype),

@@ -18,10 +18,12 @@ read each fp32 chunk of raw products once, applying bias, temperature and soft-c
   place, ``dH[chunk] = G @ W`` (K = V, written once) and ``dW += Gᵀ @ hidden[chunk]`` into an
   fp32 ``[V, H]`` accumulator. Each logit is formed once: 6NHV in total.
 
-On the CPU the GEMMs are torch's (16-bit operands upcast to fp32, so the products are the fp32
-products of the same inputs) and the epilogues run under ``TRITON_INTERPRET=1``; that is how
-the tests run it. Without ``out_dtype`` (torch < 2.8 on CUDA) the products are rounded to the
-input dtype before the epilogue (error about ``|z| * 2**-8`` in bf16 logits).
+On the CPU the GEMMs are torch's (``_gemm.py``: 16-bit operands upcast, the fp32 products of
+the same values) and the epilogues run under ``TRITON_INTERPRET=1``; that is how the tests run
+it. Without ``out_dtype`` (torch < 2.8 on CUDA) the products are rounded to the input dtype
+before the epilogue (error about ``|z| * 2**-8`` in bf16 logits). fp16 gradient chunks are
+scaled per token (``kernels/scaling.py``); cuBLAS takes the scale of the dW GEMM as a host
+scalar, so fp16 costs one host sync per backward (per chunk in the one pass).
 The interface of :mod:`fused_losses.backends`; no atomics anywhere (deterministic).
 """
 from __future__ import annotations
@@ -29,45 +31,13 @@ from __future__ import annotations
 import torch
 
 from ..kernels import _launch, configs, epilogue
-from ._one_pass import Products, gradient_view, run
+from ._gemm import matmul, product_dtype
+from ._one_pass import Products, RowScale, column_sums, gradient_view, run
 
 NAME = "cublas"
 OPTIONS = frozenset()  # chunks are sized by byte budgets (kernels/configs.py)
 # forward_backward's largest group of fp32 logits: a bigger group takes forward + backward.
 ONE_PASS_BYTES = configs.ONE_PASS_BYTES
-
-
-# ---------------------------------------------------------------------------------------------
-# GEMMs with fp32 results
-# ---------------------------------------------------------------------------------------------
-
-def _fp32_products(device: torch.device) -> bool:
-    """Whether cuBLAS can write fp32 from 16-bit operands here (``out_dtype``, torch >= 2.8)."""
-    return device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype_out")
-
-
-def _product_dtype(hidden: torch.Tensor) -> torch.dtype:
-    if hidden.dtype == torch.float32 or hidden.device.type != "cuda" \
-            or _fp32_products(hidden.device):
-        return torch.float32
-    return hidden.dtype
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumulate: bool = False):
-    """``out = a @ b`` (or ``out += a @ b``) with fp32 accumulation; ``out`` is fp32 or the
-    operands' dtype (then rounded once, at the end of cuBLAS's fp32 sum)."""
-    beta = 1.0 if accumulate else 0.0
-    if out.dtype == a.dtype:  # beta = 0: out's old content, NaN included, is ignored
-        torch.addmm(out, a, b, beta=beta, out=out)
-    elif a.device.type != "cuda":  # CPU tests: the fp32 product of the same 16-bit values
-        torch.addmm(out, a.float(), b.float(), beta=beta, out=out)
-    elif _fp32_products(a.device):
-        if accumulate:
-            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-        else:
-            torch.mm(a, b, out_dtype=torch.float32, out=out)
-    else:  # torch < 2.8: each chunk's product is rounded once, the running sum stays fp32
-        out.add_(a @ b) if accumulate else out.copy_(a @ b)
 
 
 def _scored_hidden(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -80,9 +50,9 @@ def _scored_hidden(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _check(hidden, weight, bias):
+    """Input checks; the bias the epilogues index as ``ptr + offs``, contiguous."""
     _launch.check_inputs(hidden, weight, bias)
-    if bias is not None and bias.stride(0) != 1:
-        raise ValueError(f"bias strides {bias.stride()}: expected a contiguous [V] bias")
+    return None if bias is None else bias.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,18 +63,18 @@ def _check(hidden, weight, bias):
 def forward(hidden, weight, bias, rows, targets, *, temperature=1.0, softcap=None,
             with_argmax=False, with_entropy=False, with_logits_mean=False, chunk_bytes=None):
     """hidden [M, H], weight [V, H], bias [V] | None, rows [N], targets [N] -> 5 x [N]."""
-    _check(hidden, weight, bias)
+    bias = _check(hidden, weight, bias)
     num_rows, vocab = rows.numel(), weight.shape[0]
     state = epilogue.fold_state(1, num_rows, hidden.device, with_argmax=with_argmax,
                                 with_entropy=with_entropy, with_logits_mean=with_logits_mean)
     if num_rows:
         scored = _scored_hidden(hidden, rows)
         columns = configs.product_columns(num_rows, vocab, chunk_bytes or _chunk_bytes())
-        products = Products(columns, _product_dtype(hidden), hidden.device)
+        products = Products(columns, product_dtype(hidden), hidden.device)
         for v0 in range(0, vocab, columns):
             block = weight[v0:v0 + columns]
             product = products.get(num_rows, block.shape[0])
-            _matmul(scored, block.T, product)
+            matmul(scored, block.T, product)
             epilogue.fold(product, v0, bias, targets, state, vocab=vocab,
                           temperature=temperature, softcap=softcap)
     return epilogue.statistics(state, vocab)
@@ -118,8 +88,7 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
 
     dW is returned contiguous whatever the layout of ``weight`` (a transposed view included).
     """
-    _check(hidden, weight, bias)
-    _no_filter(filter_eps)
+    bias = _check(hidden, weight, bias)
     num_rows, (vocab, width) = rows.numel(), weight.shape
     need_bias = need_bias and bias is not None
     if num_rows == 0:
@@ -127,29 +96,37 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
     f32 = dict(dtype=torch.float32, device=hidden.device)
     scored = _scored_hidden(hidden, rows)
     mu = lse - entropy if grad_entropy is not None else None       # sum_v p z
+    scale = RowScale.of(weight.dtype, grad_logprobs, grad_lse, grad_entropy, grad_logits_mean,
+                        entropy, vocab)
+    # dW's other operand and alpha: the scored rows, or for fp16 their scaled copy
+    rows_for_weight, alpha = (scored, 1.0) if scale is None else \
+        (scale.scaled_rows(scored), scale.alpha())
     grad_hidden_f32 = torch.zeros(num_rows, width, **f32) if need_hidden else None
     grad_weight = torch.empty(vocab, width, dtype=weight.dtype, device=weight.device) \
         if need_weight else None
     grad_bias_f32 = torch.empty(vocab, **f32) if need_bias else None
     columns = configs.product_columns(num_rows, vocab, chunk_bytes or _chunk_bytes())
-    products = Products(columns, _product_dtype(hidden), hidden.device)
+    products = Products(columns, product_dtype(hidden), hidden.device)
     for v0 in range(0, vocab, columns):
         block = weight[v0:v0 + columns]
         product = products.get(num_rows, block.shape[0])
-        _matmul(scored, block.T, product)
+        matmul(scored, block.T, product)
         grad = gradient_view(product, weight.dtype)
         epilogue.grad(product, grad, v0, bias, targets, lse, grad_logprobs, grad_lse,
                       grad_entropy, mu, grad_logits_mean, vocab=vocab,
-                      temperature=temperature, softcap=softcap)
+                      temperature=temperature, softcap=softcap, filter_eps=filter_eps,
+                      inv_bound=None if scale is None else 1.0 / scale.bound)
         if need_hidden:
-            _matmul(grad, block, grad_hidden_f32, accumulate=True)
+            matmul(grad, block, grad_hidden_f32, accumulate=True)
         if need_weight:
-            _matmul(grad.T, scored, grad_weight[v0:v0 + block.shape[0]])
+            matmul(grad.T, rows_for_weight, grad_weight[v0:v0 + block.shape[0]], alpha=alpha)
         if need_bias:
-            torch.sum(grad, dim=0, dtype=torch.float32, out=grad_bias_f32[v0:v0 + block.shape[0]])
+            grad_bias_f32[v0:v0 + block.shape[0]] = column_sums(grad, scale)
     del products  # before dH's cast: lower peak
     grad_hidden = None
     if need_hidden:
+        if scale is not None:
+            grad_hidden_f32.mul_(scale.bound.unsqueeze(1))
         grad_hidden = grad_hidden_f32.to(hidden.dtype)
         if scored is not hidden:
             grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_hidden)
@@ -165,18 +142,22 @@ class _CublasGemms:
 
     @staticmethod
     def products(scored, weight, out):
-        _matmul(scored, weight.T, out)
+        matmul(scored, weight.T, out)
 
     @staticmethod
     def grad_hidden(grad, weight):  # K = V: one fp32 sum, rounded by the caller once
         out = torch.empty(grad.shape[0], weight.shape[1], dtype=torch.float32,
                           device=grad.device)
-        _matmul(grad, weight, out)
+        matmul(grad, weight, out)
         return out
 
     @staticmethod
-    def grad_weight(grad, scored, accumulator):
-        _matmul(grad.T, scored, accumulator, accumulate=True)
+    def grad_weight(grad, scored, accumulator, scale):
+        if scale is None:
+            matmul(grad.T, scored, accumulator, accumulate=True)
+        else:
+            matmul(grad.T, scale.scaled_rows(scored), accumulator, accumulate=True,
+                   alpha=scale.alpha())
 
 
 @torch.no_grad()
@@ -191,9 +172,8 @@ def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=No
     grads)``; chunks of about ``chunk_rows`` rows (default ``configs.ONE_PASS_ROWS``) end
     only at ``boundaries``. Returns (loss, dH, dW, dBias).
     """
-    _check(hidden, weight, bias)
-    _no_filter(filter_eps)
-    return run(_CublasGemms, _product_dtype(hidden), hidden, weight, bias, rows, targets, head,
+    bias = _check(hidden, weight, bias)
+    return run(_CublasGemms, product_dtype(hidden), hidden, weight, bias, rows, targets, head,
                boundaries=boundaries, need_hidden=need_hidden, need_weight=need_weight,
                need_bias=need_bias, temperature=temperature, softcap=softcap,
                filter_eps=filter_eps, with_argmax=with_argmax, with_entropy=with_entropy,
@@ -203,11 +183,6 @@ def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=No
 def _chunk_bytes() -> int:
     return configs.INTERPRETER_CHUNK_BYTES if _launch.interpreting() else \
         configs.CUBLAS_CHUNK_BYTES
-
-
-def _no_filter(filter_eps):
-    if filter_eps is not None:
-        raise NotImplementedError("filter_eps with backend='cublas'")
 
 
 def _zeros(hidden, weight, bias, need_hidden, need_weight, need_bias):

@@ -33,13 +33,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fused_losses.kernels import configs, epilogue, logprobs_bwd, logprobs_fwd
+from fused_losses.kernels import configs, epilogue, logprobs_bwd, logprobs_fwd, products
 
 # config table entry -> the kernels launched with it
 KERNELS = {
     "fwd": [logprobs_fwd._logprobs_fwd_kernel],
     "bwd": [logprobs_bwd._grad_logits_kernel, logprobs_bwd._grad_hidden_kernel,
-            logprobs_bwd._grad_weight_kernel],
+            logprobs_bwd._grad_weight_kernel, products._products_kernel],
     "epilogue": [epilogue._fold_kernel, epilogue._grad_kernel],
 }
 # the kernels with a tl.dot K loop: pipelined (cp.async) and, 16-bit on sm_90, wgmma
@@ -94,9 +94,12 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 def flag_sets(fn):
-    """Every flag off, and every flag on: the two extremes of each kernel's code paths."""
+    """Every flag off, and every flag on: the two extremes of each kernel's code paths (one
+    set for a kernel without flags)."""
     flags = [n for n in fn.arg_names if n.isupper() and n.startswith(("HAS_", "WITH_", "FILTER",
                                                                      "NEED_"))]
+    if not flags:
+        return [{}]
     return [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
 
 
@@ -109,7 +112,7 @@ def compile_one(fn, entry: str, dtype: str, flags: dict, cfg: dict, arch: int) -
         options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return dict(
         entry=entry, kernel=fn.__name__, dtype=dtype,
-        flags="all" if all(flags.values()) else "none", arch=arch, config=cfg,
+        flags="none" if not any(flags.values()) else "all", arch=arch, config=cfg,
         shared=compiled.metadata.shared, limit=configs.SHARED_MEMORY_LIMIT[arch],
         # what tuning assumes a config takes (None: no K loop); members over a device's
         # limit by this estimate are never launched there
@@ -130,7 +133,7 @@ def variants(scope: str):
             for fn in KERNELS[entry]:
                 if entry == "epilogue":
                     dtypes, flags = ["bf16" if dtype_class == "16bit" else "fp32"], \
-                        flag_sets(fn)[1:]
+                        flag_sets(fn)[-1:]
                 else:
                     dtypes, flags = DTYPES[dtype_class], flag_sets(fn)
                 for dtype, flag_set in itertools.product(dtypes, flags):
