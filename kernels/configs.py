@@ -45,8 +45,9 @@ _GPU = {
     # (cuobjdump STACK = 0, see compile_probe.py); the compile test keeps them spill-free.
     # Larger 16-bit tiles ([128, 128] logit tiles, 256-wide GEMM outputs) spill on sm_80.
     "fwd": {
-        "16bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
-        "fp32": dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2),
+        "16bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8,
+                      num_stages=3),
+        "fp32": dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=16, GROUP_N=8, num_warps=8, num_stages=2),
     },
     # All three backward kernels: the GEMMs' M and K blocks are the gradient tiles
     # (BLOCK_N x BLOCK_V) so that filtering can skip whole K blocks; BLOCK_OUT is the width of
@@ -79,10 +80,11 @@ def _entries_per_thread(cfg: dict, *dims: str) -> int:
 
 SPACE = {
     "fwd": {
-        "16bit": [c for c in _grid(dict(BLOCK_H=64), BLOCK_N=(64, 128), BLOCK_V=(64, 128, 256),
+        "16bit": [c for c in _grid(dict(BLOCK_H=64, GROUP_N=8), BLOCK_N=(64, 128),
+                                   BLOCK_V=(64, 128, 256),
                                    num_warps=(4, 8), num_stages=(3, 4))
                   if _entries_per_thread(c, "BLOCK_N", "BLOCK_V") <= 32],
-        "fp32": [dict(BLOCK_N=n, BLOCK_V=v, BLOCK_H=16, num_warps=w, num_stages=s)
+        "fp32": [dict(BLOCK_N=n, BLOCK_V=v, BLOCK_H=16, GROUP_N=8, num_warps=w, num_stages=s)
                  for n, v, w, s in ((64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3),
                                     (64, 128, 8, 3), (128, 64, 8, 3))],
     },
@@ -117,7 +119,7 @@ EPILOGUE_TILES = (
 
 # Under TRITON_INTERPRET=1 small blocks keep tests fast and cross many tile edges.
 INTERPRETER = {
-    "fwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=1),
+    "fwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2, num_warps=4, num_stages=1),
     "bwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, BLOCK_OUT=16, GROUP_N=2, num_warps=4,
                 num_stages=1),
     "epilogue": dict(BLOCK_N=4, BLOCK_V=16, num_warps=4, num_stages=1),
