@@ -32,8 +32,10 @@ def contiguous(*vectors):
 def config(kernel: str, hidden: torch.Tensor, sizes=None, run=None) -> dict:
     """The block config of ``kernel``; with ``sizes = (N, V, H)`` and ``run(config)`` (the
     launcher itself) the tuned one when ``FUSED_LOSSES_AUTOTUNE=1`` (``configs.tuned``)."""
-    if interpreting() or run is None:
+    if interpreting() or hidden.device.type != "cuda":
         return configs.config_for(kernel, hidden.dtype, interpreting())
+    if run is None:
+        return configs.config_for(kernel, hidden.dtype, False, configs.arch_of(hidden.device))
     return configs.tuned(kernel, hidden.dtype, sizes, hidden.device, run)
 
 

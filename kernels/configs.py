@@ -1,6 +1,6 @@
 """Block configurations: one known-good default per (kernel, dtype class), and a tuning space.
 
-Every default (``SHIPPED``) is compiled for sm_80 and sm_90 by the test suite
+Every default (``SHIPPED``) is compiled for its targets (sm_80, sm_90) by the test suite
 (``tests/kernels/test_compile.py``: no spills, fits shared memory, pipelined, wgmma), and so is
 every member of the autotune space (``SPACE``, the slow part of that test). Tuning is opt-in,
 as in Cut Cross-Entropy: with ``FUSED_LOSSES_AUTOTUNE=1`` on CUDA, :func:`tuned` times each
@@ -43,17 +43,20 @@ _GPU = {
     # kernel -> dtype class -> meta-parameters. Chosen as the largest tiles that compile for
     # sm_80 and sm_90 with no register spills as a launch on an LLM head specialises them
     # (cuobjdump STACK = 0, see compile_probe.py); the compile test keeps them spill-free.
-    # Larger 16-bit tiles ([128, 128] logit tiles, 256-wide GEMM outputs) spill on sm_80.
+    # The forward's online statistics spill beyond a [64, 128] tile with 8 warps; the
+    # backward's kernels (and the one-pass products kernel) hold one accumulator and take
+    # [128, 128] tiles: 64 FLOP per byte loaded per K step against 43 at [64, 128], and
+    # 196 KiB of shared memory for the dH GEMM on sm_90 (131 KiB on sm_80).
     "fwd": {
         "16bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8,
                       num_stages=3),
         "fp32": dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=16, GROUP_N=8, num_warps=8, num_stages=2),
     },
-    # All three backward kernels: the GEMMs' M and K blocks are the gradient tiles
+    # All backward kernels: the GEMMs' M and K blocks are the gradient tiles
     # (BLOCK_N x BLOCK_V) so that filtering can skip whole K blocks; BLOCK_OUT is the width of
     # their output tiles along H.
     "bwd": {
-        "16bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, BLOCK_OUT=128, GROUP_N=8,
+        "16bit": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, BLOCK_OUT=128, GROUP_N=8,
                       num_warps=8, num_stages=3),
         "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, BLOCK_OUT=32, GROUP_N=8,
                      num_warps=8, num_stages=2),
@@ -125,20 +128,31 @@ INTERPRETER = {
     "epilogue": dict(BLOCK_N=4, BLOCK_V=16, num_warps=4, num_stages=1),
 }
 
-# Every default the compile test checks: (kernel family, dtype class, config).
-SHIPPED = [(kernel, dtype_class, cfg) for kernel, table in _GPU.items()
-           for dtype_class, cfg in table.items()] + [
-    ("epilogue", dtype_class, tile) for tile in EPILOGUE_TILES for dtype_class in ("16bit", "fp32")]
+# Ampere (sm_8x) keeps the smaller backward tile: with every flag on (entropy gradient,
+# soft-cap, filter, fp16 row scale, bias) the [128, 128] gradient kernel spills 192-208 bytes
+# there, and not on sm_90.
+_GPU_SM80 = {("bwd", "16bit"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, BLOCK_OUT=128, GROUP_N=8,
+                                    num_warps=8, num_stages=3)}
+
+# Every default the compile test checks: (kernel family, dtype class, config, target archs).
+SHIPPED = [(kernel, cls, cfg, (90,) if (kernel, cls) in _GPU_SM80 else (80, 90))
+           for kernel, table in _GPU.items() for cls, cfg in table.items()] + [
+    (kernel, cls, cfg, (80,)) for (kernel, cls), cfg in _GPU_SM80.items()] + [
+    ("epilogue", cls, tile, (80, 90)) for tile in EPILOGUE_TILES for cls in ("16bit", "fp32")]
 
 
 def dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
-def config_for(kernel: str, dtype: torch.dtype, interpreting: bool) -> dict:
+def config_for(kernel: str, dtype: torch.dtype, interpreting: bool, arch: int = 90) -> dict:
+    """The default of ``kernel`` at ``dtype`` on compute capability ``arch`` (major * 10)."""
     if interpreting:
         return dict(INTERPRETER[kernel])
-    return dict(_GPU[kernel][dtype_class(dtype)])
+    cls = dtype_class(dtype)
+    if arch < 90 and (kernel, cls) in _GPU_SM80:
+        return dict(_GPU_SM80[(kernel, cls)])
+    return dict(_GPU[kernel][cls])
 
 
 def epilogue_config(rows: int, multiprocessors: int, interpreting: bool) -> dict:
@@ -191,6 +205,10 @@ def shared_memory(kernel: str, itemsize: int, cfg: dict) -> int:
     return stages * per_stage * itemsize
 
 
+def arch_of(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0] * 10
+
+
 def device_shared_memory(device: torch.device) -> int:
     props = torch.cuda.get_device_properties(device)
     limit = getattr(props, "shared_memory_per_block_optin", None)
@@ -224,8 +242,10 @@ def tuned(kernel: str, dtype: torch.dtype, sizes: tuple[int, int, int], device: 
     ``FUSED_LOSSES_AUTOTUNE=1`` on CUDA the fastest member of the space, found by timing
     ``run(config)`` (the whole launcher, so that allocations sized by the config count) once
     per key and kept for the process. Members that fail to launch are skipped."""
-    if not autotuning() or device.type != "cuda":
+    if device.type != "cuda":
         return config_for(kernel, dtype, interpreting=False)
+    if not autotuning():
+        return config_for(kernel, dtype, interpreting=False, arch=arch_of(device))
     tokens, vocab, width = sizes
     key = (kernel, dtype, vocab, width, tokens_bucket(tokens),
            torch.cuda.get_device_capability(device))

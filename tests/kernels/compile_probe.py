@@ -6,8 +6,8 @@ functions with objects ``triton.compile`` cannot take. Prints one JSON object pe
 variant: kernel, dtype, flags, arch, shared memory (bytes), registers per thread, spill stack
 and whether Hopper's wgmma was emitted.
 
-Scopes: ``shipped`` (the default) compiles every default of ``configs.SHIPPED`` for each dtype
-of its class and both flag extremes; the epilogue kernels, which have no K loop, for bf16 and
+Scopes: ``shipped`` (the default) compiles every default of ``configs.SHIPPED`` for its
+targets, each dtype of its class and both flag extremes; the epilogue kernels, which have no K loop, for bf16 and
 fp32 with every flag on (their heaviest variant). ``space`` compiles each autotune member
 that is not a default (``configs.SPACE``) on the exact path (every flag off: what tuning
 times) in bf16 or fp32: 96 compiles, minutes on two cores, so the test runs it as slow.
@@ -127,35 +127,34 @@ def compile_one(fn, entry: str, dtype: str, flags: dict, cfg: dict, arch: int) -
 
 
 def variants(scope: str):
-    """(kernel, entry, dtype, flags, config) for every variant the scope compiles."""
+    """(kernel, entry, dtype, flags, config, arch) for every variant the scope compiles."""
     if scope == "shipped":
-        for entry, dtype_class, cfg in configs.SHIPPED:
+        for entry, dtype_class, cfg, archs in configs.SHIPPED:
             for fn in KERNELS[entry]:
                 if entry == "epilogue":
                     dtypes, flags = ["bf16" if dtype_class == "16bit" else "fp32"], \
                         flag_sets(fn)[-1:]
                 else:
                     dtypes, flags = DTYPES[dtype_class], flag_sets(fn)
-                for dtype, flag_set in itertools.product(dtypes, flags):
-                    yield fn, entry, dtype, flag_set, cfg
+                for dtype, flag_set, arch in itertools.product(dtypes, flags, archs):
+                    yield fn, entry, dtype, flag_set, cfg, arch
     else:
-        defaults = {(entry, cls): cfg for entry, cls, cfg in configs.SHIPPED}
+        defaults = [(entry, cls, cfg) for entry, cls, cfg, _ in configs.SHIPPED]
         for entry, table in configs.SPACE.items():
             for dtype_class, members in table.items():
                 for cfg in members:
-                    if cfg == defaults[(entry, dtype_class)]:
+                    if (entry, dtype_class, cfg) in defaults:
                         continue
-                    for fn in KERNELS[entry]:
+                    for fn, arch in itertools.product(KERNELS[entry], (80, 90)):
                         yield (fn, entry, "bf16" if dtype_class == "16bit" else "fp32",
-                               flag_sets(fn)[0], cfg)
+                               flag_sets(fn)[0], cfg, arch)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scope", choices=("shipped", "space"), default="shipped")
     args = parser.parse_args(argv)
-    for (fn, entry, dtype, flags, cfg), arch in itertools.product(variants(args.scope),
-                                                                  (80, 90)):
+    for fn, entry, dtype, flags, cfg, arch in variants(args.scope):
         print(json.dumps(compile_one(fn, entry, dtype, flags, cfg, arch)), flush=True)
     return 0
 
