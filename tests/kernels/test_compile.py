@@ -2,7 +2,7 @@
 
 The interpreter forgives block shapes, dtype slips and layouts a GPU rejects; compiling to
 PTX/cubin for real targets on this CPU-only machine catches those. The shipped defaults run in
-the main suite; the autotune space (``configs.SPACE``, 96 compiles) is marked slow.
+the main suite; the autotune space (``configs.SPACE``, 112 compiles) is marked slow.
 """
 import json
 import os
