@@ -19,4 +19,14 @@ __all__ += ["LossOutput", "sft_loss", "dpo_loss", "simpo_loss", "orpo_loss", "cp
             "render_token_rewards"]
 __all__ += ["FusedLoss", "FusedSFTLoss", "FusedDPOLoss", "FusedSimPOLoss", "FusedORPOLoss",
             "FusedCPOLoss", "FusedDILLoss", "FusedIFTLoss", "FusedReinforceLoss"]
+__all__ += ["patch_causal_lm", "unpatch_causal_lm"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The Hugging Face integration imports transformers (~1 s): loaded on first use.
+    if name in ("patch_causal_lm", "unpatch_causal_lm"):
+        from .integrations import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'fused_losses' has no attribute {name!r}")
