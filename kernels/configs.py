@@ -125,7 +125,7 @@ INTERPRETER = {
     "fwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2, num_warps=4, num_stages=1),
     "bwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, BLOCK_OUT=16, GROUP_N=2, num_warps=4,
                 num_stages=1),
-    "epilogue": dict(BLOCK_N=4, BLOCK_V=16, num_warps=4, num_stages=1),
+    "epilogue": dict(BLOCK_N=8, BLOCK_V=32, num_warps=4, num_stages=1),
 }
 
 # Ampere (sm_8x) keeps the smaller backward tile: with every flag on (entropy gradient,

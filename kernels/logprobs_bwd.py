@@ -237,7 +237,13 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
     need_bias = need_bias and bias is not None
     device = hidden.device
     f32 = dict(dtype=torch.float32, device=device)
-    cfg = config or _launch.config("bwd", hidden)
+    cfg = config or _launch.config(
+        "bwd", hidden, (num_rows, vocab, width),
+        lambda c: backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs,
+                           grad_lse, grad_entropy, grad_logits_mean, need_hidden=need_hidden,
+                           need_weight=need_weight, need_bias=need_bias,
+                           temperature=temperature, softcap=softcap, filter_eps=filter_eps,
+                           config=c, chunk_bytes=chunk_bytes))
     meta = {k: cfg[k] for k in ("num_warps", "num_stages")}
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
 
