@@ -10,7 +10,7 @@ kernels. They apply the bias, ``1/temperature`` and the soft-cap on the fly
   the s-th contiguous column range of the chunk. It continues the online statistics kept in
   slot s of a ``[SPLITS, R]`` state (running max ``m``, ``sum exp(z - m)``,
   ``sum exp(z - m) * z``, ``sum z``, argmax, target logit), so a row's state accumulates over
-  vocabulary chunks folded in increasing order; ``combine`` merges the slots.
+  vocabulary chunks folded in increasing order; ``statistics`` merges the slots.
 * ``_grad_kernel``, grid ``(cdiv(R, BLOCK_N), SPLITS)``: the logit gradient of
   ``objectives.md`` (Notation) ``p*(h - g - e*(z - mu)) + g*onehot(y) + u/V``, soft-cap chain
   rule and ``1/temperature`` included, written in the GEMM operand dtype to ``grad``
