@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fused_losses.backends import torch_chunked
-from tests.helpers import HAS_TRITON, assert_grad_close, assert_values_close, make_inputs
+from tests.helpers import (HAS_TRITON, assert_grad_close, assert_values_close,
+                           check_against_reference, make_inputs)
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -123,3 +124,34 @@ def test_in_place_gradient_equals_a_separate_buffer_and_splits_fold_alike():
         torch.testing.assert_close(a, b, msg=name)
     assert torch.equal(stats[0][2], product.argmax(-1))
     torch.testing.assert_close(stats[0][1], product.logsumexp(-1))
+
+
+# --- the same assertions catch a broken cuBLAS path (bf16, as the CUDA tests run it) ---------
+
+def _check_bf16(**kwargs):
+    torch.manual_seed(0)
+    hidden, weight, targets, bias = make_inputs(16, 24, 100, torch.bfloat16, bias=True)
+    check_against_reference("cublas", torch.bfloat16, hidden, weight, targets, bias, **kwargs)
+
+
+def test_a_vocabulary_chunk_missing_from_the_fold_is_caught(monkeypatch):
+    from fused_losses.kernels import epilogue
+    _check_bf16(with_grads=())  # unbroken, it passes
+    fold = epilogue.fold
+
+    def skips_the_second_chunk(product, v0, *args, **kwargs):
+        if v0 == 0:
+            fold(product, v0, *args, **kwargs)
+
+    monkeypatch.setattr(epilogue, "fold", skips_the_second_chunk)
+    with pytest.raises(AssertionError, match="logprobs|lse"):
+        _check_bf16(with_grads=())
+
+
+def test_products_rounded_to_bf16_before_the_epilogue_are_caught(monkeypatch):
+    """What torch < 2.8 without out_dtype would do: the logits lose fp32 and the statistics,
+    held to fp32 scale, show it."""
+    from fused_losses.backends import cublas_epilogue
+    monkeypatch.setattr(cublas_epilogue, "product_dtype", lambda hidden: hidden.dtype)
+    with pytest.raises(AssertionError, match="logprobs|lse|entropy|logits_mean"):
+        _check_bf16(with_grads=())
