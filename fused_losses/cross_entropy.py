@@ -77,10 +77,10 @@ def linear_cross_entropy(
         grad_in_forward (bool, optional): for ``"mean"``/``"sum"`` the upstream gradient is
             known in forward, so gradients can be formed in the same pass as the loss (3
             matmuls instead of 4, as Liger does). The trade-off: dW ([V, H]) is then held from
-            forward until backward, on top of the weight's own gradient buffer. Default (None):
-            on for the torch backend, whose one-pass chunks save the fourth matmul (see
-            README, "Benchmarks"); off for Triton, whose kernels recompute either way, so
-            holding dW would buy nothing.
+            forward until backward, on top of the weight's own gradient buffer, and on
+            "cublas"/"triton" an fp32 [V, H] accumulator and a [1024, V] fp32 chunk while the
+            pass runs (benchmarks/notes.md, G5). Default (None): on wherever the backend has
+            a one-pass path (every registered backend).
 
     Returns:
         Tensor: scalar float32, or per-token [...] float32 for ``reduction="none"``

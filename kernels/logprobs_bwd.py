@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs, scaling
-from ._tl_helpers import dot_acc, grad_logits_tile, logits_tile
+from ._tl_helpers import dot_acc, grad_logits_tile, grouped_tile, logits_tile
 
 
 @triton.jit
@@ -70,16 +70,10 @@ def _grad_logits_kernel(
     WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr, FILTER: tl.constexpr,
     NEED_BIAS_GRAD: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Grouped program order (Triton matmul tutorial): GROUP_N token tiles run back to back on
-    # one vocabulary tile, so its weight rows come from L2 after the first.
-    pid = tl.program_id(0)
-    token_tiles = tl.cdiv(N, BLOCK_N)
+    # Grouped program order: GROUP_N token tiles run back to back on one vocabulary tile, so
+    # its weight rows come from L2 after the first.
     vocab_tiles = tl.cdiv(chunk_width, BLOCK_V)
-    per_group = GROUP_N * vocab_tiles
-    first_n = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(token_tiles - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), vocab_tiles, GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -118,7 +112,7 @@ def _grad_logits_kernel(
 def _grad_hidden_kernel(
     grad_chunk_ptr, weight_ptr, keep_ptr,                       # [N, VC], [V, H], [TN, TV]
     grad_hidden_ptr,                                            # [N, H] fp32, accumulated
-    N, H, v0, chunk_width, stride_wv, stride_wh,
+    N, H, v0, chunk_width, stride_gn, stride_wv, stride_wh,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr,
     FILTER: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -140,7 +134,7 @@ def _grad_hidden_kernel(
             offs_c = tile * BLOCK_V + tl.arange(0, BLOCK_V)
             mask_c = offs_c < chunk_width
             grad = tl.load(
-                grad_chunk_ptr + offs_n.to(tl.int64)[:, None] * chunk_width + offs_c[None, :],
+                grad_chunk_ptr + offs_n.to(tl.int64)[:, None] * stride_gn + offs_c[None, :],
                 mask=mask_n[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_N, BLOCK_V]
             weight = tl.load(
                 weight_ptr + (v0 + offs_c.to(tl.int64))[:, None] * stride_wv
@@ -155,9 +149,9 @@ def _grad_weight_kernel(
     grad_chunk_ptr, hidden_ptr, rows_ptr, keep_ptr,             # [N, VC], [M, H], [N], [TN, TV]
     ratio_ptr, max_bound_ptr,                                   # [N], [1] fp32 (HAS_ROW_SCALE)
     grad_weight_ptr,                                            # -> [V, H] contiguous, weight dtype
-    N, H, v0, chunk_width, stride_hm, stride_hh,
+    N, H, v0, chunk_width, stride_gn, stride_hm, stride_hh,     # (ACCUMULATE: fp32, added to)
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr,
-    FILTER: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    FILTER: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
@@ -177,7 +171,7 @@ def _grad_weight_kernel(
             mask_n = offs_n < N
             rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
             grad_t = tl.load(
-                grad_chunk_ptr + offs_n.to(tl.int64)[None, :] * chunk_width + offs_c[:, None],
+                grad_chunk_ptr + offs_n.to(tl.int64)[None, :] * stride_gn + offs_c[:, None],
                 mask=mask_c[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_V, BLOCK_N]
             hidden = tl.load(
                 hidden_ptr + rows[:, None] * stride_hm + offs_h[None, :] * stride_hh,
@@ -189,8 +183,43 @@ def _grad_weight_kernel(
     if HAS_ROW_SCALE:
         acc = acc * tl.load(max_bound_ptr)
     out = grad_weight_ptr + (v0 + offs_c.to(tl.int64))[:, None] * H + offs_h[None, :]
-    tl.store(out, acc.to(grad_weight_ptr.dtype.element_ty),
-             mask=mask_c[:, None] & mask_h[None, :])
+    out_mask = mask_c[:, None] & mask_h[None, :]
+    if ACCUMULATE:  # the one-pass path: dW summed over token chunks in fp32
+        acc += tl.load(out, mask=out_mask, other=0.0)
+    tl.store(out, acc.to(grad_weight_ptr.dtype.element_ty), mask=out_mask)
+
+
+def grad_hidden_gemm(grad_chunk, weight, v0, out, keep, cfg: dict, *, filtered: bool) -> None:
+    """``out [N, H]`` fp32 ``+= grad_chunk [N, C] @ weight[v0:v0 + C]``; ``grad_chunk`` with
+    inner stride 1 and any row stride (the one-pass path's gradient lies over fp32 rows);
+    with ``filtered``, the K blocks ``keep`` marks zero are skipped."""
+    num_rows, columns = grad_chunk.shape
+    grid = (triton.cdiv(num_rows, cfg["BLOCK_N"]), triton.cdiv(out.shape[1], cfg["BLOCK_OUT"]))
+    _grad_hidden_kernel[grid](
+        grad_chunk, weight, keep, out, num_rows, out.shape[1], v0, columns,
+        grad_chunk.stride(0), weight.stride(0), weight.stride(1),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_OUT=cfg["BLOCK_OUT"],
+        FILTER=filtered, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_launch.dot_flags(weight))
+
+
+def grad_weight_gemm(grad_chunk, hidden, rows, v0, out, keep, ratio, max_bound, cfg: dict, *,
+                     filtered: bool, accumulate: bool) -> None:
+    """``out[v0:v0 + C] = grad_chunkᵀ @ hidden[rows]`` (``+=`` into an fp32 ``out`` with
+    ``accumulate``); ``ratio``/``max_bound`` undo fp16 row scaling (``scaling.py``) when
+    given; ``out`` contiguous [V, H]."""
+    num_rows, columns = grad_chunk.shape
+    width = out.shape[1]
+    scaled = ratio is not None
+    if not scaled:  # never read: any fp32 pointer
+        ratio = max_bound = torch.empty(1, dtype=torch.float32, device=out.device)
+    grid = (triton.cdiv(columns, cfg["BLOCK_V"]), triton.cdiv(width, cfg["BLOCK_OUT"]))
+    _grad_weight_kernel[grid](
+        grad_chunk, hidden, rows, keep, ratio, max_bound, out, num_rows, width, v0, columns,
+        grad_chunk.stride(0), hidden.stride(0), hidden.stride(1),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_OUT=cfg["BLOCK_OUT"],
+        FILTER=filtered, HAS_ROW_SCALE=scaled, ACCUMULATE=accumulate,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_launch.dot_flags(hidden))
 
 
 def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, grad_lse,
@@ -208,7 +237,13 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
     need_bias = need_bias and bias is not None
     device = hidden.device
     f32 = dict(dtype=torch.float32, device=device)
-    cfg = config or _launch.config("bwd", hidden)
+    cfg = config or _launch.config(
+        "bwd", hidden, (num_rows, vocab, width),
+        lambda c: backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs,
+                           grad_lse, grad_entropy, grad_logits_mean, need_hidden=need_hidden,
+                           need_weight=need_weight, need_bias=need_bias,
+                           temperature=temperature, softcap=softcap, filter_eps=filter_eps,
+                           config=c, chunk_bytes=chunk_bytes))
     meta = {k: cfg[k] for k in ("num_warps", "num_stages")}
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
 
@@ -246,8 +281,6 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
     bias_partials = torch.empty(token_tiles, columns, **f32) if need_bias else zeros
     keep = torch.empty(token_tiles, triton.cdiv(columns, block_v), dtype=torch.int8,
                        device=device)
-    out_tiles = triton.cdiv(width, cfg["BLOCK_OUT"])
-    gemm = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_OUT=cfg["BLOCK_OUT"], **flags, **meta)
     for v0 in range(0, vocab if num_rows else 0, columns):
         width_here = min(columns, vocab - v0)
         vocab_tiles = triton.cdiv(width_here, block_v)
@@ -261,15 +294,15 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_ROW_SCALE=row_scale, WITH_ENTROPY_GRAD=with_entropy_grad,
             WITH_MEAN_GRAD=with_mean_grad, NEED_BIAS_GRAD=need_bias, **flags, **meta)
+        # the kernels lay a chunk out with row stride width_here, not columns
+        chunk = grad_chunk.view(-1)[:num_rows * width_here].view(num_rows, width_here)
         if need_hidden:
-            _grad_hidden_kernel[(token_tiles, out_tiles)](
-                grad_chunk, weight, keep, grad_hidden_f32, num_rows, width, v0, width_here,
-                weight.stride(0), weight.stride(1), **gemm)
+            grad_hidden_gemm(chunk, weight, v0, grad_hidden_f32, keep, cfg,
+                             filtered=filter_eps is not None)
         if need_weight:
-            _grad_weight_kernel[(vocab_tiles, out_tiles)](
-                grad_chunk, hidden, rows, keep, ratio, max_bound if row_scale else zeros,
-                grad_weight, num_rows, width, v0, width_here,
-                hidden.stride(0), hidden.stride(1), HAS_ROW_SCALE=row_scale, **gemm)
+            grad_weight_gemm(chunk, hidden, rows, v0, grad_weight, keep,
+                             ratio if row_scale else None, max_bound, cfg,
+                             filtered=filter_eps is not None, accumulate=False)
         if need_bias:
             # the kernels lay a chunk out with row stride width_here, not columns
             partials = bias_partials.view(-1)[:token_tiles * width_here]

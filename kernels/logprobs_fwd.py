@@ -1,6 +1,7 @@
 """Forward: per-token lse, target logit, argmax, entropy and mean-logit statistics.
 
-Grid ``(cdiv(N, BLOCK_N), SPLITS)``: program (i, s) owns token tile i and the s-th contiguous
+Grid ``(cdiv(N, BLOCK_N) * SPLITS,)`` in grouped order (``GROUP_N`` token tiles with all their
+splits, ``_tl_helpers.grouped_tile``): program (i, s) owns token tile i and the s-th contiguous
 range of vocabulary tiles. It walks its range with an online log-sum-exp (running max ``m``,
 ``sum exp(z - m)``, and ``sum exp(z - m) * z`` for the entropy) and writes one partial per
 (split, token); ``_combine`` merges the SPLITS partials on the host side in O(SPLITS * N).
@@ -19,23 +20,24 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._tl_helpers import logits_tile
+from ._tl_helpers import grouped_tile, logits_tile, online_update
 
 
 @triton.jit
 def _logprobs_fwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr,        # [M,H] [V,H] [V] [N] [N]
     max_ptr, sumexp_ptr, zdot_ptr, zsum_ptr, argmax_ptr, target_ptr,  # -> [SPLITS, N] each
-    N, V, H, tiles_per_split,
+    N, V, H, tiles_per_split, splits,
     stride_hm, stride_hh, stride_wv, stride_wh,
     inv_temperature, softcap,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr, WITH_LOGITS_MEAN: tl.constexpr, WITH_ARGMAX: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # Grouped order: GROUP_N token tiles run with every split of theirs before the next group,
+    # so the hidden rows of the resident programs stay in L2 while their splits stream W.
+    pid_n, pid_s = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), splits, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
@@ -58,33 +60,9 @@ def _logprobs_fwd_kernel(
                              H, stride_hm, stride_hh, stride_wv, stride_wh,
                              inv_temperature, softcap, BLOCK_N, BLOCK_V, BLOCK_H,
                              HAS_BIAS, HAS_SOFTCAP, DOT_FP32, DOT_PRECISION)
-        logits_or_ninf = tl.where(mask_v[None, :], logits, float("-inf"))
-        logits_or_zero = tl.where(mask_v[None, :], logits, 0.0)
-        tile_max = tl.max(logits_or_ninf, axis=1)
-        new_max = tl.maximum(running_max, tile_max)
-        # while a row has seen only -inf, exponentiate against 0, not against -inf
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp(running_max - shift)
-        probs = tl.exp(logits_or_ninf - shift[:, None])          # 0 on masked columns
-        sumexp = sumexp * rescale + tl.sum(probs, axis=1)
-        if WITH_ENTROPY:
-            # p * z with p = 0 at a -inf logit is 0, not NaN
-            zdot = zdot * rescale + tl.sum(tl.where(probs == 0.0, 0.0, probs * logits_or_zero),
-                                           axis=1)
-        if WITH_LOGITS_MEAN:
-            zsum += tl.sum(logits_or_zero, axis=1)
-        if WITH_ARGMAX:
-            # NaN is tracked on its own: argmax sees it as -inf (GPUs skip NaN in argmax, the
-            # interpreter refuses an all-NaN row). Strict > keeps the first maximum, as
-            # torch.argmax does.
-            is_nan = logits_or_ninf != logits_or_ninf
-            tile_arg = v_start + tl.argmax(tl.where(is_nan, float("-inf"), logits_or_ninf),
-                                           axis=1).to(tl.int64)
-            best = tl.where(tile_max > running_max, tile_arg, best)
-            first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan, offs_v[None, :], V), axis=1))
-        hit = offs_v[None, :] == targets[:, None]
-        target_logit += tl.sum(tl.where(hit, logits_or_zero, 0.0), axis=1)
-        running_max = new_max
+        running_max, sumexp, zdot, zsum, best, first_nan, target_logit = online_update(
+            logits, offs_v, mask_v, v_start, targets, V, running_max, sumexp, zdot, zsum, best,
+            first_nan, target_logit, WITH_ENTROPY, WITH_LOGITS_MEAN, WITH_ARGMAX)
 
     if WITH_ARGMAX:
         # a split with a NaN reports its first NaN, and a NaN max for _combine to see
@@ -133,7 +111,11 @@ def forward(hidden, weight, bias, rows, targets, *, temperature=1.0, softcap=Non
     _launch.check_inputs(hidden, weight, bias)
     bias, rows, targets = _launch.contiguous(bias, rows, targets)
     num_rows, vocab, width = rows.numel(), weight.shape[0], weight.shape[1]
-    cfg = config or _launch.config("fwd", hidden)
+    cfg = config or _launch.config(
+        "fwd", hidden, (num_rows, vocab, width),
+        lambda c: forward(hidden, weight, bias, rows, targets, temperature=temperature,
+                          softcap=softcap, with_argmax=with_argmax, with_entropy=with_entropy,
+                          with_logits_mean=with_logits_mean, num_splits=num_splits, config=c))
     f32 = dict(dtype=torch.float32, device=hidden.device)
     if num_rows == 0:
         empty = torch.zeros(0, **f32)
@@ -141,7 +123,8 @@ def forward(hidden, weight, bias, rows, targets, *, temperature=1.0, softcap=Non
                 empty if with_entropy else None, empty if with_logits_mean else None)
     token_tiles = triton.cdiv(num_rows, cfg["BLOCK_N"])
     vocab_tiles = triton.cdiv(vocab, cfg["BLOCK_V"])
-    splits = num_splits or _launch.vocab_splits(token_tiles, vocab_tiles, hidden.device)
+    splits = num_splits or _launch.vocab_splits(
+        token_tiles, vocab_tiles, hidden.device, cfg["BLOCK_N"] * width * hidden.element_size())
     tiles_per_split = triton.cdiv(vocab_tiles, min(splits, vocab_tiles))
     splits = triton.cdiv(vocab_tiles, tiles_per_split)  # every split starts inside V
     split_max, sumexp, target_logit = (torch.empty(splits, num_rows, **f32) for _ in range(3))
@@ -149,10 +132,10 @@ def forward(hidden, weight, bias, rows, targets, *, temperature=1.0, softcap=Non
     zsum = torch.empty(splits, num_rows, **f32) if with_logits_mean else sumexp
     argmax = torch.empty(splits, num_rows, dtype=torch.int64, device=hidden.device) \
         if with_argmax else rows
-    _logprobs_fwd_kernel[(token_tiles, splits)](
+    _logprobs_fwd_kernel[(token_tiles * splits,)](
         hidden, weight, bias if bias is not None else weight, rows, targets,
         split_max, sumexp, zdot, zsum, argmax, target_logit,
-        num_rows, vocab, width, tiles_per_split,
+        num_rows, vocab, width, tiles_per_split, splits,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         1.0 / temperature, softcap or 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,

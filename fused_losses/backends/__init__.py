@@ -90,14 +90,18 @@ class _Entry:
 _REGISTRY = {
     "torch": _Entry("torch_chunked", triton=False),
     "triton": _Entry("triton_fused", triton=True),
+    "cublas": _Entry("cublas_epilogue", triton=True),
 }
 
 # The user-facing names, "auto" first: it picks CUDA_DEFAULT on CUDA when Triton imports,
 # "torch" elsewhere.
 BACKENDS = ("auto", *_REGISTRY)
 
-# "auto" on CUDA. A prediction until a GPU measurement replaces it (benchmarks/notes.md).
-CUDA_DEFAULT = "triton"
+# "auto" on CUDA. A prediction until a GPU measurement replaces it (benchmarks/notes.md, G5):
+# at N = 8192, H = 4096, V = 128256 (bf16, forward + backward) cuBLAS's one pass (6NHV at
+# ~88 % of 790 TFLOP/s + ~3 ms of epilogues and fp32 dW traffic) ~44 ms, 1.35x the 32.7 ms
+# floor; its recompute path ~54 ms; the fused Triton kernels (8NHV at ~72 %) ~62 ms.
+CUDA_DEFAULT = "cublas"
 
 
 def _interpreting() -> bool:

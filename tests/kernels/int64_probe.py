@@ -56,7 +56,7 @@ def narrow_stride_uses(text: str) -> list[str]:
 
 
 def main() -> int:
-    cfgs = {entry: cfg for entry, _, cfg in configs.SHIPPED}
+    cfgs = {entry: cfg for entry, _, cfg, _ in configs.SHIPPED}
     for entry, kernels in KERNELS.items():
         for fn in kernels:
             found = []
