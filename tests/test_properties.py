@@ -24,9 +24,8 @@ from fused_losses import (cpo_loss, dil_loss, dpo_loss, ift_loss, linear_cross_e
                           token_logprobs)
 from fused_losses.objectives import DIL_LOSSES, DIVERGENCES, DPO_LOSSES, phi_safe
 from fused_losses.reference import linear_cross_entropy_reference, linear_logprobs_reference
-from tests.helpers import HAS_TRITON, assert_close, make_inputs
+from tests.helpers import HAS_TRITON, assert_close, check_against_reference, make_inputs
 from tests.objectives import naive
-from tests.test_primitive import check_against_reference
 
 F64 = torch.float64
 INF, NAN = math.inf, math.nan

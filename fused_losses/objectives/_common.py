@@ -17,8 +17,7 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-from ..backends import resolve_backend
-from ..primitive import LogProbs, linear_logprobs_loss
+from ..primitive import LogProbs, gradients_in_forward_available, linear_logprobs_loss
 from ..vocab_parallel import linear_logprobs
 
 IGNORE_INDEX = -100
@@ -410,15 +409,15 @@ def _grad_in_forward(requested, additive, hidden, weight, options) -> bool:
     if requested is not None and not isinstance(requested, bool):
         raise TypeError(f"grad_in_forward must be None or a bool, got {requested!r}")
     if requested is False or not additive or options.get("process_group") is not None \
-            or options.get("vocab_start") is not None:
+            or options.get("vocab_start") is not None or torch.compiler.is_compiling():
         return False
     if requested:
         return True
     bias = options.get("bias")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return needs_grad and hasattr(resolve_backend(options.get("backend", "auto"),
-                                                  hidden.device), "forward_backward")
+    return needs_grad and gradients_in_forward_available(options.get("backend", "auto"),
+                                                         hidden.device)
 
 
 def token_metrics(stats: TokenStats) -> dict[str, torch.Tensor]:
