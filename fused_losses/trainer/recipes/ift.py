@@ -25,7 +25,7 @@ def fused(opts):
 
 def unfused(opts):
     lam, gamma, eps = opts["lam"], opts["gamma"], opts["eps"]
-    train_embeddings = opts.get("train_embeddings", False)
+    train_embeddings = opts["train_embeddings"]
 
     def step(lm, batch, ctx):
         ids, labels = batch["input_ids"], batch["labels"]
