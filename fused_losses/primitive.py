@@ -441,12 +441,43 @@ def _loss_and_grads(loss_fn: ChunkLoss, stats: tuple, positions: torch.Tensor):
     with torch.enable_grad():
         leaves = [s if s is None or not s.is_floating_point() else s.detach().requires_grad_()
                   for s in stats]
+        first_node = leaves[1].view_as(leaves[1]).grad_fn._sequence_nr()
         loss = loss_fn(LogProbs(*leaves), positions)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) \
+                else type(loss).__name__
+            raise TypeError(f"loss_fn must return a scalar (0-dim) tensor, got {got}")
         wrt = [leaves[i] for i in (0, 1, 3, 4)]
         present = [t for t in wrt if t is not None]
+        _check_closed_over_statistics(loss, present, first_node)
         found = iter(torch.autograd.grad(loss, present, allow_unused=True)) if loss.requires_grad \
             else iter([None] * len(present))
     return loss.detach(), Grads(*(None if t is None else next(found) for t in wrt))
+
+
+def _check_closed_over_statistics(loss: torch.Tensor, leaves: list, first_node: int) -> None:
+    """Refuse a ``loss_fn`` whose result also depends on tensors that require a gradient
+    (a learnable scale, a value head's output): only the statistics' gradients are formed in
+    forward, so theirs would be silently dropped. Walks only the nodes ``loss_fn`` created
+    (autograd numbers a thread's nodes in creation order); an older node or another leaf
+    is such a tensor."""
+    pending, seen = [loss.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        foreign = (not any(variable is leaf for leaf in leaves)) if variable is not None \
+            else node._sequence_nr() < first_node
+        if foreign:
+            raise ValueError(
+                "loss_fn uses a tensor that requires a gradient besides the statistics it is "
+                "given; linear_logprobs_loss forms only the statistics' gradients in forward, "
+                "so that tensor's gradient would be lost. Detach it, or compute the loss from "
+                "linear_logprobs (or pass grad_in_forward=False to the objective)")
+        if variable is None:
+            pending.extend(next_node for next_node, _ in node.next_functions)
 
 
 # The one-pass path holds one whole group's fp32 logits at a time, so it runs only where a
@@ -704,9 +735,10 @@ def linear_logprobs_loss(
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in (hidden, weight, bias))):
             # No gradient wanted (no_grad, evaluation): the forward alone, one chunk of all
-            # groups.
+            # groups; loss_fn under the caller's grad mode (a learnable tensor in it still
+            # gets its gradient).
             with torch.no_grad():
                 stats = inputs.backend.forward(*tensors, **_forward_kwargs(opts))
-                return loss_fn(LogProbs(*stats), rows)
+            return loss_fn(LogProbs(*stats), rows)
         return GradInForwardFunction.apply(*tensors, inputs.backend, opts, loss_fn,
                                            boundaries)

@@ -83,3 +83,27 @@ def test_groups_beyond_the_one_pass_bound_take_the_two_pass_path(monkeypatch):
     for got, expected in zip(torch.autograd.grad(loss, (hidden, weight)),
                              torch.autograd.grad(want, (hidden, weight))):
         assert_close(got, expected, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_a_loss_with_its_own_learnable_tensor_is_refused_not_silently_wrong(backend):
+    """Only the statistics' gradients are formed in forward: a loss_fn that also reads a
+    tensor requiring a gradient would leave that tensor's gradient silently None."""
+    hidden, weight, targets, _ = make_inputs(4, 8, 10, torch.float32)
+    scale = torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(ValueError, match="requires a gradient besides the statistics"):
+        linear_logprobs_loss(hidden, weight, targets, lambda s, p: (s.logprobs * scale).sum(),
+                             backend=backend)
+    # Nothing of the model needs a gradient: the loss is differentiated as usual.
+    loss = linear_logprobs_loss(hidden.detach(), weight.detach(), targets,
+                                lambda s, p: (s.logprobs * scale).sum(), backend=backend)
+    loss.backward()
+    want = linear_logprobs(hidden.detach(), weight.detach(), targets).logprobs.sum()
+    assert_close(scale.grad, want, torch.float32)
+
+
+def test_a_loss_that_is_not_a_scalar_tensor_is_a_type_error():
+    hidden, weight, targets, _ = make_inputs(4, 8, 10, torch.float32)
+    for loss_fn, got in ((lambda s, p: s.logprobs, r"shape \(\d+,\)"), (lambda s, p: 3.0, "float")):
+        with pytest.raises(TypeError, match=f"loss_fn must return a scalar.*{got}"):
+            linear_logprobs_loss(hidden, weight, targets, loss_fn, backend="torch")
