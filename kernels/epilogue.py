@@ -18,6 +18,9 @@ kernels. They apply the bias, ``1/temperature`` and the soft-cap on the fly
   over the first half of each fp32 row (row stride ``2 * stride_pr``), or an fp32 one over
   the same elements. Then SPLITS must be 1: each program walks its rows' columns in
   increasing order, so every store lands on bytes its own earlier loads already consumed.
+  Over the first half of fp32 rows, a 16-bit store lands on entries another warp of the
+  program loads (a wide tile spreads a row over several warps, which do not run in step):
+  ``NARROW_IN_PLACE`` puts a barrier between each tile's loads and its store.
 
 No atomics: every program owns the state or gradient entries it writes.
 """
@@ -120,6 +123,7 @@ def _grad_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr, FILTER: tl.constexpr,
+    NARROW_IN_PLACE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -156,6 +160,10 @@ def _grad_kernel(
                                 WITH_ENTROPY_GRAD, WITH_MEAN_GRAD, FILTER)
         if HAS_ROW_SCALE:
             grad = grad * row_scale[:, None]
+        if NARROW_IN_PLACE:
+            # every warp has loaded this tile (its gradient is computed from it) before any
+            # warp overwrites the bytes of the tile's first half
+            tl.debug_barrier()
         tl.store(rows_out + offs_c[None, :], grad.to(grad_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_c[None, :])
 
@@ -269,7 +277,8 @@ def grad(product: torch.Tensor, out: torch.Tensor, v0: int, bias, targets: torch
         1.0 / vocab, 1.0 / temperature, softcap or 1.0, filter_eps or 0.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         HAS_ROW_SCALE=inv_bound is not None, WITH_ENTROPY_GRAD=grad_entropy is not None,
-        WITH_MEAN_GRAD=grad_logits_mean is not None, FILTER=filter_eps is not None, **cfg)
+        WITH_MEAN_GRAD=grad_logits_mean is not None, FILTER=filter_eps is not None,
+        NARROW_IN_PLACE=in_place and out.element_size() < product.element_size(), **cfg)
 
 
 def _or(tensor, fallback):

@@ -97,7 +97,7 @@ def flag_sets(fn):
     """Every flag off, and every flag on: the two extremes of each kernel's code paths (one
     set for a kernel without flags)."""
     flags = [n for n in fn.arg_names if n.isupper() and n.startswith(("HAS_", "WITH_", "FILTER",
-                                                                     "NEED_"))]
+                                                                     "NEED_", "NARROW_"))]
     if not flags:
         return [{}]
     return [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
@@ -123,6 +123,8 @@ def compile_one(fn, entry: str, dtype: str, flags: dict, cfg: dict, arch: int) -
         wgmma="wgmma.mma_async" in compiled.asm["ptx"],
         # asynchronous global->shared copies: the K loop is software-pipelined
         pipelined="cp.async" in compiled.asm["ptx"],
+        # a CTA-wide barrier (the in-place 16-bit gradient orders its loads before stores)
+        barrier="bar.sync" in compiled.asm["ptx"],
         **resource_usage(compiled.asm["cubin"]))
 
 

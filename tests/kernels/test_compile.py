@@ -61,6 +61,16 @@ def test_exact_k_loops_are_pipelined_and_16bit_tiles_use_wgmma_on_hopper(compile
     assert hopper_16bit and all(r["wgmma"] for r in hopper_16bit)
 
 
+def test_the_in_place_16bit_gradient_orders_every_warps_loads_before_its_stores(compiled):
+    """A 16-bit gradient written over the first half of its fp32 rows lands on entries that
+    other warps of the program load (the wide tiles spread a row over several warps, e.g.
+    [1, 4096] over 8). No GPU orders warps by itself and the interpreter runs a program as
+    one: without a barrier between a tile's loads and its store a warp can overwrite
+    products another has not read yet."""
+    aliased = [r for r in compiled if r["kernel"] == "_grad_kernel" and r["dtype"] != "fp32"]
+    assert aliased and all(r["barrier"] for r in aliased), aliased
+
+
 def test_no_register_spills(compiled):
     """Spills to local memory cost bandwidth in the hot loop; every shipped shape has none."""
     measured = [r for r in compiled if r.get("stack") is not None]
