@@ -29,8 +29,9 @@ from typing import NamedTuple
 import torch
 from transformers.utils import ModelOutput
 
-from .. import linear_cross_entropy
+from .. import BACKENDS, linear_cross_entropy
 from ..objectives.logprobs import causal_lm_head
+from ..primitive import check_options, check_positive_finite
 from .trl import (DEFAULT_OUTPUTS, FusedCausalLMOutput, check_outputs, fused_head_fields,
                   trl_head_options)
 
@@ -317,11 +318,16 @@ def patch_causal_lm(
         raise ValueError(f"the output embedding of {type(causal_lm).__name__} already has a "
                          "patched forward (patched through another wrapper of this model?); "
                          "unpatch_causal_lm that one first")
-    if temperature is not None and not (isinstance(temperature, (int, float))
-                                        and temperature > 0):
-        raise ValueError(f"temperature must be None or a positive number, got {temperature!r}")
+    # Every option is checked here, at patch time, not at the first training step.
+    if temperature is not None:
+        check_positive_finite("temperature (None for the TRL head's, else 1.0)", temperature)
     if not isinstance(cast_lm_head_to_fp32, bool):
         raise TypeError(f"cast_lm_head_to_fp32 must be a bool, got {cast_lm_head_to_fp32!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_options(filter_eps=filter_eps, chunk_size=chunk_size)
+    if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
+        raise TypeError(f"grad_in_forward must be None or a bool, got {grad_in_forward!r}")
     primitive_options = dict(backend=backend, filter_eps=filter_eps, chunk_size=chunk_size)
     if grad_in_forward is not None:
         primitive_options["grad_in_forward"] = grad_in_forward

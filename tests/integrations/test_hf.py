@@ -360,5 +360,12 @@ def test_bad_inputs_name_the_problem():
         fused(**inputs, labels=labels, return_dict=False)
     with pytest.raises(ValueError, match="temperature"):
         patch_causal_lm(build("llama"), temperature=0)
+    # refused when patching, not at the first step (True would be a silent temperature 1)
+    for bad, error in ((dict(temperature=True), TypeError),
+                       (dict(temperature=float("inf")), ValueError),
+                       (dict(backend="tritn"), ValueError), (dict(filter_eps=-1.0), ValueError),
+                       (dict(chunk_size=0), ValueError), (dict(grad_in_forward="no"), TypeError)):
+        with pytest.raises(error, match=next(iter(bad))):
+            patch_causal_lm(build("llama"), **bad)
     with pytest.raises(TypeError, match="unexpected keyword"):
         patch_causal_lm(build("llama"), softcap=3.0)
