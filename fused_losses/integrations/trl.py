@@ -27,6 +27,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from .. import linear_logprobs
+from ..cross_entropy import check_item_count
 
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # What a patched model computes for ``fused_lm_head=True`` unless TRL's head or the caller
@@ -128,7 +129,12 @@ def fused_head_fields(hidden, weight, bias, labels, *, shifted: bool, num_items_
         log_sum_sq_probs = torch.where(mask, lse_twice - 2 * stats.lse.detach(), 0.0)
     is_top1 = None if stats.argmax is None else (stats.argmax == targets) & mask
     mean_logits = None if stats.logits_mean is None else stats.logits_mean.detach()
-    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    if num_items_in_batch is None:
+        count = mask.sum().clamp(min=1)
+    else:  # as the plain loss checks it: one positive count, a scalar loss
+        check_item_count("num_items_in_batch", num_items_in_batch)
+        count = num_items_in_batch.reshape(()) if isinstance(num_items_in_batch, torch.Tensor) \
+            else num_items_in_batch
     fields = dict(log_probs=stats.logprobs, entropy=stats.entropy,
                   log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits,
                   is_top1=is_top1, label_mask=mask)

@@ -145,6 +145,19 @@ def test_fields_not_asked_for_are_none_and_outputs_are_checked():
         fused(**inputs, fused_lm_head=True)
 
 
+def test_fused_lm_head_checks_num_items_in_batch_as_the_plain_loss_does():
+    """0 gave an inf loss, a negative count a negative one, a [1] tensor a [1] loss."""
+    fused = patch_causal_lm(build("llama"))
+    inputs, labels = model_inputs("llama")
+    plain = fused(**inputs, labels=labels, num_items_in_batch=5).loss
+    for count in (5, torch.tensor(5), torch.tensor([5])):
+        loss = fused(**inputs, labels=labels, fused_lm_head=True, num_items_in_batch=count).loss
+        assert loss.shape == () and torch.allclose(loss, plain)
+    for count in (0, -3, torch.tensor(0.0), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="num_items_in_batch"):
+            fused(**inputs, labels=labels, fused_lm_head=True, num_items_in_batch=count)
+
+
 def _trl_utils():
     return pytest.importorskip("trl.trainer.utils")
 
