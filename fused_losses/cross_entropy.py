@@ -7,7 +7,8 @@ from typing import Literal
 import torch
 
 from .primitive import (Backend, LogProbs, _is_real_number, check_ignore_index,
-                        gradients_in_forward_available, linear_logprobs, linear_logprobs_loss)
+                        gradients_in_forward_available, linear_logprobs, linear_logprobs_loss,
+                        next_token_targets)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -127,12 +128,11 @@ def linear_cross_entropy(
 
 
 def _shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """[..., T] labels -> [..., T] targets with ``targets[..., t] = labels[..., t + 1]``, the
-    last position ignored: the unshifted ``hidden`` then scores the next token at every t."""
+    """``next_token_targets`` of Hugging Face labels [..., T] with T >= 1."""
     if labels.dim() < 1 or labels.shape[-1] < 1:
         raise ValueError(f"targets (shape {tuple(labels.shape)}): shift=True expects Hugging "
                          "Face labels [..., T] with T >= 1")
-    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
+    return next_token_targets(labels, ignore_index)
 
 
 def _use_grad_in_forward(requested: bool | None, backend: str, hidden, weight, bias) -> bool:

@@ -621,6 +621,15 @@ def prepare(hidden, weight, targets, bias, *, ignore_index, temperature, softcap
                     flat_targets.index_select(0, rows).long())
 
 
+def next_token_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Hugging Face labels ``[..., T]`` (aligned with the inputs) -> the primitive's aligned
+    targets ``[..., T]`` int64: ``targets[..., t] = labels[..., t + 1]``, the last position
+    ``ignore_index``, so the unshifted ``hidden[..., t, :]`` scores the next token. The one
+    shifting rule of the library (``linear_cross_entropy(shift=True)``, the objectives,
+    the TRL head); ``hidden`` is never copied."""
+    return torch.nn.functional.pad(labels[..., 1:].long(), (0, 1), value=ignore_index)
+
+
 def _group_rows(rows: torch.Tensor, groups: torch.Tensor | None, targets: torch.Tensor):
     """Order the scored rows group by group; return them with the groups' end offsets."""
     if groups is None:

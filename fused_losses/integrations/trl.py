@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 
 from .. import linear_logprobs
 from ..cross_entropy import check_item_count
+from ..primitive import next_token_targets
 
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # What a patched model computes for ``fused_lm_head=True`` unless TRL's head or the caller
@@ -95,11 +96,6 @@ def trl_head_options(model: torch.nn.Module) -> dict | None:
     return None
 
 
-def shift_to_next_token(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """[B, T] labels -> [B, T] targets, ``targets[:, t] = labels[:, t + 1]``, last ignored."""
-    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
-
-
 def fused_head_fields(hidden, weight, bias, labels, *, shifted: bool, num_items_in_batch,
                       temperature: float, softcap: float | None, outputs: tuple[str, ...],
                       ignore_index: int = -100, **primitive_options) -> FusedCausalLMOutput:
@@ -111,7 +107,7 @@ def fused_head_fields(hidden, weight, bias, labels, *, shifted: bool, num_items_
     ``hidden`` [B, T, H] is scored unshifted against shifted targets (no copy of hidden);
     ``shifted`` says ``labels`` already are next-token targets (TRL's ``shift_labels``).
     """
-    targets = labels if shifted else shift_to_next_token(labels, ignore_index)
+    targets = labels if shifted else next_token_targets(labels, ignore_index)
     head = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
                 **primitive_options)
     stats = linear_logprobs(hidden, weight, targets, bias, return_lse="log_sum_sq_probs" in outputs,

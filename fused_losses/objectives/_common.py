@@ -17,7 +17,8 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-from ..primitive import LogProbs, gradients_in_forward_available, linear_logprobs_loss
+from ..primitive import (LogProbs, gradients_in_forward_available, linear_logprobs_loss,
+                         next_token_targets)
 from ..vocab_parallel import linear_logprobs
 
 IGNORE_INDEX = -100
@@ -178,11 +179,9 @@ def check_pairs(labels: torch.Tensor) -> int:
 # Shifting and sequence sums
 # ---------------------------------------------------------------------------------------------
 
-def shift_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """[B, T] labels -> [B, T] targets with ``targets[:, t] = labels[:, t+1]`` (last ignored)."""
-    targets = torch.full_like(labels, ignore_index, dtype=torch.long)
-    targets[:, :-1] = labels[:, 1:]
-    return targets
+# [B, T] labels -> [B, T] int64 targets, ``targets[:, t] = labels[:, t+1]`` (last ignored):
+# the primitive's one shifting rule, under the name the objectives use.
+shift_targets = next_token_targets
 
 
 def to_prediction_layout(values: torch.Tensor) -> torch.Tensor:
