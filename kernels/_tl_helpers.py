@@ -47,12 +47,43 @@ def logits_tile(
             weight_ptr + offs_v[None, :] * stride_wv + offs_h[:, None] * stride_wh,
             mask=mask_v[None, :] & mask_h[:, None], other=0.0)            # [BLOCK_H, BLOCK_V]
         acc = dot_acc(hidden_tile, weight_tile, acc, DOT_FP32, DOT_PRECISION)
+    return finish_logits(acc, bias_ptr, offs_v, mask_v, inv_temperature, softcap, HAS_BIAS,
+                         HAS_SOFTCAP)
+
+
+@triton.jit
+def finish_logits(acc, bias_ptr, offs_v, mask_v, inv_temperature, softcap,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Raw fp32 products ``[BLOCK_N, BLOCK_V]`` -> logits: ``+ bias``, ``* inv_temperature``,
+    then the soft-cap."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     acc = acc * inv_temperature
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return acc
+
+
+@triton.jit
+def load_grad_stats(offs_n, mask_n, targets_ptr, lse_ptr, grad_logprobs_ptr, grad_lse_ptr,
+                    grad_entropy_ptr, mu_ptr, grad_logits_mean_ptr,
+                    WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr):
+    """The per-token inputs of :func:`grad_logits_tile` for rows ``offs_n``: (targets int64,
+    lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean); the flagged-off ones
+    are placeholders never read. Masked rows get target -1 (no column matches) and zeros."""
+    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    grad_logprobs = tl.load(grad_logprobs_ptr + offs_n, mask=mask_n, other=0.0)
+    grad_lse = tl.load(grad_lse_ptr + offs_n, mask=mask_n, other=0.0)
+    grad_entropy = lse
+    mu = lse
+    grad_logits_mean = lse
+    if WITH_ENTROPY_GRAD:
+        grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=mask_n, other=0.0)
+        mu = tl.load(mu_ptr + offs_n, mask=mask_n, other=0.0)
+    if WITH_MEAN_GRAD:
+        grad_logits_mean = tl.load(grad_logits_mean_ptr + offs_n, mask=mask_n, other=0.0)
+    return targets, lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean
 
 
 @triton.jit

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs
-from ._tl_helpers import grad_logits_tile, online_update, tanh
+from ._tl_helpers import finish_logits, grad_logits_tile, load_grad_stats, online_update
 from .logprobs_fwd import _combine
 
 
@@ -43,12 +43,8 @@ def _chunk_logits(product_ptr, bias_ptr, offs_n, offs_c, offs_v, mask_n, mask_c,
     """[BLOCK_N, BLOCK_V] fp32 logits from the raw products; masked entries hold 0."""
     acc = tl.load(product_ptr + offs_n.to(tl.int64)[:, None] * stride_pr + offs_c[None, :],
                   mask=mask_n[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_v, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    acc = acc * inv_temperature
-    if HAS_SOFTCAP:
-        acc = softcap * tanh(acc / softcap)
-    return acc
+    return finish_logits(acc, bias_ptr, offs_v, mask_c, inv_temperature, softcap, HAS_BIAS,
+                         HAS_SOFTCAP)
 
 
 @triton.jit
@@ -129,18 +125,10 @@ def _grad_kernel(
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < R
-    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    grad_logprobs = tl.load(grad_logprobs_ptr + offs_n, mask=mask_n, other=0.0)
-    grad_lse = tl.load(grad_lse_ptr + offs_n, mask=mask_n, other=0.0)
-    grad_entropy = lse
-    mu = lse
-    grad_logits_mean = lse
-    if WITH_ENTROPY_GRAD:
-        grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=mask_n, other=0.0)
-        mu = tl.load(mu_ptr + offs_n, mask=mask_n, other=0.0)
-    if WITH_MEAN_GRAD:
-        grad_logits_mean = tl.load(grad_logits_mean_ptr + offs_n, mask=mask_n, other=0.0)
+    targets, lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean = \
+        load_grad_stats(offs_n, mask_n, targets_ptr, lse_ptr, grad_logprobs_ptr, grad_lse_ptr,
+                        grad_entropy_ptr, mu_ptr, grad_logits_mean_ptr, WITH_ENTROPY_GRAD,
+                        WITH_MEAN_GRAD)
     row_scale = lse
     if HAS_ROW_SCALE:  # fp16: each row stored divided by its bound (scaling.py)
         row_scale = tl.load(inv_bound_ptr + offs_n, mask=mask_n, other=1.0)

@@ -32,27 +32,7 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs, scaling
-from ._tl_helpers import dot_acc, grad_logits_tile, grouped_tile, logits_tile
-
-
-@triton.jit
-def _load_token_stats(offs_n, mask_n, rows_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
-                      grad_lse_ptr, grad_entropy_ptr, mu_ptr, grad_logits_mean_ptr,
-                      WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr):
-    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
-    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    grad_logprobs = tl.load(grad_logprobs_ptr + offs_n, mask=mask_n, other=0.0)
-    grad_lse = tl.load(grad_lse_ptr + offs_n, mask=mask_n, other=0.0)
-    grad_entropy = lse
-    mu = lse
-    grad_logits_mean = lse
-    if WITH_ENTROPY_GRAD:
-        grad_entropy = tl.load(grad_entropy_ptr + offs_n, mask=mask_n, other=0.0)
-        mu = tl.load(mu_ptr + offs_n, mask=mask_n, other=0.0)
-    if WITH_MEAN_GRAD:
-        grad_logits_mean = tl.load(grad_logits_mean_ptr + offs_n, mask=mask_n, other=0.0)
-    return rows, targets, lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean
+from ._tl_helpers import dot_acc, grad_logits_tile, grouped_tile, load_grad_stats, logits_tile
 
 
 @triton.jit
@@ -81,10 +61,11 @@ def _grad_logits_kernel(
     mask_c = offs_c < chunk_width
     offs_v = v0 + offs_c.to(tl.int64)
     mask_v = mask_c                                             # a chunk ends inside V
-    rows, targets, lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean = \
-        _load_token_stats(offs_n, mask_n, rows_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
-                          grad_lse_ptr, grad_entropy_ptr, mu_ptr, grad_logits_mean_ptr,
-                          WITH_ENTROPY_GRAD, WITH_MEAN_GRAD)
+    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    targets, lse, grad_logprobs, grad_lse, grad_entropy, mu, grad_logits_mean = \
+        load_grad_stats(offs_n, mask_n, targets_ptr, lse_ptr, grad_logprobs_ptr, grad_lse_ptr,
+                        grad_entropy_ptr, mu_ptr, grad_logits_mean_ptr, WITH_ENTROPY_GRAD,
+                        WITH_MEAN_GRAD)
     logits = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, offs_v, mask_n, mask_v,
                          H, stride_hm, stride_hh, stride_wv, stride_wh,
                          inv_temperature, softcap, BLOCK_N, BLOCK_V, BLOCK_H,
