@@ -173,3 +173,28 @@ def online_update(
     hit = offs_v[None, :] == targets[:, None]
     target_logit += tl.sum(tl.where(hit, logits_or_zero, 0.0), axis=1)
     return new_max, sumexp, zdot, zsum, best, first_nan, target_logit
+
+
+@triton.jit
+def store_online_state(
+    slot, mask_n, V,                                                  # [BLOCK_N] int64 offsets
+    running_max, sumexp, zdot, zsum, best, first_nan, target_logit,  # [BLOCK_N] each
+    max_ptr, sumexp_ptr, zdot_ptr, zsum_ptr, argmax_ptr, target_ptr,
+    WITH_ENTROPY: tl.constexpr, WITH_LOGITS_MEAN: tl.constexpr, WITH_ARGMAX: tl.constexpr,
+):
+    """Store the statistics of :func:`online_update` at ``slot``. With the argmax, a row that
+    saw a NaN stores its first NaN as the argmax and NaN as its max, so whoever merges the
+    partials (or continues them) sees the NaN whatever a GPU's max did with it."""
+    if WITH_ARGMAX:
+        has_nan = first_nan < V
+        best = tl.where(has_nan, first_nan, best)
+        running_max = tl.where(has_nan, float("nan"), running_max)
+    tl.store(max_ptr + slot, running_max, mask=mask_n)
+    tl.store(sumexp_ptr + slot, sumexp, mask=mask_n)
+    tl.store(target_ptr + slot, target_logit, mask=mask_n)
+    if WITH_ENTROPY:
+        tl.store(zdot_ptr + slot, zdot, mask=mask_n)
+    if WITH_LOGITS_MEAN:
+        tl.store(zsum_ptr + slot, zsum, mask=mask_n)
+    if WITH_ARGMAX:
+        tl.store(argmax_ptr + slot, best, mask=mask_n)

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs
-from ._tl_helpers import finish_logits, grad_logits_tile, load_grad_stats, online_update
+from ._tl_helpers import (finish_logits, grad_logits_tile, load_grad_stats, online_update,
+                          store_online_state)
 from .logprobs_fwd import _combine
 
 
@@ -91,20 +92,10 @@ def _fold_kernel(
             logits, offs_v, mask_c, v0 + c_start, targets, V, running_max, sumexp, zdot, zsum,
             best, first_nan, target_logit, WITH_ENTROPY, WITH_LOGITS_MEAN, WITH_ARGMAX)
 
-    if WITH_ARGMAX:
-        # a slot with a NaN keeps its first NaN, and a NaN max for the next chunk and combine
-        has_nan = first_nan < V
-        best = tl.where(has_nan, first_nan, best)
-        running_max = tl.where(has_nan, float("nan"), running_max)
-    tl.store(max_ptr + slot, running_max, mask=mask_n)
-    tl.store(sumexp_ptr + slot, sumexp, mask=mask_n)
-    tl.store(target_ptr + slot, target_logit, mask=mask_n)
-    if WITH_ENTROPY:
-        tl.store(zdot_ptr + slot, zdot, mask=mask_n)
-    if WITH_LOGITS_MEAN:
-        tl.store(zsum_ptr + slot, zsum, mask=mask_n)
-    if WITH_ARGMAX:
-        tl.store(argmax_ptr + slot, best, mask=mask_n)
+    # a slot with a NaN keeps its first NaN, and a NaN max for the next chunk and combine
+    store_online_state(slot, mask_n, V, running_max, sumexp, zdot, zsum, best, first_nan,
+                       target_logit, max_ptr, sumexp_ptr, zdot_ptr, zsum_ptr, argmax_ptr,
+                       target_ptr, WITH_ENTROPY, WITH_LOGITS_MEAN, WITH_ARGMAX)
 
 
 @triton.jit

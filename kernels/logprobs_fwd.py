@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._tl_helpers import grouped_tile, logits_tile, online_update
+from ._tl_helpers import grouped_tile, logits_tile, online_update, store_online_state
 
 
 @triton.jit
@@ -64,21 +64,11 @@ def _logprobs_fwd_kernel(
             logits, offs_v, mask_v, v_start, targets, V, running_max, sumexp, zdot, zsum, best,
             first_nan, target_logit, WITH_ENTROPY, WITH_LOGITS_MEAN, WITH_ARGMAX)
 
-    if WITH_ARGMAX:
-        # a split with a NaN reports its first NaN, and a NaN max for _combine to see
-        has_nan = first_nan < V
-        best = tl.where(has_nan, first_nan, best)
-        running_max = tl.where(has_nan, float("nan"), running_max)
-    out = pid_s.to(tl.int64) * N + offs_n
-    tl.store(max_ptr + out, running_max, mask=mask_n)
-    tl.store(sumexp_ptr + out, sumexp, mask=mask_n)
-    tl.store(target_ptr + out, target_logit, mask=mask_n)
-    if WITH_ENTROPY:
-        tl.store(zdot_ptr + out, zdot, mask=mask_n)
-    if WITH_LOGITS_MEAN:
-        tl.store(zsum_ptr + out, zsum, mask=mask_n)
-    if WITH_ARGMAX:
-        tl.store(argmax_ptr + out, best, mask=mask_n)
+    # a split with a NaN reports its first NaN, and a NaN max for _combine to see
+    store_online_state(pid_s.to(tl.int64) * N + offs_n, mask_n, V, running_max, sumexp, zdot,
+                       zsum, best, first_nan, target_logit, max_ptr, sumexp_ptr, zdot_ptr,
+                       zsum_ptr, argmax_ptr, target_ptr, WITH_ENTROPY, WITH_LOGITS_MEAN,
+                       WITH_ARGMAX)
 
 
 def _combine(split_max, sumexp, zdot, zsum, argmax, target_logit, vocab, with_flags):
