@@ -17,6 +17,11 @@ from .model import PRESETS
 from .recipes import RECIPES, options
 
 
+# torch's CPU thread pool crashes (SIGSEGV) at absurd counts (100000); far fewer is already
+# only a slowdown.
+MAX_THREADS_PER_CORE = 16
+
+
 def _f(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -76,9 +81,16 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (its usage block runs to 25 lines)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fused-losses train",
-                                     description="Train a causal LM with a fused loss.")
+    parser = _Parser(prog="fused-losses train",
+                     description="Train a causal LM with a fused loss.")
     for f in dataclasses.fields(Config):
         meta = f.metadata
         if f.type == "bool":
@@ -102,8 +114,11 @@ def parse_args(argv: list[str]) -> Config:
     if cfg.output_dir is None:
         problems.append("--output-dir is required")
     else:
-        problems += output_dir_problems(cfg.output_dir)
-    for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_size"):
+        problems += folder_problems("--output-dir", cfg.output_dir)
+    if cfg.tokenizer_cache is not None:
+        problems += folder_problems("--tokenizer-cache", cfg.tokenizer_cache)
+    for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_size",
+                 "train_size"):
         if getattr(cfg, name) < 1:
             problems.append(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
     for name in ("save_every", "eval_every", "warmup_steps"):
@@ -113,14 +128,21 @@ def parse_args(argv: list[str]) -> Config:
         value = getattr(cfg, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             problems.append(f"{flag(name)} must be a finite number >= 0, got {value}")
-    if cfg.threads is not None and cfg.threads < 1:
-        problems.append(f"--threads must be >= 1, got {cfg.threads}")
+    most_threads = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+    if cfg.threads is not None and not 1 <= cfg.threads <= most_threads:
+        problems.append(f"--threads must be in [1, {most_threads}] ({MAX_THREADS_PER_CORE} per "
+                        f"core), got {cfg.threads}")
     if cfg.grad_accum >= 1 and cfg.batch_size % cfg.grad_accum:
         problems.append(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum "
                         f"{cfg.grad_accum}")
     if cfg.objective is not None:
         recipe = RECIPES[cfg.objective]
         problems += recipe.check(cfg)
+        for name in sorted(set().union(*(r.flags for r in RECIPES.values())) - recipe.flags):
+            if getattr(cfg, name) is not None:
+                readers = sorted(o for o, r in RECIPES.items() if name in r.flags)
+                problems.append(f"{flag(name)} is read only by --objective "
+                                f"{' or '.join(readers)}, not {cfg.objective}")
         try:  # --compare runs the unfused implementation too
             options(recipe, loss_options(cfg), "unfused" if cfg.compare else cfg.impl)
         except ValueError as err:
@@ -130,18 +152,18 @@ def parse_args(argv: list[str]) -> Config:
     return cfg
 
 
-def output_dir_problems(path: str) -> list[str]:
-    """Why ``path`` cannot be (or become) the run directory: a file, under a file, or in a
-    folder that cannot be written."""
+def folder_problems(name: str, path: str) -> list[str]:
+    """Why ``path`` cannot be (or become) the folder of flag ``name`` (the run directory, the
+    tokenizer cache): a file, under a file, or in a folder that cannot be written."""
     out = Path(path)
     if out.exists() and not out.is_dir():
-        return [f"--output-dir {path} is a file, not a directory"]
+        return [f"{name} {path} is a file, not a directory"]
     for folder in (out, *out.parents):
         if folder.exists():
             if not folder.is_dir():
-                return [f"--output-dir {path} is under {folder}, which is a file"]
+                return [f"{name} {path} is under {folder}, which is a file"]
             if not os.access(folder, os.W_OK | os.X_OK):
-                return [f"--output-dir {path}: {folder} is not writable"]
+                return [f"{name} {path}: {folder} is not writable"]
             return []
     return []
 

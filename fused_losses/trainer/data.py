@@ -195,10 +195,14 @@ def embedded_tokenizer(cache_dir: str | os.PathLike | None = None, vocab_size: i
                                   show_progress=False)
     corpus = [r["prompt"] + r["rejected"] for r in default_records("train", "preference", 3000)]
     tok.train_from_iterator(corpus, trainer)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tok.save(str(tmp))
-    os.replace(tmp, path)  # atomic: concurrent first uses (torchrun ranks) never see half a file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(str(tmp))
+        os.replace(tmp, path)  # atomic: concurrent first uses (torchrun ranks) never see half
+    except Exception as err:  # OSError; tokenizers raises a bare Exception for its I/O
+        raise DataError(f"cannot cache the embedded tokenizer in {path.parent} ({err}); pass "
+                        "--tokenizer-cache DIR or set FUSED_LOSSES_CACHE") from None
     return tok
 
 

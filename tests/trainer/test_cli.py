@@ -37,16 +37,22 @@ def no_model(monkeypatch):
     ({"beta": "inf"}, "--beta must be a finite number >= 0, got inf"),
     ({"grad_clip": "nan"}, "--grad-clip must be a finite number >= 0, got nan"),
     ({"grad_accum": 0}, "--grad-accum must be >= 1, got 0"),
-    ({"threads": -1}, "--threads must be >= 1, got -1"),
+    ({"threads": -1}, "--threads must be in [1, "),
     ({"loss_kwargs": '{"max_wieght": 5}'},
      "--loss-kwargs 'max_wieght': not an option of sft_loss"),
     ({"loss_kwargs": '{"beta": NaN}'}, "--loss-kwargs is not valid JSON (NaN is not a finite"),
     ({"loss_type": "ipo"}, "--loss-type: not an option of sft_loss"),
+    ({"train_size": 0}, "--train-size must be >= 1, got 0"),
+    ({"threads": 100000}, "--threads must be in [1, "),  # torch's thread pool segfaulted
+    ({"reward_model": "sft-model"}, "--reward-model is read only by --objective reinforce, "
+                                    "not sft"),
+    ({"bogus_flag": 1}, "unrecognized arguments: --bogus-flag 1"),
 ])
 def test_bad_flags_are_one_line_before_anything_is_built(tmp_path, capsys, no_model, flags,
                                                          message):
     assert loop.main(tiny_args(tmp_path / "run", "sft", **flags)) == 2
-    assert message in one_line_error(capsys)
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err  # not argparse's usage
     assert not (tmp_path / "run").exists()
 
 
@@ -57,6 +63,9 @@ def test_output_dir_that_is_a_file_or_under_one(tmp_path, capsys, no_model):
     assert f"--output-dir {path} is a file" in one_line_error(capsys)
     assert loop.main(tiny_args(path / "run", "sft")) == 2
     assert f"--output-dir {path / 'run'} is under {path}, which is a file" \
+        in one_line_error(capsys)
+    assert loop.main(tiny_args(tmp_path / "run", "sft", tokenizer_cache=path / "cache")) == 2
+    assert f"--tokenizer-cache {path / 'cache'} is under {path}, which is a file" \
         in one_line_error(capsys)
     assert path.read_text() == "not a directory"
 

@@ -101,6 +101,8 @@ class Recipe:
     state: Callable[[dict], ObjectiveState] = _stateless
     sampler: Callable[..., BatchSource] = dataset_batches  # (cfg, lm, data, enc, procs)
     check: Callable[..., list[str]] = _no_problems  # (cfg) -> problems with flags it reads
+    flags: frozenset[str] = frozenset()  # Config fields only this objective reads: set for
+    # another objective they are an error, not silently ignored
     renames: Mapping[str, str] = field(default_factory=dict)  # flag -> argument (ORPO: beta -> lam)
     provided: frozenset[str] = frozenset()  # arguments the recipe passes itself
 

@@ -80,5 +80,6 @@ def check(cfg) -> list[str]:
 RECIPE = Recipe(objective=fused_losses.reinforce_loss, data="sft", fused=fused,
                 unfused=unfused, unfused_options=frozenset({"gamma", "whiten", "kl_coef"}),
                 items=items, frozen=frozen, context=context, check=check,
+                flags=frozenset({"reward_model", "reward_ref"}),
                 provided=frozenset({"rewards", "init_logprobs", "init_hidden", "init_weight",
                                     "init_bias"}))
