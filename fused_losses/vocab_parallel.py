@@ -402,16 +402,20 @@ def linear_logprobs(
         return_entropy (bool): also return the entropy of ``softmax(logits)``. Default: False.
         return_logits_mean (bool): also return the mean logit over the vocabulary (used by
             label smoothing and the ``logits/chosen`` metric). Default: False.
-        backend (str): ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
-            (chunked PyTorch, any device) or ``"auto"`` (Triton on CUDA when it imports, else
+        backend (str): one of :data:`fused_losses.BACKENDS`: ``"cublas"`` (cuBLAS GEMMs on
+            chunks, fused Triton epilogues) or ``"triton"`` (fused Triton kernels), both on
+            CUDA or on CPU under ``TRITON_INTERPRET=1``; ``"torch"`` (chunked PyTorch, any
+            device); ``"auto"`` (``backends.CUDA_DEFAULT`` on CUDA when Triton imports, else
             torch). Default: "auto".
         deterministic (bool): request bitwise-identical results run to run. Every current
             kernel and the torch backend are deterministic (no atomics: each program owns the
             rows of the gradient it writes), so this is a guarantee, not a slower mode.
             Default: False.
-        filter_eps (float, optional): skip backward tiles whose logit gradient is below this
-            in magnitude (Cut Cross-Entropy's gradient filtering). Changes the gradient,
-            most where the distribution is flat (see README); exact when None. Default: None.
+        filter_eps (float, optional): drop the softmax terms of the logit gradient where the
+            probability ``p < filter_eps`` (the target's one-hot term is kept), and skip
+            backward tiles left all zero: Cut Cross-Entropy's gradient filtering. ``p`` itself
+            is compared, so what is dropped does not depend on the loss's reduction. Changes
+            the gradient, most where the distribution is flat; exact when None. Default: None.
         chunk_size (int, optional): torch backend only: tokens per chunk. Default: sized so a
             chunk's fp32 logits take about 64 MiB.
         process_group (ProcessGroup, optional), vocab_start (int, optional): vocabulary
@@ -422,8 +426,9 @@ def linear_logprobs(
             :func:`fused_losses.vocab_parallel.vocab_parallel_logprobs`. Default: None.
 
     Returns:
-        LogProbs: ``logprobs`` [...] float32 (0 where ignored), and ``lse`` / ``argmax`` /
-        ``entropy`` / ``logits_mean`` shaped like ``targets`` or None when not asked.
+        LogProbs: ``logprobs`` [...] float32 (float64 for float64 inputs; 0 where ignored),
+        and ``lse`` / ``argmax`` (int64, ``ignore_index`` where ignored) / ``entropy`` /
+        ``logits_mean`` shaped like ``targets``, or None when not asked.
         Backward accepts any combination of upstream gradients for the float outputs.
     """
     options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
