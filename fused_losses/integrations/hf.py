@@ -30,15 +30,12 @@ import torch
 from transformers.utils import ModelOutput
 
 from .. import BACKENDS, linear_cross_entropy
-from ..objectives.logprobs import causal_lm_head
+from ..objectives.logprobs import PROBE, causal_lm_head, transform_mismatch
 from ..primitive import check_options, check_positive_finite
 from .trl import (DEFAULT_OUTPUTS, FusedCausalLMOutput, check_outputs, fused_head_fields,
                   trl_head_options)
 
 IGNORE_INDEX = -100
-# Head outputs passed through the model's own forward once, to check the logit transform
-# read from the config. Exact in bf16; large enough that a soft-cap or a scale shows.
-_PROBE = (-64.0, -8.0, -1.0, 0.0, 0.5, 1.0, 8.0, 64.0)
 
 
 class _Request(NamedTuple):
@@ -61,9 +58,10 @@ class _Patch:
     def __init__(self, causal_lm, head, *, temperature, outputs, cast_lm_head_to_fp32,
                  primitive_options):
         self.causal_lm, self.head = causal_lm, head
-        transform = causal_lm_head(causal_lm).options
-        self.model_temperature = transform.get("temperature", 1.0)  # 1/logit scale
-        self.softcap = transform.get("softcap")
+        self.transform = {k: v for k, v in causal_lm_head(causal_lm).options.items()
+                          if k in ("temperature", "softcap")}
+        self.model_temperature = self.transform.get("temperature", 1.0)  # 1/logit scale
+        self.softcap = self.transform.get("softcap")
         config = causal_lm.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.aux_loss_coef = getattr(causal_lm, "router_aux_loss_coef",
@@ -140,20 +138,10 @@ class _Patch:
     def _check_transform(self, module, logits) -> None:
         if self.transform_checked:
             return
-        probe = torch.tensor(_PROBE, dtype=torch.float64)
-        expected = probe / self.model_temperature
-        if self.softcap is not None:
-            expected = self.softcap * torch.tanh(expected / self.softcap)
-        got = None if logits is None else logits.detach().double().cpu().reshape(-1)
-        if got is None or got.shape != expected.shape or not torch.allclose(
-                got, expected, rtol=2e-2, atol=1e-3):
-            raise ValueError(
-                f"{type(module).__name__} transforms its head's output in a way "
-                "patch_causal_lm does not read from its config: head outputs "
-                f"{list(_PROBE)} came back as {None if got is None else got.tolist()}, "
-                f"expected {expected.tolist()} (logit scale {1 / self.model_temperature}, "
-                f"final_logit_softcapping {self.softcap}). Its loss would differ from the "
-                "stock model's, so it is not patched silently")
+        problem = transform_mismatch(module, self.transform, logits)
+        if problem:
+            raise ValueError(f"{problem}. Its loss would differ from the stock model's, so it "
+                             "is not patched silently")
         self.transform_checked = True
 
     # -- the head -------------------------------------------------------------------------------
@@ -187,7 +175,7 @@ class _Patch:
                 hidden, weight, labels, bias, shift=not request.shifted,
                 num_items_in_batch=num_items, temperature=self.model_temperature,
                 softcap=self.softcap, **options)
-        values = torch.tensor([[_PROBE]], dtype=hidden.dtype, device=hidden.device)
+        values = torch.tensor([[PROBE]], dtype=hidden.dtype, device=hidden.device)
         # Not a view (FSDP2 warns about returned views); forward value exactly the probe.
         return torch.where(torch.zeros_like(values, dtype=torch.bool), anchor.to(values.dtype),
                            values)

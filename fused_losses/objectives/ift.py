@@ -12,7 +12,8 @@ import torch
 from ._common import (LossOutput, check_bool, check_labels, check_options, check_positive,
                       check_range, discounted_suffix_sum, fused_objective, masked, masked_mean,
                       own_options, shift_targets, token_metrics, token_stats)
-from .logprobs import causal_lm_head, decoder_hidden, merged_options
+from .logprobs import (causal_lm_head, check_logit_transform, check_text_only, decoder_hidden,
+                       merged_options)
 
 
 def ift_loss(
@@ -104,6 +105,8 @@ def ift_loss(
                          f"{tuple(labels.shape)} must have the same shape [B, T]")
     ignore_index = primitive_options.get("ignore_index", -100)
     head = causal_lm_head(model)
+    check_logit_transform(model, head)
+    check_text_only(model, input_ids)
     options = merged_options(head, primitive_options)
     embed = _embedding(model, input_embeddings, train_embeddings)
     clean_embeds = embed(input_ids)

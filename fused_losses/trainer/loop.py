@@ -94,6 +94,7 @@ def train(cfg: Config) -> dict:
 
     # --- model (built first: a local model directory may bring its tokenizer) --------------
     lm, local_tokenizer = build_model(cfg.model, cfg.model_config, cfg.seed)
+    recipes.check_head(lm, "--model-config" if cfg.model_config else "--model")
     lm.train()  # from_pretrained returns eval mode
     memory = Memory(procs.device, lm)
 

@@ -2,7 +2,8 @@
 that runs the policy and its loss in one ``forward``; peak memory; the final save.
 
 Any transformers causal LM works: hidden states come from ``lm.get_decoder()``, the head
-weight from ``lm.get_output_embeddings()``; there is no per-architecture code.
+weight from ``lm.get_output_embeddings()`` and its logit transform (bias, soft-cap, logit
+scale) from the config (``recipes._common.head``); there is no per-architecture code.
 """
 from __future__ import annotations
 

@@ -45,15 +45,16 @@ def lm_batch(B=3, T=9, seed=0):
 
 
 class HeadNeverCalled:
-    """Context manager: fail if the model's output embedding module is ever run (which
-    would mean [B, T, V] logits were materialised)."""
+    """Context manager: fail if the model's output embedding module ever makes [..., V]
+    logits (the one-token probe of its logit transform returns 8 values, not V)."""
 
     def __init__(self, model):
         self.head = model.get_output_embeddings()
 
     def __enter__(self):
-        def hook(*_):
-            raise AssertionError("the LM head ran: logits were materialised")
+        def hook(module, args, output):
+            if output.shape[-1] == module.weight.shape[0]:
+                raise AssertionError("the LM head ran: logits were materialised")
         self.handle = self.head.register_forward_hook(hook)
         return self
 

@@ -38,3 +38,28 @@ def test_token_logprobs_bad_shapes():
     input_ids, labels, _ = lm_batch()
     with pytest.raises(ValueError, match="same shape"):
         token_logprobs(model, input_ids, labels[:, 1:])
+
+
+def test_a_model_whose_logits_are_not_its_decoder_and_head_is_refused():
+    """token_logprobs and ift_loss run the decoder and the head apart: FalconH1 multiplies
+    its logits by lm_head_multiplier (not read from the config; 0.53 nats off) and LLaVA's
+    decoder alone embeds image tokens as text (1.6 nats off). Both were silently wrong."""
+    from fused_losses import ift_loss
+    from tests.integrations.models import build, model_inputs
+
+    falcon = build("falcon_h1")
+    inputs, labels = model_inputs("falcon_h1")
+    for call in (lambda: token_logprobs(falcon, inputs["input_ids"], labels),
+                 lambda: ift_loss(falcon, inputs["input_ids"], labels)):
+        with pytest.raises(ValueError, match="transforms its head's output"):
+            call()
+    llava = build("llava")
+    inputs, labels = model_inputs("llava")
+    with pytest.raises(ValueError, match="image/video tokens"):
+        token_logprobs(llava, inputs["input_ids"], labels)
+    text = torch.where(labels == -100, 3, labels)  # no image token: the decoder is the model
+    logits = llava(input_ids=text).logits.double()
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    want = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1))[..., 0]
+    want = torch.nn.functional.pad(torch.where(targets != -100, want, 0.0)[:, :-1], (1, 0))
+    assert_close(token_logprobs(llava, text, labels), want, torch.float64)

@@ -89,6 +89,12 @@ def quiet_transformers():
     ('{"model_type": "llama", "hidden_size": 30, "num_attention_heads": 4}',
      "cannot build this model"),
     ('{"model_type": "llama", "vocab_size": -5}', "cannot build this model"),
+    # a logit multiplier the trainer does not read from the config: a different loss
+    ('{"model_type": "falcon_h1", "vocab_size": 1024, "hidden_size": 16, '
+     '"intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, '
+     '"num_key_value_heads": 1, "mamba_d_ssm": 16, "mamba_n_heads": 2, "mamba_d_head": 8, '
+     '"mamba_d_state": 8, "mamba_n_groups": 1, "lm_head_multiplier": 0.5}',
+     "transforms its head's output"),
 ])
 def test_invalid_model_config_is_one_line(tmp_path, capsys, quiet_transformers, config,
                                           message):

@@ -13,7 +13,8 @@ import inspect
 from fused_losses import linear_logprobs
 
 from . import ift, preference, reinforce, sft
-from ._common import IGNORE, LossStep, ObjectiveState, Recipe, Stateless, precompute_reference
+from ._common import (IGNORE, LossStep, ObjectiveState, Recipe, Stateless, check_head,
+                      precompute_reference)
 
 RECIPES: dict[str, Recipe] = {
     "sft": sft.RECIPE,
@@ -72,4 +73,4 @@ def options(recipe: Recipe, given: dict[str, object], impl: str) -> dict:
 
 
 __all__ = ["IGNORE", "LossStep", "ObjectiveState", "PRIMITIVE_OPTIONS", "RECIPES", "Recipe",
-           "Stateless", "keyword_defaults", "options", "precompute_reference"]
+           "Stateless", "check_head", "keyword_defaults", "options", "precompute_reference"]

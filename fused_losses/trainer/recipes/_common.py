@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_losses
+from fused_losses.objectives.logprobs import causal_lm_head, check_logit_transform
 from fused_losses.reference import reference_logits
 
 from .. import data as D
@@ -121,9 +122,33 @@ def decode(lm, batch, inputs_embeds=None) -> torch.Tensor:
     return lm.get_decoder()(**kwargs).last_hidden_state
 
 
-def head_weight(lm, hidden: torch.Tensor) -> torch.Tensor:
-    # Cast (differentiably) to the hidden dtype: under bf16 autocast the decoder returns bf16.
-    return lm.get_output_embeddings().weight.to(hidden.dtype)
+class Head(NamedTuple):
+    """The LM head as both implementations apply it to the decoder's hidden states."""
+
+    weight: torch.Tensor  # [V, H] in the hidden states' dtype
+    options: dict  # what makes hidden @ weight.T the model's own logits: bias, softcap,
+    # temperature (1 / logit scale); the primitive's keywords
+
+
+def check_head(lm, flag: str) -> None:
+    """A model whose logits are more than its decoder, its head and the transform read from
+    its config (an unread logit multiplier) is refused, naming the flag that gave it."""
+    try:
+        check_logit_transform(lm, causal_lm_head(lm))
+    except ValueError as err:
+        raise TrainError(f"{flag}: {err}") from None
+
+
+def head(lm, hidden: torch.Tensor) -> Head:
+    """The output embedding's weight and the model's own logit transform (its bias, Gemma-2's
+    soft-cap, Cohere's and Granite's logit scales: ``causal_lm_head``), so that the loss is
+    the one the model defines and matches its frozen copies' ``token_logprobs``. Cast
+    (differentiably) to the hidden dtype: under bf16 autocast the decoder returns bf16."""
+    pieces = causal_lm_head(lm)
+    options = dict(pieces.options)
+    if "bias" in options:
+        options["bias"] = options["bias"].to(hidden.dtype)
+    return Head(pieces.weight.to(hidden.dtype), options)
 
 
 def shift(labels: torch.Tensor) -> torch.Tensor:
@@ -162,8 +187,10 @@ def load_frozen(path: str, like, flag: str):
 
     if not Path(path).is_dir():
         raise TrainError(f"{flag} {path!r} is not a model directory")
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval() \
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval() \
         .requires_grad_(False).to(like.device)
+    check_head(model, flag)
+    return model
 
 
 @torch.no_grad()
@@ -174,7 +201,7 @@ def frozen_logprobs(model, batch, impl: str) -> torch.Tensor:
         return fused_losses.token_logprobs(model, batch["input_ids"], batch["labels"],
                                            batch["attention_mask"])
     hidden = decode(model, batch)
-    return to_label_layout(materialise(hidden, head_weight(model, hidden), batch["labels"]).logp)
+    return to_label_layout(materialise(hidden, head(model, hidden), batch["labels"]).logp)
 
 
 def reference_context(models: dict, batch, impl: str) -> dict:
@@ -229,9 +256,12 @@ class Materialised(NamedTuple):
         return self.logits.mean(-1)
 
 
-def materialise(hidden, weight, labels) -> Materialised:
+def materialise(hidden, lm_head: Head, labels) -> Materialised:
     """Full logits, ``log_softmax`` and the target gather, as users run them without fusion."""
-    logits = reference_logits(hidden, weight)
+    transform = lm_head.options
+    logits = reference_logits(hidden, lm_head.weight, transform.get("bias"),
+                              temperature=transform.get("temperature", 1.0),
+                              softcap=transform.get("softcap"))
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     targets = shift(labels)
     scored = targets != IGNORE

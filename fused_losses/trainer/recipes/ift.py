@@ -11,7 +11,7 @@ import torch
 
 import fused_losses
 
-from ._common import (Recipe, decode, head_weight, masked_mean, materialise, scored_rows,
+from ._common import (Recipe, decode, head, masked_mean, materialise, scored_rows,
                       suffix_sums, IGNORE)
 
 
@@ -31,7 +31,7 @@ def unfused(opts):
         ids, labels = batch["input_ids"], batch["labels"]
         with torch.no_grad():  # pass 1: greedy predictions from the full logits
             hidden = decode(lm, batch)
-            clean = materialise(hidden, head_weight(lm, hidden), labels)
+            clean = materialise(hidden, head(lm, hidden), labels)
             greedy = clean.logits.argmax(-1)
         # x̃_j = â_{j−1} where labels[j] is scored; the true token elsewhere (column 0 has no
         # prediction before it).
@@ -42,7 +42,7 @@ def unfused(opts):
         if not train_embeddings:  # the official code embeds through a frozen table
             mixed = mixed.detach()
         hidden = decode(lm, batch, inputs_embeds=mixed)
-        stats = materialise(hidden, head_weight(lm, hidden), labels)
+        stats = materialise(hidden, head(lm, hidden), labels)
         mask = stats.mask
         nll = -stats.logp * mask
         if gamma == 0:  # the official code's weights for γ = 0: ones, and no eps

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 import fused_losses
 from fused_losses.objectives import DIL_LOSSES, DPO_LOSSES
+from fused_losses.objectives.logprobs import merged_options
 
-from ._common import (Recipe, Stateless, decode, frozen_copy, head_weight, log1mexp,
+from ._common import (Recipe, Stateless, decode, frozen_copy, head, log1mexp,
                       masked_mean, materialise, reference_context, sequence_sums,
                       to_prediction_layout)
 
@@ -45,7 +46,9 @@ def fused(name: str, state_keys: tuple[str, ...] = ()):
         def step(lm, batch, ctx):
             hidden = decode(lm, batch)
             inputs = {k: ctx[k] for k in ("ref_logprobs", *state_keys) if k in ctx}
-            out = function(hidden, head_weight(lm, hidden), batch["labels"], **inputs, **opts)
+            lm_head = head(lm, hidden)
+            out = function(hidden, lm_head.weight, batch["labels"], **inputs,
+                           **merged_options(lm_head, opts))
             return out.loss * pairs(batch, opts) / ctx["num_items"], dict(out.metrics)
         return step
     return make
@@ -57,7 +60,7 @@ def unfused(pair_loss):
     def make(opts):
         def step(lm, batch, ctx):
             hidden = decode(lm, batch)
-            stats = materialise(hidden, head_weight(lm, hidden), batch["labels"])
+            stats = materialise(hidden, head(lm, hidden), batch["labels"])
             loss, metrics = pair_loss(stats, ctx, opts)
             return loss.mean() * pairs(batch, opts) / ctx["num_items"], metrics
         return step

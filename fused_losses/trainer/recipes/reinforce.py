@@ -7,8 +7,9 @@ Items: sequences (the loss is ``−(1/B) Σ_i Σ_t m_t logp_t G_t``).
 from __future__ import annotations
 
 import fused_losses
+from fused_losses.objectives.logprobs import merged_options
 
-from ._common import (Recipe, decode, frozen_copy, frozen_logprobs, head_weight, load_frozen,
+from ._common import (Recipe, decode, frozen_copy, frozen_logprobs, head, load_frozen,
                       masked_mean, materialise, suffix_sums, to_prediction_layout)
 
 KL_CLAMP = 10.0  # |k1| is clamped to this before the penalty (objectives.md §5)
@@ -18,8 +19,10 @@ def fused(opts):
     def step(lm, batch, ctx):
         hidden = decode(lm, batch)
         init = {"init_logprobs": ctx["init_logprobs"]} if "init_logprobs" in ctx else {}
-        out = fused_losses.reinforce_loss(hidden, head_weight(lm, hidden), batch["labels"],
-                                          rewards=ctx["rewards"], **init, **opts)
+        lm_head = head(lm, hidden)
+        out = fused_losses.reinforce_loss(hidden, lm_head.weight, batch["labels"],
+                                          rewards=ctx["rewards"], **init,
+                                          **merged_options(lm_head, opts))
         return out.loss * items(batch, opts) / ctx["num_items"], dict(out.metrics)
     return step
 
@@ -29,7 +32,7 @@ def unfused(opts):
 
     def step(lm, batch, ctx):
         hidden = decode(lm, batch)
-        stats = materialise(hidden, head_weight(lm, hidden), batch["labels"])
+        stats = materialise(hidden, head(lm, hidden), batch["labels"])
         logp, mask = stats.logp, stats.mask
         reward = to_prediction_layout(ctx["rewards"]).to(logp.dtype) * mask
         penalised, metrics = reward, {"reward/mean": masked_mean(reward, mask)}

@@ -10,8 +10,9 @@ import math
 import torch
 
 import fused_losses
+from fused_losses.objectives.logprobs import merged_options
 
-from ._common import (Recipe, decode, frozen_copy, head_weight, log1mexp, masked_mean,
+from ._common import (Recipe, decode, frozen_copy, head, log1mexp, masked_mean,
                       materialise, reference_context, shift, to_prediction_layout, IGNORE)
 
 LINEAR = "total_variation"
@@ -51,9 +52,11 @@ def _linear(opts) -> bool:
 def fused(opts):
     def step(lm, batch, ctx):
         hidden = decode(lm, batch)
-        out = fused_losses.sft_loss(hidden, head_weight(lm, hidden), batch["labels"],
+        lm_head = head(lm, hidden)
+        out = fused_losses.sft_loss(hidden, lm_head.weight, batch["labels"],
                                     ref_logprobs=ctx.get("ref_logprobs"),
-                                    num_items_in_batch=ctx["num_items"], **opts)
+                                    num_items_in_batch=ctx["num_items"],
+                                    **merged_options(lm_head, opts))
         return out.loss, dict(out.metrics)
     return step
 
@@ -65,7 +68,7 @@ def unfused(opts):
 
     def step(lm, batch, ctx):
         hidden = decode(lm, batch)
-        stats = materialise(hidden, head_weight(lm, hidden), batch["labels"])
+        stats = materialise(hidden, head(lm, hidden), batch["labels"])
         logp, mask = stats.logp, stats.mask
         rho = logp if linear else logp - to_prediction_layout(ctx["ref_logprobs"]) * mask
         values = None
