@@ -80,3 +80,14 @@ def grad_logits_tile(
         grad = grad * (1.0 - capped * capped)
     grad = grad * inv_temperature
     return tl.where(mask_n[:, None] & mask_v[None, :], grad, 0.0)
+
+
+@triton.jit
+def grouped_tile(pid, token_tiles, vocab_tiles, GROUP_N: tl.constexpr):
+    """(token tile, vocabulary tile) of program ``pid`` in grouped order (Triton matmul
+    tutorial): GROUP_N token tiles run back to back on one vocabulary tile, so its weight rows
+    come from L2 after the first."""
+    per_group = GROUP_N * vocab_tiles
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(token_tiles - first_n, GROUP_N)
+    return first_n + (pid % per_group) % group_size, (pid % per_group) // group_size

@@ -35,6 +35,18 @@ _GPU = {
         "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, BLOCK_OUT=32, GROUP_N=8,
                      num_warps=8, num_stages=2),
     },
+    # Distillation (kernels/divergence.py): the stats kernels hold two logit tiles (student
+    # and teacher); the gradient kernel feeds the same dH/dW GEMM kernels as "bwd".
+    "divergence_fwd": {
+        "16bit": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3),
+        "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2),
+    },
+    "divergence_bwd": {
+        "16bit": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, BLOCK_OUT=128, GROUP_N=8,
+                      num_warps=8, num_stages=3),
+        "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, BLOCK_OUT=32, GROUP_N=8,
+                     num_warps=8, num_stages=2),
+    },
 }
 
 # Under TRITON_INTERPRET=1 small blocks keep tests fast and cross many tile edges.
@@ -42,6 +54,9 @@ INTERPRETER = {
     "fwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=1),
     "bwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, BLOCK_OUT=16, GROUP_N=2, num_warps=4,
                 num_stages=1),
+    "divergence_fwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=1),
+    "divergence_bwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, BLOCK_OUT=16, GROUP_N=2,
+                           num_warps=4, num_stages=1),
 }
 
 SHIPPED = [(kernel, dtype_class, cfg) for kernel, table in _GPU.items()
