@@ -35,17 +35,18 @@ _GPU = {
         "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, BLOCK_OUT=32, GROUP_N=8,
                      num_warps=8, num_stages=2),
     },
-    # Distillation (kernels/divergence.py): the stats kernels hold two logit tiles (student
-    # and teacher); the gradient kernel feeds the same dH/dW GEMM kernels as "bwd".
+    # Distillation (kernels/divergence.py): the statistics kernels hold two logit tiles
+    # (student and teacher), so the fp32 tiles are half the logprobs ones (larger fp32 tiles
+    # spill); the gradient kernel feeds the same dH/dW GEMM kernels as "bwd".
     "divergence_fwd": {
-        "16bit": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3),
-        "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2),
+        "16bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+        "fp32": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2),
     },
     "divergence_bwd": {
-        "16bit": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, BLOCK_OUT=128, GROUP_N=8,
+        "16bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, BLOCK_OUT=128, GROUP_N=8,
                       num_warps=8, num_stages=3),
-        "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, BLOCK_OUT=32, GROUP_N=8,
-                     num_warps=8, num_stages=2),
+        "fp32": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, BLOCK_OUT=32, GROUP_N=8,
+                     num_warps=4, num_stages=2),
     },
 }
 
