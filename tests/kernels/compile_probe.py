@@ -26,21 +26,29 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fused_losses.kernels import configs, logprobs_bwd, logprobs_fwd
+from fused_losses.kernels import configs, divergence, logprobs_bwd, logprobs_fwd
 
 # config table entry -> the kernels launched with it
 KERNELS = {
     "fwd": [logprobs_fwd._logprobs_fwd_kernel],
     "bwd": [logprobs_bwd._grad_logits_kernel, logprobs_bwd._grad_hidden_kernel,
             logprobs_bwd._grad_weight_kernel],
+    "divergence_fwd": [divergence._divergence_stats_kernel, divergence._mixture_stats_kernel],
+    "divergence_bwd": [divergence._divergence_grad_kernel, logprobs_bwd._grad_hidden_kernel,
+                       logprobs_bwd._grad_weight_kernel],
 }
 DTYPES = {"16bit": ["bf16", "fp16"], "fp32": ["fp32"]}
 # pointers in the input dtype (the gradient chunk and dW are kept in the weight's dtype)
-INPUT_POINTERS = {"hidden_ptr", "weight_ptr", "bias_ptr", "grad_chunk_ptr", "grad_weight_ptr"}
+INPUT_POINTERS = {"hidden_ptr", "weight_ptr", "bias_ptr", "grad_chunk_ptr", "grad_weight_ptr",
+                  "teacher_hidden_ptr", "teacher_weight_ptr", "teacher_bias_ptr"}
 INT8_POINTERS = {"keep_ptr"}
 INT64_POINTERS = {"rows_ptr", "targets_ptr", "argmax_ptr"}
-FLOAT_SCALARS = {"inv_temperature", "softcap", "inv_vocab", "filter_eps"}
-UNIT_STRIDES = {"stride_hh", "stride_wh"}
+FLOAT_SCALARS = {"inv_temperature", "softcap", "inv_vocab", "filter_eps", "log_ratio",
+                 "one_minus_beta"}
+UNIT_STRIDES = {"stride_hh", "stride_wh", "stride_thh", "stride_twh"}
+# integer constexprs that select a code path: (value with every flag off, with every flag on);
+# the divergence kernels' KIND: forward KL (0, the simplest) and JSD (2, the largest)
+EXTREMES = {"KIND": (0, 2)}
 
 
 def signature(fn, dtype: str, meta: dict):
@@ -91,14 +99,16 @@ def flag_sets(fn):
 
 def compile_one(fn, entry: str, dtype: str, flags: dict, cfg: dict, arch: int) -> dict:
     meta = {k: v for k, v in cfg.items() if k in fn.arg_names}
-    meta.update(flags, DOT_FP32=False, DOT_PRECISION="ieee")
+    every = all(flags.values())
+    meta.update(flags, DOT_FP32=False, TEACHER_DOT_FP32=False, DOT_PRECISION="ieee")
+    meta.update({name: ends[every] for name, ends in EXTREMES.items() if name in fn.arg_names})
     sig, constexprs, aligned = signature(fn, dtype, meta)
     compiled = triton.compile(
         ASTSource(fn, sig, constexprs, aligned), target=GPUTarget("cuda", arch, 32),
         options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return dict(
         entry=entry, kernel=fn.__name__, dtype=dtype,
-        flags="all" if all(flags.values()) else "none", arch=arch, config=cfg,
+        flags="all" if every else "none", arch=arch, config=cfg,
         shared=compiled.metadata.shared, limit=configs.SHARED_MEMORY_LIMIT[arch],
         # Hopper's warp-group MMA: whether Triton lowered the tile products to wgmma
         wgmma="wgmma.mma_async" in compiled.asm["ptx"],
