@@ -20,6 +20,7 @@ from torch import nn
 
 from .objectives import (LossOutput, cpo_loss, dil_loss, dpo_loss, ift_loss, orpo_loss,
                          reinforce_loss, sft_loss, simpo_loss)
+from .objectives import distill_loss
 from .primitive import linear_logprobs
 
 
@@ -133,3 +134,20 @@ class FusedReinforceLoss(FusedLoss):
 
 __all__ = ["FusedLoss", "FusedSFTLoss", "FusedDPOLoss", "FusedSimPOLoss", "FusedORPOLoss",
            "FusedCPOLoss", "FusedDILLoss", "FusedIFTLoss", "FusedReinforceLoss"]
+
+
+class FusedDistillLoss(FusedLoss):
+    """:func:`distill_loss`; ``forward(hidden, weight, teacher_hidden, teacher_weight, labels,
+    **kw)``. Takes only ``distill_loss``'s own options (it has no softcap, no ``return_*``)."""
+
+    loss_fn = staticmethod(distill_loss)
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - _keywords(distill_loss))
+        if unknown:
+            raise TypeError(f"FusedDistillLoss got unknown option(s) {unknown}; valid: "
+                            f"{sorted(_keywords(distill_loss))}")
+        super().__init__(**options)
+
+
+__all__ += ["FusedDistillLoss"]
