@@ -2,8 +2,10 @@
 
 The ``[tokens x vocab]`` logits are never materialised: see :func:`linear_logprobs`.
 """
+from .backends import BACKENDS
 from .cross_entropy import linear_cross_entropy
-from .primitive import LogProbs, linear_logprobs, linear_logprobs_loss
+from .primitive import LogProbs, linear_logprobs_loss
+from .vocab_parallel import linear_logprobs
 from .objectives import (LossOutput, cpo_loss, dil_loss, dpo_loss, ift_loss, orpo_loss,
                          reinforce_loss, render_token_rewards, sft_loss, simpo_loss,
                          token_logprobs, token_rewards)
@@ -13,7 +15,8 @@ from .divergence import DivergenceOutput, linear_divergence, linear_divergence_l
 from .objectives import distill_loss
 from .modules import FusedDistillLoss
 
-__all__ = ["LogProbs", "linear_logprobs", "linear_logprobs_loss", "linear_cross_entropy"]
+__all__ = ["LogProbs", "linear_logprobs", "linear_logprobs_loss", "linear_cross_entropy",
+           "BACKENDS"]
 __all__ += ["LossOutput", "sft_loss", "dpo_loss", "simpo_loss", "orpo_loss", "cpo_loss",
             "dil_loss", "ift_loss", "reinforce_loss", "token_rewards", "token_logprobs",
             "render_token_rewards"]
@@ -21,4 +24,14 @@ __all__ += ["FusedLoss", "FusedSFTLoss", "FusedDPOLoss", "FusedSimPOLoss", "Fuse
             "FusedCPOLoss", "FusedDILLoss", "FusedIFTLoss", "FusedReinforceLoss"]
 __all__ += ["linear_divergence", "linear_divergence_loss", "DivergenceOutput", "distill_loss",
             "FusedDistillLoss"]
+__all__ += ["patch_causal_lm", "unpatch_causal_lm"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The Hugging Face integration imports transformers (~1 s): loaded on first use.
+    if name in ("patch_causal_lm", "unpatch_causal_lm"):
+        from .integrations import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'fused_losses' has no attribute {name!r}")

@@ -1,4 +1,10 @@
-"""Vocabulary-parallel :func:`~fused_losses.linear_logprobs`: the LM head sharded by vocab rows.
+"""Vocabulary parallelism, the layer above the primitive, and the public ``linear_logprobs``.
+
+:func:`linear_logprobs` (exported as ``fused_losses.linear_logprobs``) is the primitive of
+:mod:`fused_losses.primitive` on one device, or :func:`vocab_parallel_logprobs` when
+``process_group`` or ``vocab_start`` is given. The primitive never imports this module.
+
+The LM head sharded by vocab rows:
 
 Each rank of ``process_group`` holds ``weight_shard [V_r, H]`` covering the global ids
 ``[vocab_start, vocab_start + V_r)`` (a Megatron ``VocabParallelEmbedding``-style head or a
@@ -41,8 +47,8 @@ import torch.distributed as dist
 from . import primitive
 from .primitive import Backend, Grads, LogProbs, Options
 
-__all__ = ["vocab_parallel_logprobs", "VocabParallelLogProbsFunction", "VocabShard",
-           "resolve_shard", "routes_here"]
+__all__ = ["linear_logprobs", "vocab_parallel_logprobs", "VocabParallelLogProbsFunction",
+           "VocabShard", "resolve_shard", "routes_here"]
 
 
 @dataclass(frozen=True)
@@ -255,13 +261,15 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
                 scatter(stats.entropy, rows, size), scatter(stats.logits_mean, rows, size))
 
     @staticmethod
+    @primitive.first_order_only
     def backward(ctx, g_logprobs, g_lse, _g_argmax, g_entropy, g_logits_mean):
         hidden, weight, bias, rows, local_targets, owned, lse, entropy = ctx.saved_tensors
         shard = ctx.shard
         g = Grads(*(None if t is None else t.index_select(0, rows).to(lse.dtype)
                     for t in (g_logprobs, g_lse, g_entropy, g_logits_mean)))
         if all(t is None for t in g) or rows.numel() == 0:
-            return primitive._zero_grads(hidden, weight, bias, ctx.needs_input_grad) + (None,)
+            return primitive._zero_grads(hidden, weight, bias, ctx.needs_input_grad) \
+                + (None,) * 5
         grad_logprobs, grad_lse = g.logprobs, g.lse
         if grad_logprobs is not None:
             # d logp / dz = onehot(y) - p: the onehot only where y is owned, -p everywhere,
@@ -273,11 +281,12 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
         if grad_mean is not None:  # the backend divides by its local V_r; the mean is over V
             grad_mean = grad_mean * (shard.size / shard.vocab)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden, grad_weight, grad_bias = ctx.backend.backward(
-            hidden, weight, bias, rows, local_targets, lse, entropy, grad_logprobs, grad_lse,
-            g.entropy, grad_mean, need_hidden=need_hidden, need_weight=need_weight,
-            need_bias=need_bias, filter_eps=ctx.opts.filter_eps,
-            **primitive._backward_kwargs(ctx.opts))
+        with primitive.no_autocast(hidden.device):
+            grad_hidden, grad_weight, grad_bias = ctx.backend.backward(
+                hidden, weight, bias, rows, local_targets, lse, entropy, grad_logprobs,
+                grad_lse, g.entropy, grad_mean, need_hidden=need_hidden,
+                need_weight=need_weight, need_bias=need_bias, filter_eps=ctx.opts.filter_eps,
+                **primitive._backward_kwargs(ctx.opts))
         if grad_hidden is not None:
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=shard.group)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
@@ -335,20 +344,94 @@ def vocab_parallel_logprobs(
     hidden, bias = _local_tensor(hidden, "hidden"), _local_tensor(bias, "bias")
     targets = _local_tensor(targets, "targets")
     weight, shard = resolve_shard(weight, process_group, vocab_start)
-    backend_module, hidden_2d, rows, flat_targets = primitive.prepare(
-        hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, backend=backend, check_target_range=False)
-    if targets.numel():  # ids are global here: checked against the whole vocabulary
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= shard.vocab))
-        if bool(bad.any()):
-            raise ValueError(
-                f"targets: {int(bad.sum())} id(s) outside the global vocabulary [0, "
-                f"{shard.vocab}) that are not ignore_index={ignore_index} "
-                f"(first: {targets[bad][0].item()})")
+    inputs = primitive.prepare(hidden, weight, targets, bias, ignore_index=ignore_index,
+                               temperature=temperature, softcap=softcap, backend=backend,
+                               check_target_range=False)
+    # ids are global here: checked against the whole vocabulary
+    primitive.check_target_ids(targets, shard.vocab, ignore_index, "the global vocabulary ")
     opts = primitive.make_options(
-        backend_module, temperature=temperature, softcap=softcap, return_argmax=return_argmax,
+        inputs.backend, temperature=temperature, softcap=softcap, return_argmax=return_argmax,
         return_entropy=return_entropy, return_logits_mean=return_logits_mean,
         filter_eps=filter_eps, chunk_size=chunk_size, ignore_index=ignore_index)
-    outputs = VocabParallelLogProbsFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
-                                                  backend_module, opts, shard)
+    with primitive.no_autocast(inputs.hidden.device):
+        outputs = VocabParallelLogProbsFunction.apply(*inputs[1:], inputs.backend, opts, shard)
     return primitive.shape_outputs(outputs, targets.shape, return_lse=return_lse)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    return_argmax: bool = False,
+    return_entropy: bool = False,
+    return_logits_mean: bool = False,
+    backend: Backend = "auto",
+    deterministic: bool = False,
+    filter_eps: float | None = None,
+    chunk_size: int | None = None,
+    process_group=None,
+    vocab_start: int | None = None,
+) -> LogProbs:
+    """Log-probs of ``targets`` under ``softmax(logits)``; the ``[N, V]`` logits are never formed.
+
+    ``logits = (hidden @ weight.T + bias) / temperature``, then ``softcap·tanh(logits/softcap)``
+    if ``softcap`` is set. ``targets[i]`` is predicted from ``hidden[i]`` (no shift).
+
+    Args:
+        hidden (Tensor): [..., H]; float32, bfloat16, float16 (or float64, torch backend).
+        weight (Tensor): [V, H] of any layout (``P.T`` of a ``[H, V]`` table, a slice), on
+            hidden's device. The head runs in the dtype ``F.linear`` would use: the autocast
+            dtype under ``torch.autocast``, else the promotion of the inputs' dtypes (a bf16
+            ``hidden`` with an fp32 head runs in fp32); each input's gradient comes back in
+            its own dtype. Logits and statistics are fp32 whatever that dtype.
+        targets (LongTensor): [...] (the leading shape of ``hidden``); ids in [0, V) or
+            ``ignore_index``.
+        bias (Tensor, optional): [V]. Default: None.
+        ignore_index (int): positions with this target cost no FLOPs, output 0 and get zero
+            gradient. Default: -100.
+        temperature (float): > 0; logits are divided by it. Default: 1.0.
+        softcap (float, optional): > 0; Gemma-2 style ``softcap·tanh(z/softcap)``. Default: None.
+        return_lse (bool): also return the log-sum-exp of the logits. Default: False.
+        return_argmax (bool): also return the greedy token (int64). Default: False.
+        return_entropy (bool): also return the entropy of ``softmax(logits)``. Default: False.
+        return_logits_mean (bool): also return the mean logit over the vocabulary (used by
+            label smoothing and the ``logits/chosen`` metric). Default: False.
+        backend (str): ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
+            (chunked PyTorch, any device) or ``"auto"`` (Triton on CUDA when it imports, else
+            torch). Default: "auto".
+        deterministic (bool): request bitwise-identical results run to run. Every current
+            kernel and the torch backend are deterministic (no atomics: each program owns the
+            rows of the gradient it writes), so this is a guarantee, not a slower mode.
+            Default: False.
+        filter_eps (float, optional): skip backward tiles whose logit gradient is below this
+            in magnitude (Cut Cross-Entropy's gradient filtering). Changes the gradient,
+            most where the distribution is flat (see README); exact when None. Default: None.
+        chunk_size (int, optional): torch backend only: tokens per chunk. Default: sized so a
+            chunk's fp32 logits take about 64 MiB.
+        process_group (ProcessGroup, optional), vocab_start (int, optional): vocabulary
+            parallelism. When either is given, ``weight`` (and ``bias``) hold this rank's rows
+            ``[start, start + V_r)`` of the vocabulary (plain tensors, or a ``Shard(0)`` DTensor
+            from a ``ColwiseParallel`` LM head), ``targets`` are global ids, and every output
+            is the exact global value; communication is O(tokens). See
+            :func:`fused_losses.vocab_parallel.vocab_parallel_logprobs`. Default: None.
+
+    Returns:
+        LogProbs: ``logprobs`` [...] float32 (0 where ignored), and ``lse`` / ``argmax`` /
+        ``entropy`` / ``logits_mean`` shaped like ``targets`` or None when not asked.
+        Backward accepts any combination of upstream gradients for the float outputs.
+    """
+    options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                   return_lse=return_lse, return_argmax=return_argmax,
+                   return_entropy=return_entropy, return_logits_mean=return_logits_mean,
+                   backend=backend, deterministic=deterministic, filter_eps=filter_eps,
+                   chunk_size=chunk_size)
+    if routes_here(process_group, vocab_start):
+        return vocab_parallel_logprobs(hidden, weight, targets, bias, process_group=process_group,
+                                       vocab_start=vocab_start, **options)
+    return primitive.linear_logprobs(hidden, weight, targets, bias, **options)

@@ -32,7 +32,7 @@ Backward, per vocabulary chunk of ``VC`` columns (sized like ``logprobs_bwd``'s)
 ``_divergence_grad_kernel`` (grid ``cdiv(N, BLOCK_N)·cdiv(VC, BLOCK_V)``, grouped order)
 recomputes both tiles from the forward's [N] statistics and writes dL/dz into
 ``grad_chunk [N, VC]`` in the student weight's dtype (and column sums for dBias); then
-``logprobs_bwd``'s ``_grad_hidden_kernel`` and ``_grad_weight_kernel`` turn the chunk into dH
+``logprobs_bwd``'s ``grad_hidden_gemm`` and ``grad_weight_gemm`` turn the chunk into dH
 and dW. The teacher is only read. ``2N(H + H_t)V + 4NHV`` FLOPs.
 
     dL/dz = g_D/τ · dD/ds + g_lp · (onehot(y) − softmax(z)),
@@ -46,9 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch, configs
+from . import _launch, configs, scaling
 from ._tl_helpers import grouped_tile, logits_tile
-from .logprobs_bwd import _grad_hidden_kernel, _grad_weight_kernel
+from .logprobs_bwd import grad_hidden_gemm, grad_weight_gemm
 
 KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
@@ -222,7 +222,7 @@ def _mixture_stats_kernel(
 def _divergence_grad_kernel(
     hidden_ptr, weight_ptr, bias_ptr, teacher_hidden_ptr, teacher_weight_ptr, teacher_bias_ptr,
     rows_ptr, targets_ptr, lse_ptr, teacher_lse_ptr, raw_lse_ptr, aux_ptr,   # [N] each
-    grad_divergence_ptr, grad_logprobs_ptr,                     # [N] fp32 each
+    grad_divergence_ptr, grad_logprobs_ptr, inv_bound_ptr,      # [N] fp32 each
     grad_chunk_ptr, bias_partials_ptr,                          # -> [N, VC], [TN, VC]
     N, H, HT, v0, chunk_width,
     stride_hm, stride_hh, stride_wv, stride_wh,
@@ -230,7 +230,8 @@ def _divergence_grad_kernel(
     inv_temperature, log_ratio, one_minus_beta,
     KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
-    WITH_LOGPROB_GRAD: tl.constexpr, WITH_RAW_LSE: tl.constexpr, NEED_BIAS_GRAD: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr, WITH_LOGPROB_GRAD: tl.constexpr, WITH_RAW_LSE: tl.constexpr,
+    NEED_BIAS_GRAD: tl.constexpr,
     DOT_FP32: tl.constexpr, TEACHER_DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N),
@@ -273,12 +274,15 @@ def _divergence_grad_kernel(
         onehot = tl.where(offs_v[None, :] == targets[:, None], 1.0, 0.0)
         grad += grad_logprobs[:, None] * (onehot - probs)
     grad = tl.where(mask_n[:, None] & mask_c[None, :], grad, 0.0)
+    stored = grad
+    if HAS_ROW_SCALE:  # fp16: rows divided by their bounds (scaling.py) cannot underflow
+        stored = grad * tl.load(inv_bound_ptr + offs_n, mask=mask_n, other=1.0)[:, None]
     out = grad_chunk_ptr + offs_n.to(tl.int64)[:, None] * chunk_width + offs_c[None, :]
-    tl.store(out, grad.to(grad_chunk_ptr.dtype.element_ty),
+    tl.store(out, stored.to(grad_chunk_ptr.dtype.element_ty),
              mask=mask_n[:, None] & mask_c[None, :])
     if NEED_BIAS_GRAD:
-        tl.store(bias_partials_ptr + pid_n * chunk_width + offs_c, tl.sum(grad, axis=0),
-                 mask=mask_c)
+        tl.store(bias_partials_ptr + pid_n.to(tl.int64) * chunk_width + offs_c,
+                 tl.sum(grad, axis=0), mask=mask_c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +319,7 @@ def forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, 
     """Per-token (divergence, logprobs | None, lse, teacher_lse, raw_lse | None, aux | None),
     [N] fp32 each, as ``fused_losses.divergence.torch_chunked.forward``."""
     check(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
+    bias, teacher_bias, rows, targets = _launch.contiguous(bias, teacher_bias, rows, targets)
     num_rows, vocab = rows.numel(), weight.shape[0]
     with_raw_lse = with_logprobs and temperature != 1.0
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -369,12 +374,18 @@ def backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
              stats, grad_divergence, grad_logprobs, *, kind, beta, temperature, with_logprobs,
              need_hidden=True, need_weight=True, need_bias=True, config=None,
              chunk_bytes=None):
-    """(dH [M, H], dW [V, H], dBias [V]) of the student, in its dtype; None where not needed.
+    """(dH [M, H], dW [V, H] contiguous, dBias [V]) of the student, in its dtype; None where
+    not needed.
 
     ``stats`` are the forward's outputs (its ``lse``, ``teacher_lse``, ``raw_lse``, ``aux``
-    are read); ``grad_divergence`` / ``grad_logprobs`` [N] fp32 or None.
+    are read); ``grad_divergence`` / ``grad_logprobs`` [N] fp32 or None, of any strides.
+    fp16 gradient chunks are row-scaled by ``scaling.divergence_grad_bound``.
     """
     check(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
+    bias, teacher_bias, rows, targets, grad_divergence, grad_logprobs = _launch.contiguous(
+        bias, teacher_bias, rows, targets, grad_divergence, grad_logprobs)
+    lse, teacher_lse, raw_lse, aux = _launch.contiguous(stats.lse, stats.teacher_lse,
+                                                        stats.raw_lse, stats.aux)
     num_rows, vocab, width = rows.numel(), weight.shape[0], weight.shape[1]
     need_bias = need_bias and bias is not None
     device = hidden.device
@@ -382,28 +393,34 @@ def backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
     cfg = config or _launch.config("divergence_bwd", hidden)
     meta = {k: cfg[k] for k in ("num_warps", "num_stages")}
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
-    with_raw_lse = stats.raw_lse is not None
-    with_logprob_grad = grad_logprobs is not None
     zeros = torch.zeros(num_rows, **f32)
-    per_token = (stats.lse, stats.teacher_lse, stats.raw_lse if with_raw_lse else zeros,
-                 stats.aux if stats.aux is not None else zeros,
-                 zeros if grad_divergence is None else grad_divergence.contiguous(),
-                 grad_logprobs.contiguous() if with_logprob_grad else zeros)
+    row_scale = scaling.needs_row_scale(weight.dtype) and num_rows > 0
+    bound = max_bound = ratio = None
+    inv_bound = zeros
+    if row_scale:
+        bound = scaling.divergence_grad_bound(kind, beta, temperature, aux, grad_divergence,
+                                              grad_logprobs)
+        max_bound = bound.max().reshape(1)  # stays on the device: no host sync
+        inv_bound, ratio = 1.0 / bound, bound / max_bound
+    per_token = (lse, teacher_lse, zeros if raw_lse is None else raw_lse,
+                 zeros if aux is None else aux,
+                 zeros if grad_divergence is None else grad_divergence,
+                 zeros if grad_logprobs is None else grad_logprobs, inv_bound)
     flags = _flags(hidden, teacher_hidden, bias, teacher_bias)
 
     grad_hidden_f32 = torch.zeros(num_rows, width, **f32) if need_hidden else None
-    # contiguous whatever the weight's layout: the GEMM kernel writes rows of H
-    grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=device) \
-        if need_weight else None
+    # Contiguous whatever weight's strides: the dW kernel writes row-major, every entry once
+    # when there are rows to visit.
+    grad_weight = None
+    if need_weight:
+        grad_weight = (torch.empty if num_rows else torch.zeros)(
+            vocab, width, dtype=weight.dtype, device=device)
     grad_bias_f32 = torch.zeros(vocab, **f32) if need_bias else None
     columns = configs.chunk_width(num_rows, vocab, weight.element_size(), block_v,
-                                 chunk_bytes or _launch.grad_chunk_bytes())
+                                  chunk_bytes or _launch.grad_chunk_bytes())
     token_tiles = triton.cdiv(num_rows, block_n)
     grad_chunk = torch.empty(num_rows, columns, dtype=weight.dtype, device=device)
     bias_partials = torch.empty(token_tiles, columns, **f32) if need_bias else zeros
-    out_tiles = triton.cdiv(width, cfg["BLOCK_OUT"])
-    gemm = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_OUT=cfg["BLOCK_OUT"], FILTER=False,
-                DOT_FP32=flags["DOT_FP32"], DOT_PRECISION=flags["DOT_PRECISION"], **meta)
     heads = (hidden, weight, bias if bias is not None else weight, teacher_hidden,
              teacher_weight, teacher_bias if teacher_bias is not None else teacher_weight)
     strides = _strides(hidden, weight, teacher_hidden, teacher_weight)
@@ -416,24 +433,26 @@ def backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
             num_rows, width, teacher_hidden.shape[1], v0, width_here, *strides,
             1.0 / temperature, log_ratio, 1.0 - beta,
             KIND=KINDS[kind], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=cfg["BLOCK_H"],
-            GROUP_N=cfg["GROUP_N"], WITH_LOGPROB_GRAD=with_logprob_grad,
-            WITH_RAW_LSE=with_raw_lse, NEED_BIAS_GRAD=need_bias, **flags, **meta)
-        if need_hidden:
-            _grad_hidden_kernel[(token_tiles, out_tiles)](
-                grad_chunk, weight, zeros, grad_hidden_f32, num_rows, width, v0, width_here,
-                weight.stride(0), weight.stride(1), **gemm)
+            GROUP_N=cfg["GROUP_N"], HAS_ROW_SCALE=row_scale,
+            WITH_LOGPROB_GRAD=grad_logprobs is not None, WITH_RAW_LSE=raw_lse is not None,
+            NEED_BIAS_GRAD=need_bias, **flags, **meta)
+        # the kernel lays a chunk out with row stride width_here, not columns
+        chunk = grad_chunk.view(-1)[:num_rows * width_here].view(num_rows, width_here)
+        if need_hidden:  # grad_chunk stands in for the keep flags: never read unfiltered
+            grad_hidden_gemm(chunk, weight, v0, grad_hidden_f32, grad_chunk, cfg,
+                             filtered=False)
         if need_weight:
-            _grad_weight_kernel[(vocab_tiles, out_tiles)](
-                grad_chunk, hidden, rows, zeros, grad_weight, num_rows, width, v0, width_here,
-                hidden.stride(0), hidden.stride(1), **gemm)
+            grad_weight_gemm(chunk, hidden, rows, v0, grad_weight, grad_chunk, ratio,
+                             max_bound, cfg, filtered=False, accumulate=False)
         if need_bias:
-            # the kernel lays a chunk out with row stride width_here, not columns
             partials = bias_partials.view(-1)[:token_tiles * width_here]
             torch.sum(partials.view(token_tiles, width_here), dim=0,
                       out=grad_bias_f32[v0:v0 + width_here])
     del grad_chunk, bias_partials
     grad_hidden = None
     if need_hidden:
+        if row_scale:
+            grad_hidden_f32.mul_(bound.unsqueeze(1))
         grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows,
                                                            grad_hidden_f32.to(hidden.dtype))
     grad_bias = grad_bias_f32.to(bias.dtype) if need_bias else None

@@ -41,7 +41,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from ..primitive import check_options, validate
+from ..primitive import (cast_to_compute_dtype, check_options, compute_dtype, first_order_only,
+                         no_autocast, validate)
 from . import torch_chunked, triton_fused
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
@@ -115,12 +116,15 @@ def validate_teacher(hidden, weight, teacher_hidden, teacher_weight, teacher_bia
     if type(teacher_weight).__name__ == "DTensor":
         raise TypeError("teacher_weight is a DTensor shard, not the full [V, H_t] weight; "
                         "gather it (e.g. call the loss inside the teacher's forward under FSDP)")
-    if teacher_hidden.dtype not in _FLOATS:
-        raise TypeError(f"{_describe('teacher_hidden', teacher_hidden)}: expected a floating "
-                        f"dtype {_FLOATS}")
-    if teacher_weight.dtype != teacher_hidden.dtype:
-        raise TypeError(f"{_describe('teacher_weight', teacher_weight)}: expected the dtype of "
-                        f"teacher_hidden ({teacher_hidden.dtype})")
+    for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{_describe(name, t)}: expected a floating dtype {_FLOATS}")
+    # as for the student: 16/32-bit may mix (promoted), float64 only with float64
+    for name, t in (("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)):
+        if isinstance(t, torch.Tensor) and (t.dtype == torch.float64) != (
+                teacher_hidden.dtype == torch.float64):
+            raise TypeError(f"{_describe(name, t)}: float64 mixes only with float64; "
+                            f"teacher_hidden is {teacher_hidden.dtype}")
     if tuple(teacher_hidden.shape[:-1]) != tuple(hidden.shape[:-1]) or teacher_hidden.dim() < 1:
         raise ValueError(f"{_describe('teacher_hidden', teacher_hidden)}: expected shape "
                          f"[{', '.join(map(str, hidden.shape[:-1]))}, H_t], the leading shape "
@@ -139,11 +143,9 @@ def validate_teacher(hidden, weight, teacher_hidden, teacher_weight, teacher_bia
             raise TypeError(f"teacher_bias must be a torch.Tensor or None, got "
                             f"{type(teacher_bias).__name__}")
         if tuple(teacher_bias.shape) != (weight.shape[0],) \
-                or teacher_bias.dtype != teacher_hidden.dtype \
-                or teacher_bias.device != hidden.device:
+                or teacher_bias.dtype not in _FLOATS or teacher_bias.device != hidden.device:
             raise ValueError(f"{_describe('teacher_bias', teacher_bias)}: expected shape "
-                             f"[{weight.shape[0]}], dtype {teacher_hidden.dtype} on "
-                             f"{hidden.device}")
+                             f"[{weight.shape[0]}], a floating dtype on {hidden.device}")
 
 
 def check_divergence(divergence, beta) -> None:
@@ -159,6 +161,10 @@ def check_divergence(divergence, beta) -> None:
 
 def resolve_implementation(backend: str, device: torch.device):
     """The implementation module for ``backend`` on ``device``; errors list the valid names."""
+    if backend == "cublas":
+        raise ValueError("backend='cublas' has no distillation implementation yet; use "
+                         "'triton' (the fused kernels) or 'torch' (chunks through torch's "
+                         "GEMMs, cuBLAS on CUDA)")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} for distillation, got {backend!r}")
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
@@ -195,6 +201,14 @@ def _prepare(hidden, weight, teacher_hidden, teacher_weight, targets, bias, teac
     opts = Options(kind=divergence_kind(divergence, beta), beta=float(beta),
                    temperature=float(temperature), with_logprobs=with_logprobs,
                    chunk_size=chunk_size)
+    # Each head runs in its own compute dtype (as F.linear decides it: autocast's, else the
+    # promotion of its tensors); the student's casts are autograd ops, so each of its inputs
+    # gets its gradient in its own dtype. The teacher gets none.
+    hidden, weight, bias = cast_to_compute_dtype(hidden, weight, bias)
+    teacher_dtype = compute_dtype(teacher_hidden, teacher_weight, teacher_bias)
+    teacher_hidden, teacher_weight, teacher_bias = (
+        None if t is None else t.detach().to(teacher_dtype)
+        for t in (teacher_hidden, teacher_weight, teacher_bias))
     tensors = (hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight,
                teacher_bias, rows, flat_targets.index_select(0, rows).long())
@@ -236,6 +250,7 @@ class LinearDivergenceFunction(torch.autograd.Function):
         return _scatter(stats.divergence, rows, size), _scatter(stats.logprobs, rows, size)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_divergence, grad_logprobs):
         (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets,
          lse, teacher_lse, raw_lse, aux) = ctx.saved_tensors
@@ -294,6 +309,7 @@ class DivergenceLossFunction(torch.autograd.Function):
         return loss, divergence, logprobs
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, _grad_divergence, _grad_logprobs):
         if ctx.input_grads is None:
             raise RuntimeError("a distillation loss whose gradients were formed in forward can "
@@ -335,9 +351,12 @@ def linear_divergence(
     Args:
         hidden (Tensor): [..., H] student states; float32, bfloat16, float16 (or float64 on
             the torch backend).
-        weight (Tensor): [V, H] student head; dtype and device of ``hidden``.
+        weight (Tensor): [V, H] student head on ``hidden``'s device. Each head runs in its
+            own compute dtype, as ``F.linear`` decides it (autocast's when autocast is on,
+            else the promotion of its tensors; float64 only with float64); logits are formed
+            in fp32 either way and each student tensor gets its gradient in its own dtype.
         teacher_hidden (Tensor): [..., H_t] teacher states, same leading shape as ``hidden``;
-            any floating dtype (its own head's), H_t may differ from H. No gradient.
+            H_t may differ from H, the dtype from the student's. No gradient.
         teacher_weight (Tensor): [V, H_t]; the same V as ``weight``. No gradient.
         targets (LongTensor): [...] (the leading shape of ``hidden``); only which positions
             equal ``ignore_index`` matters, unless ``return_logprobs``: then ids in [0, V).
@@ -365,9 +384,8 @@ def linear_divergence(
         hidden, weight, teacher_hidden, teacher_weight, targets, bias, teacher_bias,
         divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
         backend=backend, chunk_size=chunk_size, with_logprobs=return_logprobs)
-    flat = tensors[:3] + tuple(t if t is None else t.detach() for t in tensors[3:6]) \
-        + tensors[6:]
-    divergence_out, logprobs = LinearDivergenceFunction.apply(*flat, impl, opts)
+    with no_autocast(hidden.device):
+        divergence_out, logprobs = LinearDivergenceFunction.apply(*tensors, impl, opts)
     return DivergenceOutput(divergence_out.view(targets.shape),
                             None if logprobs is None else logprobs.view(targets.shape))
 
@@ -421,20 +439,19 @@ def linear_divergence_loss(
         hidden, weight, teacher_hidden, teacher_weight, targets, bias, teacher_bias,
         divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
         backend=backend, chunk_size=chunk_size, with_logprobs=with_logprobs)
-    tensors = tensors[:3] + tuple(t if t is None else t.detach() for t in tensors[3:6]) \
-        + tensors[6:]
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if grad_in_forward is None:
         grad_in_forward = needs_grad and hasattr(impl, "forward_backward")
-    if grad_in_forward and needs_grad:
-        loss, divergence_out, logprobs = DivergenceLossFunction.apply(*tensors, impl, opts,
-                                                                      float(hard_weight))
-    else:
-        divergence_out, logprobs = LinearDivergenceFunction.apply(*tensors, impl, opts)
-        loss = divergence_out.sum()
-        if with_logprobs:
-            loss = loss - hard_weight * logprobs.sum()
+    with no_autocast(hidden.device):
+        if grad_in_forward and needs_grad:
+            loss, divergence_out, logprobs = DivergenceLossFunction.apply(*tensors, impl, opts,
+                                                                          float(hard_weight))
+        else:
+            divergence_out, logprobs = LinearDivergenceFunction.apply(*tensors, impl, opts)
+            loss = divergence_out.sum()
+            if with_logprobs:
+                loss = loss - hard_weight * logprobs.sum()
     return loss, DivergenceOutput(
         divergence_out.view(targets.shape),
         None if logprobs is None else logprobs.view(targets.shape))

@@ -26,7 +26,8 @@ import math
 
 import torch
 
-from .._torch_backend import CHUNK_BYTES, _Accumulator, _Workspace, _acc_dtype, _chunks, _logits
+from ..backends.torch_chunked import _Accumulator, _Workspace, _acc_dtype, _chunks, _logits
+from ..kernels import scaling
 
 # The elementwise work runs over row blocks whose two temporaries take about this much each:
 # half a default chunk. Each block costs ~20 ATen calls, and on 2 loaded CPU cores a call's
@@ -161,14 +162,21 @@ def _run(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, row
     for piece in _chunks(rows.numel(), weight.shape[0], chunk_size):
         hidden_chunk, student, teacher = chunk.logits(rows[piece])
         chunk_targets = targets[piece]
+        upstream = [None if g is None else g[piece] for g in grads or (None, None)]
+        first = len(parts)
         for block, scratch in chunk.blocks(student.shape[0]):
-            upstream = {} if grads is None else dict(
-                grad_divergence=None if grads[0] is None else grads[0][piece][block],
-                grad_logprobs=None if grads[1] is None else grads[1][piece][block])
+            block_grads = {} if grads is None else dict(
+                grad_divergence=None if upstream[0] is None else upstream[0][block],
+                grad_logprobs=None if upstream[1] is None else upstream[1][block])
             parts.append(_rows(student[block], teacher[block], chunk_targets[block], scratch,
-                               chunk.ones, kind, beta, temperature, with_logprobs, **upstream))
+                               chunk.ones, kind, beta, temperature, with_logprobs, **block_grads))
         if accumulator is not None:
-            accumulator.add(student, rows[piece], hidden_chunk, chunk.student_ws)
+            bound = None
+            if scaling.needs_row_scale(weight.dtype):  # fp16 chunks: kernels/scaling.py
+                aux = None if kind != "reverse_kl" else torch.cat(
+                    [part[5] for part in parts[first:]])
+                bound = scaling.divergence_grad_bound(kind, beta, temperature, aux, *upstream)
+            accumulator.add(student, rows[piece], hidden_chunk, chunk.student_ws, bound)
     if not parts:
         empty = hidden.new_zeros(0, dtype=_acc_dtype(hidden.dtype))
         return (empty, empty if with_logprobs else None, empty, empty,
