@@ -195,6 +195,28 @@ def test_teacher_gets_no_gradient_and_may_have_its_own_dtype():
         assert_close(got, expected, torch.bfloat16, name=name)
 
 
+def test_each_head_in_its_compute_dtype():
+    """As F.linear decides it: a bf16 student hidden with an fp32 head runs in fp32 (each
+    input's gradient in its own dtype); under autocast both heads run in bf16."""
+    hidden, weight, _, t_hidden, t_weight, _, targets = heads(n=6, bias=False)
+    h = hidden.to(torch.bfloat16).requires_grad_()
+    w = weight.float().requires_grad_()
+    out = linear_divergence(h, w, t_hidden.float(), t_weight.to(torch.bfloat16), targets,
+                            backend="torch")
+    out.divergence.sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    ref_h, ref_w = leaves((h.detach(), w.detach()), F64)
+    want, _ = naive.per_token(ref_h, ref_w, t_hidden.float(), t_weight.to(torch.bfloat16),
+                              targets)
+    want.sum().backward()
+    assert_close(out.divergence, want.detach(), F32, name="divergence")
+    assert_grad_close(w.grad, ref_w.grad, F32, name="dW")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = linear_divergence(h, w, t_hidden.float(), t_weight.float(), targets,
+                                 backend="torch")
+    assert_close(auto.divergence, want.detach(), torch.bfloat16, name="autocast divergence")
+
+
 @pytest.mark.parametrize("change,error,match", [
     (dict(teacher_weight=torch.randn(100, 29)), ValueError, "vocabulary of 100"),
     (dict(teacher_weight=torch.randn(101, 28)), ValueError, r"teacher_weight.*\[V, 29\]"),
@@ -206,6 +228,7 @@ def test_teacher_gets_no_gradient_and_may_have_its_own_dtype():
     (dict(beta=1.5), ValueError, r"beta must be a number in \[0, 1\]"),
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(backend="cublas"), ValueError, "no distillation implementation yet"),
     (dict(backend="triton", chunk_size=4), ValueError, "chunk_size=4"),
     (dict(teacher_hidden=[0.0]), TypeError, "teacher_hidden must be a torch.Tensor"),
 ])
