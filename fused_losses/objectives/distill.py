@@ -50,9 +50,9 @@ def distill_loss(
     hard loss). ``m_t`` marks the scored positions: Hugging Face labels, shifted inside
     (``hidden[:, t]`` predicts ``labels[:, t+1]``). Only the student gets gradients; neither
     model's ``[B·T, V]`` logits are formed. Equal to Liger's ``LigerFusedLinearJSDLoss``
-    (``weight_soft_loss=1``, ``weight_hard_loss=hard_weight``, shifted inputs) and, with
-    ``hard_weight=0``, to TRL's ``generalized_jsd_loss`` token mean (``reduction="mean"``
-    over scored tokens) and its chunked divergence.
+    (``weight_soft_loss=1``, ``weight_hard_loss=hard_weight``, shifted inputs); with
+    ``hard_weight=0``, the token mean of TRL's per-token ``ChunkedDivergenceFunction`` and
+    the formula of TRL GKD's ``generalized_jsd_loss(labels=..., reduction="batchmean")``.
 
     Args:
         hidden (Tensor): [B, T, H] student's final hidden states (unshifted; never copied).
