@@ -5,8 +5,9 @@ Scored rows are taken ``chunk_size`` at a time. A chunk's two ``[chunk, V]`` log
 that are the largest temporaries; the elementwise work runs over row blocks
 (:func:`_rows`) that see whole rows of both models, so every per-token statistic is exact
 in one pass and the student's logit gradient lands in the student buffer, ready for the dH
-and dW GEMMs. Nothing ``[N, V]`` is ever held. Same argument names and outputs as ``triton_fused``; logits are
-reduced in fp32 (float64 inputs stay float64, so ``gradcheck`` runs here).
+and dW GEMMs. Nothing ``[N, V]`` is ever held. Same argument names and outputs as
+``triton_fused``; logits are formed and reduced in fp32 (float64 inputs stay float64, so
+``gradcheck`` runs here).
 
 Per token, with ``s = z_student / τ``, ``t = z_teacher / τ``, ``log q = s − lse(s)``,
 ``log p = t − lse(t)`` and ``δ = log p − log q`` (P teacher, Q student)::

@@ -75,8 +75,8 @@ def test_num_items_in_batch_and_the_module():
     """Gradient accumulation divides by the given count; the module twin is the functional."""
     (hidden, weight, bias), (t_hidden, t_weight, _), labels = batch()
     out = distill_loss(hidden, weight, t_hidden, t_weight, labels, bias=bias,
-                       divergence="reverse_kl", hard_weight=0.3, num_items_in_batch=torch.tensor(11),
-                       backend="torch")
+                       divergence="reverse_kl", hard_weight=0.3,
+                       num_items_in_batch=torch.tensor(11), backend="torch")
     want = naive.distill(hidden, weight, t_hidden, t_weight, labels, bias=bias,
                          kind="reverse_kl", hard_weight=0.3, divisor=11)
     check(out.loss, want, (hidden, weight, bias), F64)
