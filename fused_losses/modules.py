@@ -133,3 +133,26 @@ class FusedReinforceLoss(FusedLoss):
 
 __all__ = ["FusedLoss", "FusedSFTLoss", "FusedDPOLoss", "FusedSimPOLoss", "FusedORPOLoss",
            "FusedCPOLoss", "FusedDILLoss", "FusedIFTLoss", "FusedReinforceLoss"]
+
+
+# --- GRPO / PPO and KTO (objectives.md §7-8) ---------------------------------------------------
+
+from .objectives import grpo_loss, ppo_loss  # noqa: E402  (kept beside the classes using them)
+
+
+class FusedGRPOLoss(FusedLoss):
+    """:func:`grpo_loss`; ``forward(hidden, weight, labels, advantages, old_logprobs=...,
+    ref_logprobs=..., **kw)``."""
+
+    loss_fn = staticmethod(grpo_loss)
+
+
+class FusedPPOLoss(FusedGRPOLoss):
+    """:func:`ppo_loss`: options as :class:`FusedGRPOLoss`; ``forward(hidden, weight, labels,
+    advantages [B, T], old_logprobs=..., **kw)``."""
+
+    def forward(self, *args, **kwargs) -> LossOutput:
+        return ppo_loss(*args, **{**self.options, **kwargs})
+
+
+__all__ += ["FusedGRPOLoss", "FusedPPOLoss"]

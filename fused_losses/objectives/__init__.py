@@ -2,6 +2,7 @@
 from ._common import LossOutput
 from .dil import DIL_LOSSES, dil_loss
 from .dpo import DPO_LOSSES, dpo_loss
+from .grpo import TOKEN_WEIGHTS, grpo_loss, ppo_loss
 from .ift import ift_loss
 from .logprobs import token_logprobs
 from .ref_free import cpo_loss, orpo_loss, simpo_loss
@@ -14,3 +15,4 @@ __all__ = [
     "ift_loss", "reinforce_loss", "token_rewards", "token_logprobs", "render_token_rewards",
     "phi_safe", "DIVERGENCES", "DPO_LOSSES", "DIL_LOSSES",
 ]
+__all__ += ["grpo_loss", "ppo_loss", "TOKEN_WEIGHTS"]
