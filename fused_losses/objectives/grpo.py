@@ -195,16 +195,17 @@ def grpo_loss(
     rows = labels.shape[0]
     ignore_index = primitive_options.get("ignore_index", IGNORE_INDEX)
     scored = shift_targets(labels, ignore_index) != ignore_index  # [B, T], prediction layout
-    # Constants, in the prediction layout; values at unscored positions (NaN from a sampler
-    # that could not score a token, say) are replaced before any arithmetic touches them.
+    # Constants, in the prediction layout. Values at unscored positions (NaN from a sampler
+    # that could not score a token, say) never reach the loss or its gradient: old and ref
+    # enter through ``where(live, ...)`` before any non-linear op; the multipliers are
+    # replaced here (a NaN factor would turn a zero gradient into NaN).
     adv = _per_row_or_token("advantages", advantages, labels, scored, neutral=0.0)
     is_ratio = None if vllm_is_ratio is None else _per_row_or_token(
         "vllm_is_ratio", vllm_is_ratio, labels, scored, neutral=1.0)
-    old = _sanitised(reference_logprobs(labels, ref_logprobs=old_logprobs, required=False,
-                                        name="old"), scored)
-    ref = _sanitised(reference_logprobs(labels, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
-                                        ref_weight=ref_weight, ref_bias=ref_bias,
-                                        required=beta != 0, **primitive_options), scored)
+    old = reference_logprobs(labels, ref_logprobs=old_logprobs, required=False, name="old")
+    ref = reference_logprobs(labels, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
+                             ref_weight=ref_weight, ref_bias=ref_bias, required=beta != 0,
+                             **primitive_options)
     per_row = scored.sum(-1).double()  # the weights in float64, cast to the loss's dtype
     batch_tokens = per_row.sum()
     step_tokens = batch_tokens if num_items_in_batch is None else _count(num_items_in_batch,
@@ -329,10 +330,6 @@ def _per_row_or_token(name, value, labels, scored, *, neutral: float) -> torch.T
         return torch.where(scored, per_token, torch.full_like(per_token, neutral))
     raise ValueError(f"{name} must have shape [B] = [{rows}], [B, 1] or [B, T] = "
                      f"[{rows}, {length}] (labels layout), got {shape}")
-
-
-def _sanitised(values: torch.Tensor | None, scored: torch.Tensor) -> torch.Tensor | None:
-    return None if values is None else torch.where(scored, values, torch.zeros_like(values))
 
 
 def _count(num_items, device) -> torch.Tensor:
