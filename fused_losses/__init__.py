@@ -7,7 +7,7 @@ from .primitive import LogProbs, linear_logprobs, linear_logprobs_loss
 from .objectives import (LossOutput, cpo_loss, dil_loss, dpo_loss, ift_loss, orpo_loss,
                          reinforce_loss, render_token_rewards, sft_loss, simpo_loss,
                          token_logprobs, token_rewards)
-from .objectives import grpo_loss, ppo_loss
+from .objectives import grpo_loss, kto_loss, mismatched_pairs, ppo_loss
 from .modules import (FusedCPOLoss, FusedDILLoss, FusedDPOLoss, FusedIFTLoss, FusedLoss,
                       FusedORPOLoss, FusedReinforceLoss, FusedSFTLoss, FusedSimPOLoss)
 
@@ -15,9 +15,9 @@ __all__ = ["LogProbs", "linear_logprobs", "linear_logprobs_loss", "linear_cross_
 __all__ += ["LossOutput", "sft_loss", "dpo_loss", "simpo_loss", "orpo_loss", "cpo_loss",
             "dil_loss", "ift_loss", "reinforce_loss", "token_rewards", "token_logprobs",
             "render_token_rewards"]
-__all__ += ["grpo_loss", "ppo_loss"]
+__all__ += ["grpo_loss", "ppo_loss", "kto_loss", "mismatched_pairs"]
 __all__ += ["FusedLoss", "FusedSFTLoss", "FusedDPOLoss", "FusedSimPOLoss", "FusedORPOLoss",
             "FusedCPOLoss", "FusedDILLoss", "FusedIFTLoss", "FusedReinforceLoss"]
-from .modules import FusedGRPOLoss, FusedPPOLoss
-__all__ += ["FusedGRPOLoss", "FusedPPOLoss"]
+from .modules import FusedGRPOLoss, FusedKTOLoss, FusedPPOLoss
+__all__ += ["FusedGRPOLoss", "FusedPPOLoss", "FusedKTOLoss"]
 __version__ = "0.1.0"

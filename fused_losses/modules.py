@@ -137,7 +137,7 @@ __all__ = ["FusedLoss", "FusedSFTLoss", "FusedDPOLoss", "FusedSimPOLoss", "Fused
 
 # --- GRPO / PPO and KTO (objectives.md §7-8) ---------------------------------------------------
 
-from .objectives import grpo_loss, ppo_loss  # noqa: E402  (kept beside the classes using them)
+from .objectives import grpo_loss, kto_loss, ppo_loss  # noqa: E402  (beside their classes)
 
 
 class FusedGRPOLoss(FusedLoss):
@@ -155,4 +155,11 @@ class FusedPPOLoss(FusedGRPOLoss):
         return ppo_loss(*args, **{**self.options, **kwargs})
 
 
-__all__ += ["FusedGRPOLoss", "FusedPPOLoss"]
+class FusedKTOLoss(FusedLoss):
+    """:func:`kto_loss`; ``forward(hidden, weight, labels, preference_labels,
+    ref_logprobs=..., kl=... or kl_hidden=..., kl_labels=..., kl_ref_logprobs=..., **kw)``."""
+
+    loss_fn = staticmethod(kto_loss)
+
+
+__all__ += ["FusedGRPOLoss", "FusedPPOLoss", "FusedKTOLoss"]
