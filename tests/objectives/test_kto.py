@@ -112,6 +112,13 @@ def test_reference_point_given_or_from_the_reference_head():
     _check(out.loss, want, x)
     no_z = kto_loss(x.hidden, x.weight, x.labels, DESIRABLE, ref_logprobs=x.ref, **TORCH)
     _check(no_z.loss, naive_kto(x, DESIRABLE, z=0.0), x)
+    x.kl_ref = x.kl_ref + 5.0 * (x.kl_labels != -100)  # a negative estimate: z = 0
+    assert naive_estimate(x) == 0
+    out = kto_loss(x.hidden, x.weight, x.labels, DESIRABLE, ref_logprobs=x.ref,
+                   kl_hidden=x.kl_hidden, kl_labels=x.kl_labels, kl_ref_logprobs=x.kl_ref,
+                   **TORCH)
+    _check(out.loss, naive_kto(x, DESIRABLE, z=0.0), x)
+    assert out.metrics["kl"] == 0
 
 
 def test_edges_one_token_all_ignored_and_garbage():
