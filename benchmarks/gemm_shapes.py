@@ -3,7 +3,7 @@
     python benchmarks/gemm_shapes.py [--H 1024 --V 32000 --rows 128,262,512,1024,4096]
 
 For a chunk of n rows: logits [n,H]@[H,V], dH [n,V]@[V,H], dW += [V,n]@[n,H] (addmm_ into an
-fp32 [V,H] accumulator, as _torch_backend._Accumulator does), plus the elementwise passes of a
+fp32 [V,H] accumulator, as backends.torch_chunked._Accumulator does), plus the elementwise passes of a
 chunk (logsumexp; sub_/exp_/mul_). Reports GFLOP/s (or GB/s) per shape, the best of 3, so
 one can tell whether a chunk size is slow because of its GEMM shape.
 """

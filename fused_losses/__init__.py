@@ -2,8 +2,10 @@
 
 The ``[tokens x vocab]`` logits are never materialised: see :func:`linear_logprobs`.
 """
+from .backends import BACKENDS
 from .cross_entropy import linear_cross_entropy
-from .primitive import LogProbs, linear_logprobs, linear_logprobs_loss
+from .primitive import LogProbs, linear_logprobs_loss
+from .vocab_parallel import linear_logprobs
 from .objectives import (LossOutput, cpo_loss, dil_loss, dpo_loss, ift_loss, orpo_loss,
                          reinforce_loss, render_token_rewards, sft_loss, simpo_loss,
                          token_logprobs, token_rewards)
@@ -11,7 +13,8 @@ from .objectives import grpo_loss, kto_loss, mismatched_pairs, ppo_loss
 from .modules import (FusedCPOLoss, FusedDILLoss, FusedDPOLoss, FusedIFTLoss, FusedLoss,
                       FusedORPOLoss, FusedReinforceLoss, FusedSFTLoss, FusedSimPOLoss)
 
-__all__ = ["LogProbs", "linear_logprobs", "linear_logprobs_loss", "linear_cross_entropy"]
+__all__ = ["LogProbs", "linear_logprobs", "linear_logprobs_loss", "linear_cross_entropy",
+           "BACKENDS"]
 __all__ += ["LossOutput", "sft_loss", "dpo_loss", "simpo_loss", "orpo_loss", "cpo_loss",
             "dil_loss", "ift_loss", "reinforce_loss", "token_rewards", "token_logprobs",
             "render_token_rewards"]

@@ -6,8 +6,8 @@ from typing import Literal
 
 import torch
 
-from .primitive import (Backend, LogProbs, linear_logprobs, linear_logprobs_loss,
-                        resolve_backend)
+from .backends import resolve_backend
+from .primitive import Backend, LogProbs, linear_logprobs, linear_logprobs_loss
 
 REDUCTIONS = ("mean", "sum", "none")
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .objectives import (LossOutput, cpo_loss, dil_loss, dpo_loss, ift_loss, orpo_loss,
                          reinforce_loss, sft_loss, simpo_loss)
-from .primitive import linear_logprobs
+from .vocab_parallel import linear_logprobs
 
 
 def _keywords(fn: Callable) -> set[str]:

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ._torch_backend import CHUNK_BYTES
+from .backends.torch_chunked import CHUNK_BYTES
 from .kernels import configs as kernel_configs
 
 GiB = 1 << 30

@@ -14,16 +14,14 @@ followed by the soft-cap chain rule ``1 - (z/s)^2`` and ``1/temperature``.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
-from . import _torch_backend
+from .backends import BACKENDS, resolve_backend
 
-Backend = Literal["auto", "triton", "torch"]
-BACKENDS = ("auto", "triton", "torch")
+Backend = str  # one of BACKENDS
 
 
 class LogProbs(NamedTuple):
@@ -156,41 +154,6 @@ def check_options(*, deterministic: bool = False, filter_eps=None, chunk_size=No
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend dispatch
-# ---------------------------------------------------------------------------------------------
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_backend():
-    from . import kernels  # lazy: triton is optional
-    from .kernels import backward, forward  # noqa: F401  (ImportError here without triton)
-
-    return kernels
-
-
-def resolve_backend(backend: str, device: torch.device):
-    """The backend module for ``backend`` on ``device``; errors list the valid names."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type == "cuda":
-            try:
-                return _triton_backend()
-            except ImportError:
-                return _torch_backend
-        return _torch_backend
-    if backend == "torch":
-        return _torch_backend
-    if device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got device {device}); CPU tensors run only "
-            "under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
-    return _triton_backend()
-
-
-# ---------------------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------------------
 
@@ -283,15 +246,15 @@ def _loss_and_grads(loss_fn: ChunkLoss, stats: tuple, positions: torch.Tensor):
 
 
 # The one-pass path holds one whole group's fp32 logits at a time, so it runs only where a
-# group fits in the backend's chunk budget; beyond it (long sequences, pairs) the gradients
-# are formed by forward, loss, then backward: 4 matmuls, no group-sized buffer. Measured for
-# DPO at 2 pairs x 512 tokens, V=32000 (98 MB per pair): one pass 0.77x Liger's time at
-# 0.32x naive's memory; recompute about Liger's time at 0.23x (benchmarks/notes.md, D2).
-def _group_fits_one_pass(boundaries, vocab: int) -> bool:
+# group fits in the backend's budget (ONE_PASS_BYTES); beyond it (long sequences, pairs) the
+# gradients are formed by forward, loss, then backward: 4 matmuls, no group-sized buffer.
+# Measured for DPO at 2 pairs x 512 tokens, V=32000 (98 MB per pair): one pass 0.77x Liger's
+# time at 0.32x naive's memory; recompute about Liger's time at 0.23x (benchmarks/notes.md, D2).
+def _group_fits_one_pass(backend, boundaries, vocab: int) -> bool:
     if not boundaries:
         return True
     largest = max(b - a for a, b in zip([0, *boundaries[:-1]], boundaries))
-    return largest * vocab * 4 <= _torch_backend.CHUNK_BYTES
+    return largest * vocab * 4 <= backend.ONE_PASS_BYTES
 
 
 class GradInForwardFunction(torch.autograd.Function):
@@ -309,7 +272,7 @@ class GradInForwardFunction(torch.autograd.Function):
                      need_bias=bias is not None and bias.requires_grad)
         head = lambda stats, piece: _loss_and_grads(loss_fn, stats, rows[piece])  # noqa: E731
         one_pass = getattr(backend, "forward_backward", None)
-        if one_pass is not None and _group_fits_one_pass(boundaries, weight.shape[0]):
+        if one_pass is not None and _group_fits_one_pass(backend, boundaries, weight.shape[0]):
             loss, *input_grads = one_pass(hidden, weight, bias, rows, targets, head,
                                           boundaries=boundaries, filter_eps=opts.filter_eps,
                                           **needs, **_forward_kwargs(opts))
@@ -342,10 +305,11 @@ class GradInForwardFunction(torch.autograd.Function):
 def make_options(backend_module, *, temperature, softcap, return_argmax=False,
                  return_entropy=False, return_logits_mean=False, filter_eps=None,
                  chunk_size=None, ignore_index=-100) -> Options:
-    if chunk_size is not None and backend_module is not _torch_backend:
+    if chunk_size is not None and "chunk_size" not in backend_module.OPTIONS:
         raise ValueError(
-            f"chunk_size={chunk_size} (tokens per chunk) applies to backend='torch' only; the "
-            "Triton backend tiles by itself. Pass backend='torch' or drop chunk_size")
+            f"chunk_size={chunk_size} (tokens per chunk) is an option of backend='torch'; "
+            f"backend={backend_module.NAME!r} tiles by itself and does not take it. Pass "
+            "backend='torch' or drop chunk_size")
     return Options(temperature=float(temperature),
                    softcap=None if softcap is None else float(softcap),
                    with_argmax=return_argmax, with_entropy=return_entropy,
@@ -404,62 +368,9 @@ def linear_logprobs(
     deterministic: bool = False,
     filter_eps: float | None = None,
     chunk_size: int | None = None,
-    process_group=None,
-    vocab_start: int | None = None,
 ) -> LogProbs:
-    """Log-probs of ``targets`` under ``softmax(logits)``; the ``[N, V]`` logits are never formed.
-
-    ``logits = (hidden @ weight.T + bias) / temperature``, then ``softcap·tanh(logits/softcap)``
-    if ``softcap`` is set. ``targets[i]`` is predicted from ``hidden[i]`` (no shift).
-
-    Args:
-        hidden (Tensor): [..., H]; float32, bfloat16, float16 (or float64, torch backend).
-        weight (Tensor): [V, H]; same dtype and device as ``hidden``.
-        targets (LongTensor): [...] (the leading shape of ``hidden``); ids in [0, V) or
-            ``ignore_index``.
-        bias (Tensor, optional): [V]. Default: None.
-        ignore_index (int): positions with this target cost no FLOPs, output 0 and get zero
-            gradient. Default: -100.
-        temperature (float): > 0; logits are divided by it. Default: 1.0.
-        softcap (float, optional): > 0; Gemma-2 style ``softcap·tanh(z/softcap)``. Default: None.
-        return_lse (bool): also return the log-sum-exp of the logits. Default: False.
-        return_argmax (bool): also return the greedy token (int64). Default: False.
-        return_entropy (bool): also return the entropy of ``softmax(logits)``. Default: False.
-        return_logits_mean (bool): also return the mean logit over the vocabulary (used by
-            label smoothing and the ``logits/chosen`` metric). Default: False.
-        backend (str): ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
-            (chunked PyTorch, any device) or ``"auto"`` (Triton on CUDA when it imports, else
-            torch). Default: "auto".
-        deterministic (bool): request bitwise-identical results run to run. Every current
-            kernel and the torch backend are deterministic (no atomics: each program owns the
-            rows of the gradient it writes), so this is a guarantee, not a slower mode.
-            Default: False.
-        filter_eps (float, optional): skip backward tiles whose logit gradient is below this
-            in magnitude (Cut Cross-Entropy's gradient filtering). Changes the gradient,
-            most where the distribution is flat (see README); exact when None. Default: None.
-        chunk_size (int, optional): torch backend only: tokens per chunk. Default: sized so a
-            chunk's fp32 logits take about 64 MiB.
-        process_group (ProcessGroup, optional), vocab_start (int, optional): vocabulary
-            parallelism. When either is given, ``weight`` (and ``bias``) hold this rank's rows
-            ``[start, start + V_r)`` of the vocabulary (plain tensors, or a ``Shard(0)`` DTensor
-            from a ``ColwiseParallel`` LM head), ``targets`` are global ids, and every output
-            is the exact global value; communication is O(tokens). See
-            :func:`fused_losses.vocab_parallel.vocab_parallel_logprobs`. Default: None.
-
-    Returns:
-        LogProbs: ``logprobs`` [...] float32 (0 where ignored), and ``lse`` / ``argmax`` /
-        ``entropy`` / ``logits_mean`` shaped like ``targets`` or None when not asked.
-        Backward accepts any combination of upstream gradients for the float outputs.
-    """
-    from . import vocab_parallel  # lazy: it imports this module
-
-    if vocab_parallel.routes_here(process_group, vocab_start):
-        return vocab_parallel.vocab_parallel_logprobs(
-            hidden, weight, targets, bias, process_group=process_group, vocab_start=vocab_start,
-            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-            return_lse=return_lse, return_argmax=return_argmax, return_entropy=return_entropy,
-            return_logits_mean=return_logits_mean, backend=backend, deterministic=deterministic,
-            filter_eps=filter_eps, chunk_size=chunk_size)
+    """The single-device primitive: :func:`fused_losses.linear_logprobs` without the
+    vocabulary-parallel options (arguments and returns as documented there)."""
     check_options(deterministic=deterministic, filter_eps=filter_eps, chunk_size=chunk_size)
     backend_module, hidden_2d, rows, flat_targets = prepare(
         hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
@@ -510,7 +421,7 @@ def linear_logprobs_loss(
             ``positions`` (a pair absent from the chunk contributes nothing, not f(0)).
         groups (LongTensor, optional): shaped like ``targets``; group id of each position.
             Default: None (every token is its own group).
-        others: as in :func:`linear_logprobs`.
+        others: as in :func:`fused_losses.linear_logprobs`.
 
     Returns:
         Tensor: the scalar loss (float32; float64 for float64 inputs).

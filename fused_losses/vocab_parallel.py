@@ -1,4 +1,10 @@
-"""Vocabulary-parallel :func:`~fused_losses.linear_logprobs`: the LM head sharded by vocab rows.
+"""Vocabulary parallelism, the layer above the primitive, and the public ``linear_logprobs``.
+
+:func:`linear_logprobs` (exported as ``fused_losses.linear_logprobs``) is the primitive of
+:mod:`fused_losses.primitive` on one device, or :func:`vocab_parallel_logprobs` when
+``process_group`` or ``vocab_start`` is given. The primitive never imports this module.
+
+The LM head sharded by vocab rows:
 
 Each rank of ``process_group`` holds ``weight_shard [V_r, H]`` covering the global ids
 ``[vocab_start, vocab_start + V_r)`` (a Megatron ``VocabParallelEmbedding``-style head or a
@@ -41,8 +47,8 @@ import torch.distributed as dist
 from . import primitive
 from .primitive import Backend, Grads, LogProbs, Options
 
-__all__ = ["vocab_parallel_logprobs", "VocabParallelLogProbsFunction", "VocabShard",
-           "resolve_shard", "routes_here"]
+__all__ = ["linear_logprobs", "vocab_parallel_logprobs", "VocabParallelLogProbsFunction",
+           "VocabShard", "resolve_shard", "routes_here"]
 
 
 @dataclass(frozen=True)
@@ -352,3 +358,78 @@ def vocab_parallel_logprobs(
     outputs = VocabParallelLogProbsFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
                                                   backend_module, opts, shard)
     return primitive.shape_outputs(outputs, targets.shape, return_lse=return_lse)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    return_argmax: bool = False,
+    return_entropy: bool = False,
+    return_logits_mean: bool = False,
+    backend: Backend = "auto",
+    deterministic: bool = False,
+    filter_eps: float | None = None,
+    chunk_size: int | None = None,
+    process_group=None,
+    vocab_start: int | None = None,
+) -> LogProbs:
+    """Log-probs of ``targets`` under ``softmax(logits)``; the ``[N, V]`` logits are never formed.
+
+    ``logits = (hidden @ weight.T + bias) / temperature``, then ``softcap·tanh(logits/softcap)``
+    if ``softcap`` is set. ``targets[i]`` is predicted from ``hidden[i]`` (no shift).
+
+    Args:
+        hidden (Tensor): [..., H]; float32, bfloat16, float16 (or float64, torch backend).
+        weight (Tensor): [V, H]; same dtype and device as ``hidden``.
+        targets (LongTensor): [...] (the leading shape of ``hidden``); ids in [0, V) or
+            ``ignore_index``.
+        bias (Tensor, optional): [V]. Default: None.
+        ignore_index (int): positions with this target cost no FLOPs, output 0 and get zero
+            gradient. Default: -100.
+        temperature (float): > 0; logits are divided by it. Default: 1.0.
+        softcap (float, optional): > 0; Gemma-2 style ``softcap·tanh(z/softcap)``. Default: None.
+        return_lse (bool): also return the log-sum-exp of the logits. Default: False.
+        return_argmax (bool): also return the greedy token (int64). Default: False.
+        return_entropy (bool): also return the entropy of ``softmax(logits)``. Default: False.
+        return_logits_mean (bool): also return the mean logit over the vocabulary (used by
+            label smoothing and the ``logits/chosen`` metric). Default: False.
+        backend (str): ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
+            (chunked PyTorch, any device) or ``"auto"`` (Triton on CUDA when it imports, else
+            torch). Default: "auto".
+        deterministic (bool): request bitwise-identical results run to run. Every current
+            kernel and the torch backend are deterministic (no atomics: each program owns the
+            rows of the gradient it writes), so this is a guarantee, not a slower mode.
+            Default: False.
+        filter_eps (float, optional): skip backward tiles whose logit gradient is below this
+            in magnitude (Cut Cross-Entropy's gradient filtering). Changes the gradient,
+            most where the distribution is flat (see README); exact when None. Default: None.
+        chunk_size (int, optional): torch backend only: tokens per chunk. Default: sized so a
+            chunk's fp32 logits take about 64 MiB.
+        process_group (ProcessGroup, optional), vocab_start (int, optional): vocabulary
+            parallelism. When either is given, ``weight`` (and ``bias``) hold this rank's rows
+            ``[start, start + V_r)`` of the vocabulary (plain tensors, or a ``Shard(0)`` DTensor
+            from a ``ColwiseParallel`` LM head), ``targets`` are global ids, and every output
+            is the exact global value; communication is O(tokens). See
+            :func:`fused_losses.vocab_parallel.vocab_parallel_logprobs`. Default: None.
+
+    Returns:
+        LogProbs: ``logprobs`` [...] float32 (0 where ignored), and ``lse`` / ``argmax`` /
+        ``entropy`` / ``logits_mean`` shaped like ``targets`` or None when not asked.
+        Backward accepts any combination of upstream gradients for the float outputs.
+    """
+    options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                   return_lse=return_lse, return_argmax=return_argmax,
+                   return_entropy=return_entropy, return_logits_mean=return_logits_mean,
+                   backend=backend, deterministic=deterministic, filter_eps=filter_eps,
+                   chunk_size=chunk_size)
+    if routes_here(process_group, vocab_start):
+        return vocab_parallel_logprobs(hidden, weight, targets, bias, process_group=process_group,
+                                       vocab_start=vocab_start, **options)
+    return primitive.linear_logprobs(hidden, weight, targets, bias, **options)

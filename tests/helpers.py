@@ -19,6 +19,22 @@ TOLERANCES = {
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def backend_params():
+    """Every registered backend except "auto", as pytest params; the Triton-based ones are
+    skipped (with the reason) where triton is not installed. Registering a backend adds it
+    to every test parametrized with this."""
+    import pytest
+
+    from fused_losses.backends import _REGISTRY
+
+    return [pytest.param(name, marks=pytest.mark.skipif(
+        entry.triton and not HAS_TRITON, reason="triton is not installed"))
+        for name, entry in _REGISTRY.items()]
+
+
+BACKEND_PARAMS = backend_params()
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *,
                  scale: float = 1.0, name: str = "") -> None:
     """``actual`` (any dtype) against a float64 ``expected`` at ``dtype``'s tolerance.

@@ -5,17 +5,15 @@ import torch.nn.functional as F
 
 from fused_losses import linear_cross_entropy
 from fused_losses.reference import linear_cross_entropy_reference
-from tests.helpers import HAS_TRITON, assert_close, make_inputs
+from tests.helpers import BACKEND_PARAMS, assert_close, make_inputs
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not HAS_TRITON, reason="triton is not installed"))]
 
 
 def _double(*tensors):
     return [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("reduction, grad_in_forward", [
     ("mean", True), ("mean", False), ("sum", True), ("sum", False), ("none", None)])
 def test_matches_reference(backend, reduction, grad_in_forward):
@@ -36,7 +34,7 @@ def test_matches_reference(backend, reduction, grad_in_forward):
             assert_close(got, want, torch.float32, scale=4.0, name=f"grad {name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_agrees_with_F_cross_entropy_3d(backend):
     hidden, weight, targets, _ = make_inputs(4, 16, 90, torch.float32, lead=(2, 4))
     loss = linear_cross_entropy(hidden, weight, targets, backend=backend)
@@ -48,7 +46,7 @@ def test_agrees_with_F_cross_entropy_3d(backend):
     assert_close(got, want, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_num_items_in_batch_divides_the_sum(backend, reduction):
     hidden, weight, targets, _ = make_inputs(9, 16, 40, torch.float32)
@@ -61,7 +59,7 @@ def test_num_items_in_batch_divides_the_sum(backend, reduction):
     torch.testing.assert_close(grad, grad_total / 13)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("grad_in_forward", [True, False])
 def test_all_ignored_is_zero_not_nan(backend, grad_in_forward):
     hidden, weight, targets, bias = make_inputs(5, 16, 40, torch.float32, bias=True)

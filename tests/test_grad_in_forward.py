@@ -5,11 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from fused_losses import linear_logprobs, linear_logprobs_loss
-from fused_losses._torch_backend import _chunks
-from tests.helpers import HAS_TRITON, assert_close, make_inputs
+from tests.helpers import BACKEND_PARAMS, assert_close, make_inputs
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not HAS_TRITON, reason="triton is not installed"))]
 
 
 def _pairwise_loss(logprobs_by_seq, seq_of, num_seqs, beta=0.7):
@@ -23,7 +20,7 @@ def _pairwise_loss(logprobs_by_seq, seq_of, num_seqs, beta=0.7):
     return -(F.logsigmoid(beta * margin) * present).sum() / (num_seqs // 2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("chunk_size", [1, 5, 1000])
 def test_pairwise_loss_matches_autograd(backend, chunk_size):
     seqs, length, width, vocab = 6, 7, 16, 45
@@ -53,13 +50,6 @@ def test_pairwise_loss_matches_autograd(backend, chunk_size):
         assert_close(got, expected, dtype, scale=4.0)
 
 
-def test_chunks_never_split_a_group():
-    boundaries = [3, 4, 10, 11, 12, 30]  # group ends; the group 12..30 exceeds the budget
-    pieces = list(_chunks(30, 1, chunk_size=5, boundaries=boundaries))
-    assert pieces == [slice(0, 4), slice(4, 10), slice(10, 12), slice(12, 30)]
-    assert list(_chunks(7, 1, chunk_size=3)) == [slice(0, 3), slice(3, 6), slice(6, 7)]
-
-
 def test_groups_must_match_targets():
     hidden, weight, targets, _ = make_inputs(4, 8, 10, torch.float32)
     with pytest.raises(ValueError, match="groups must be an integer tensor shaped like"):
@@ -77,11 +67,11 @@ def test_second_backward_is_refused_clearly():
 
 
 def test_groups_beyond_the_one_pass_bound_take_the_two_pass_path(monkeypatch):
-    from fused_losses import _torch_backend
+    from fused_losses.backends import torch_chunked
     calls = []
-    monkeypatch.setattr(_torch_backend, "forward_backward",
+    monkeypatch.setattr(torch_chunked, "forward_backward",
                         lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(AssertionError))
-    monkeypatch.setattr(_torch_backend, "CHUNK_BYTES", 4 * 40 * 3)  # 3 rows of V=40
+    monkeypatch.setattr(torch_chunked, "ONE_PASS_BYTES", 4 * 40 * 3)  # 3 rows of V=40
     hidden, weight, targets, _ = make_inputs(2, 8, 40, torch.float64, lead=(2, 5),
                                              ignore_frac=0.0)
     groups = torch.arange(2).repeat_interleave(5).view(2, 5)  # 5-row groups: too large

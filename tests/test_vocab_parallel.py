@@ -151,7 +151,7 @@ def check_triton_backend_interpreted():
     # The Triton kernels (same interface) under the interpreter, fp32, against the torch
     # backend on the full weight. Skipped where triton is not installed.
     try:
-        import fused_losses.kernels  # noqa: F401
+        import triton  # noqa: F401
     except ImportError:
         return "skipped: triton not importable"
     if os.environ.get("TRITON_INTERPRET") != "1":

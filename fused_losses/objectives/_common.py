@@ -15,7 +15,9 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-from ..primitive import LogProbs, linear_logprobs, linear_logprobs_loss, resolve_backend
+from ..backends import resolve_backend
+from ..primitive import LogProbs, linear_logprobs_loss
+from ..vocab_parallel import linear_logprobs
 
 IGNORE_INDEX = -100
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fused_losses import _torch_backend
+from fused_losses.backends import torch_chunked
 from tests.helpers import HAS_TRITON, assert_close, make_inputs
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -17,13 +17,13 @@ def _rows(targets):
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 50])
 def test_forward_vocab_splits_merge_exactly(num_splits):
-    from fused_losses import kernels
+    from fused_losses.kernels import logprobs_fwd
     hidden, weight, targets, bias = make_inputs(19, 23, 201, torch.float32, bias=True)
     rows, tgt = _rows(targets)
     with torch.no_grad():
-        got = kernels.forward(hidden, weight, bias, rows, tgt, softcap=4.0, temperature=0.8,
+        got = logprobs_fwd.forward(hidden, weight, bias, rows, tgt, softcap=4.0, temperature=0.8,
                               num_splits=num_splits, **FLAGS)
-        want = _torch_backend.forward(hidden.double(), weight.double(), bias.double(), rows,
+        want = torch_chunked.forward(hidden.double(), weight.double(), bias.double(), rows,
                                       tgt, softcap=4.0, temperature=0.8, **FLAGS)
     for name, a, b in zip(("logprobs", "lse", "argmax", "entropy", "mean"), got, want):
         if name == "argmax":
@@ -42,7 +42,7 @@ def test_forward_vocab_splits_merge_exactly(num_splits):
           num_stages=1), 1),
 ])
 def test_backward_block_configs_chunks_and_strided_hidden(config, chunk_bytes):
-    from fused_losses import kernels
+    from fused_losses.kernels import logprobs_bwd
     hidden, weight, targets, bias = make_inputs(21, 40, 99, torch.float32, bias=True)
     wide = torch.randn(21, 80)
     wide[:, ::2] = hidden.detach()
@@ -51,9 +51,9 @@ def test_backward_block_configs_chunks_and_strided_hidden(config, chunk_bytes):
     lse = torch.logsumexp(strided.double() @ weight.double().T + bias.double(), -1)[rows].float()
     g = torch.randn(rows.numel())
     args = (rows, tgt, lse, None, g, None, None, None)
-    got = kernels.backward(strided, weight.detach(), bias.detach(), *args, config=config,
+    got = logprobs_bwd.backward(strided, weight.detach(), bias.detach(), *args, config=config,
                            chunk_bytes=chunk_bytes)
-    want = _torch_backend.backward(strided.double(), weight.detach().double(),
+    want = torch_chunked.backward(strided.double(), weight.detach().double(),
                                    bias.detach().double(), rows, tgt, lse.double(), None,
                                    g.double(), None, None, None)
     for a, b in zip(got, want):
@@ -72,16 +72,16 @@ def test_chunk_width(rows, vocab, block_v, budget, expected):
 
 
 def test_empty_rows():
-    from fused_losses import kernels
+    from fused_losses.kernels import logprobs_fwd
     hidden, weight, _, _ = make_inputs(3, 16, 20, torch.float32)
     empty = torch.zeros(0, dtype=torch.int64)
-    out = kernels.forward(hidden.detach(), weight.detach(), None, empty, empty, **FLAGS)
+    out = logprobs_fwd.forward(hidden.detach(), weight.detach(), None, empty, empty, **FLAGS)
     assert all(t.numel() == 0 for t in out)
 
 
 def test_float64_is_refused_with_a_pointer_to_the_torch_backend():
-    from fused_losses import kernels
+    from fused_losses.kernels import logprobs_fwd
     hidden, weight, targets, _ = make_inputs(3, 16, 20, torch.float64)
     rows, tgt = _rows(targets)
     with pytest.raises(TypeError, match="backend='torch' for float64"):
-        kernels.forward(hidden, weight, None, rows, tgt)
+        logprobs_fwd.forward(hidden, weight, None, rows, tgt)

@@ -2,7 +2,8 @@
 
 Scored rows are processed ``chunk_size`` tokens at a time; a chunk's ``[chunk, V]`` logits
 are the largest temporary (about 64 MiB in fp32 by default) and are recomputed in backward.
-Same argument names as ``fused_losses.kernels`` so the autograd Function can pick either.
+Implements the interface of :mod:`fused_losses.backends` with the kernels' names (``lse``,
+``grad_logits``) so the two read side by side.
 Logits are formed in the input dtype by the matmul and reduced in fp32 (float64 inputs stay
 float64, so ``gradcheck`` runs on this backend); dW accumulates in fp32 across chunks.
 """
@@ -16,6 +17,11 @@ import torch
 # 128 rows, 46 at 262, 52-53 from 512: benchmarks/results/gemm_shapes_cpu.txt); interleaved
 # A/B at N=4096, V=32000: 262 rows 1.48x naive, 512 rows 1.27x (benchmarks/notes.md).
 CHUNK_BYTES = 64 << 20
+
+NAME = "torch"
+OPTIONS = frozenset({"chunk_size"})  # tokens per chunk; None = sized by CHUNK_BYTES
+# forward_backward holds one whole group's fp32 logits at a time: up to the chunk budget.
+ONE_PASS_BYTES = CHUNK_BYTES
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

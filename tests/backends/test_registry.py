@@ -1,0 +1,55 @@
+"""The registry and dispatcher: names, "auto" per device, and the interface each backend has."""
+import inspect
+
+import pytest
+import torch
+
+import fused_losses
+from fused_losses import backends
+from tests.helpers import BACKEND_PARAMS
+
+# The interface's keywords (fused_losses.backends' docstring); a backend may add OPTIONS.
+FORWARD = {"temperature", "softcap", "with_argmax", "with_entropy", "with_logits_mean"}
+BACKWARD = {"need_hidden", "need_weight", "need_bias", "temperature", "softcap", "filter_eps"}
+FORWARD_BACKWARD = FORWARD | BACKWARD | {"boundaries"}
+
+
+def test_backends_are_exported_with_auto_first():
+    assert fused_losses.BACKENDS == backends.BACKENDS
+    assert backends.BACKENDS[0] == "auto"
+    assert set(backends.BACKENDS[1:]) == set(backends._REGISTRY)
+    assert backends.CUDA_DEFAULT in backends._REGISTRY
+
+
+def test_auto_is_torch_on_cpu_and_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    torch_chunked = backends.resolve_backend("torch", torch.device("cpu"))
+    assert backends.resolve_backend("auto", torch.device("cpu")) is torch_chunked
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for name, entry in backends._REGISTRY.items():
+        if entry.triton:
+            with pytest.raises(ValueError, match=f"backend='{name}' needs CUDA tensors"):
+                backends.resolve_backend(name, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["cuda", "Torch", None, 3])
+def test_unknown_names_list_the_valid_ones(name):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch'"):
+        backends.resolve_backend(name, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", BACKEND_PARAMS)
+def test_every_backend_has_the_interface(name):
+    module = backends.resolve_backend(name, torch.device("cpu"))
+    assert module.NAME == name
+
+    def keywords(fn):
+        params = inspect.signature(fn).parameters.values()
+        assert all(p.default is not p.empty for p in params if p.kind is p.KEYWORD_ONLY)
+        return {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+
+    # launchers may add keywords of their own (a block config for tests), never required
+    assert keywords(module.forward) >= FORWARD | module.OPTIONS
+    assert keywords(module.backward) >= BACKWARD | module.OPTIONS
+    if hasattr(module, "forward_backward"):
+        assert keywords(module.forward_backward) >= FORWARD_BACKWARD | module.OPTIONS
+        assert module.ONE_PASS_BYTES > 0
