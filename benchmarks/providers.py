@@ -10,6 +10,9 @@ always taken against the ``naive`` row of the same mode and case):
 * ``ce`` -- mean cross-entropy. Naive is ``F.cross_entropy(h @ W.T, y)``.
 * ``dpo`` -- sigmoid DPO on ``[2B, T]`` (chosen rows first, then rejected), reference model
   computed from reference hidden states (no gradient). Naive materialises both models' logits.
+* ``grpo`` -- GRPO (TRL's default ``dapo`` loss, k3 KL with β = 0.04) on G completions of
+  ``seq`` tokens, with precomputed reference and old (sampling) log-probs and one advantage
+  per completion. Naive materialises the logits and applies TRL's formula.
 
 A provider that cannot run here says why (``skip``); the driver prints and records the reason.
 Nothing here downloads anything.
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("logprobs", "ce", "dpo")
+MODES += ("grpo",)
 
 
 @dataclass
@@ -37,6 +41,9 @@ class Inputs:
     ref_hidden: torch.Tensor | None = None   # dpo only, no grad
     ref_weight: torch.Tensor | None = None   # dpo only, no grad
     beta: float = 0.1
+    advantages: torch.Tensor | None = None     # grpo only: [G]
+    ref_logprobs: torch.Tensor | None = None   # grpo only: [G, T] in the labels' layout
+    old_logprobs: torch.Tensor | None = None   # grpo only: [G, T] in the labels' layout
 
     def params(self):
         return (self.hidden, self.weight)
@@ -50,14 +57,17 @@ class Inputs:
 
 
 def make_inputs(mode: str, N: int, H: int, V: int, dtype: torch.dtype, device: str,
-                seed: int = 0, pairs: int = 2, seq: int = 512) -> Inputs:
-    """Random inputs with logits of O(1) spread (weight ~ N(0, 1/H)). dpo: N = 2*pairs*seq."""
+                seed: int = 0, pairs: int = 2, seq: int = 512, group: int = 8) -> Inputs:
+    """Random inputs with logits of O(1) spread (weight ~ N(0, 1/H)). dpo: N = 2*pairs*seq;
+    grpo: ``group`` completions of ``seq`` scored tokens (N = group*seq)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
 
     weight = randn(V, H, scale=H ** -0.5).requires_grad_()
+    if mode == "grpo":
+        return _grpo_inputs(randn, gen, weight, group, seq, V, device)
     if mode == "dpo":
         rows = 2 * pairs
         hidden = randn(rows, seq, H).requires_grad_()
@@ -220,6 +230,80 @@ def _cce(mode, filter_eps):
     return build
 
 
+# ---------------------------------------------------------------------------------------------
+# GRPO: G completions, labels [G, 1 + seq] in Hugging Face layout (column 0 is the last prompt
+# token: ignored), so each completion scores exactly ``seq`` tokens.
+# ---------------------------------------------------------------------------------------------
+
+GRPO_BETA = 0.04  # Liger's default; TRL's is 0 (no reference at all)
+
+
+def _grpo_inputs(randn, gen, weight, group, seq, V, device) -> Inputs:
+    hidden = randn(group, seq + 1, weight.shape[1]).requires_grad_()
+    labels = torch.randint(0, V, (group, seq + 1), generator=gen)
+    labels[:, 0] = -100
+    # Log-probs near what the random head gives (about -log V - 0.5), so ratios sit around 1
+    # and some tokens are clipped; labels layout: column 0 is never scored.
+    typical = -torch.log(torch.tensor(float(V))) - 0.5
+
+    def logprobs(spread):
+        values = typical + spread * torch.randn(group, seq + 1, generator=gen)
+        values[:, 0] = 0.0
+        return values.to(device)
+
+    return Inputs(hidden, weight, labels.to(device), torch.zeros(0, device=device),
+                  beta=GRPO_BETA, advantages=torch.randn(group, generator=gen).to(device),
+                  ref_logprobs=logprobs(0.5), old_logprobs=logprobs(0.2))
+
+
+def _naive_grpo_fn(x: Inputs):
+    """TRL's default GRPO loss (dapo) on materialised [G, seq, V] logits."""
+    logits = (x.hidden[:, :-1] @ x.weight.T).float()
+    targets = x.targets[:, 1:]
+    mask = (targets != -100).float()
+    logps = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
+    logps = logps.squeeze(-1)
+    ratio = torch.exp(logps - x.old_logprobs[:, 1:])
+    adv = x.advantages.unsqueeze(1)
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    gap = x.ref_logprobs[:, 1:] - logps
+    per_token = per_token + x.beta * (torch.exp(gap) - gap - 1)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _liger_grpo(x: Inputs):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    # Aligned layout: hidden[:, t] predicts labels[:, t+1]. The whole [G, 1 + seq, H] tensor
+    # goes in (a [:, :-1] view would be copied per chunk and its gradient scattered back);
+    # its last position is masked out, so Liger computes one unscored row per completion.
+    selected = torch.nn.functional.pad(x.targets[:, 1:], (0, 1), value=-100)
+    attention_mask = (selected != -100).float()
+    ref = torch.nn.functional.pad(x.ref_logprobs[:, 1:], (0, 1))
+    old = torch.nn.functional.pad(x.old_logprobs[:, 1:], (0, 1))
+    loss_fn = LigerFusedLinearGRPOLoss(beta=x.beta, compiled=True, use_ref_model=True,
+                                       loss_type="dapo")
+
+    def forward():
+        loss, _metrics = loss_fn(x.hidden, x.weight, selected.clamp(min=0), attention_mask,
+                                 x.advantages, None, ref_per_token_logps=ref,
+                                 old_per_token_logps=old)
+        return loss
+    return forward
+
+
+def _ours_grpo(backend, **kwargs):
+    def build(x: Inputs):
+        import fused_losses
+
+        if not hasattr(fused_losses, "grpo_loss"):
+            raise _Skip("fused_losses.grpo_loss does not exist yet")
+        return lambda: fused_losses.grpo_loss(
+            x.hidden, x.weight, x.targets, x.advantages, old_logprobs=x.old_logprobs,
+            ref_logprobs=x.ref_logprobs, beta=x.beta, backend=backend, **kwargs).loss
+    return build
+
+
 _TRITON_CUDA = "Triton kernels need CUDA (on CPU they run only under TRITON_INTERPRET, " \
                "for correctness, far too slow to time)"
 
@@ -279,6 +363,22 @@ PROVIDERS: list[Provider] = [
              "fused_losses.dpo_loss(..., backend='torch', grad_in_forward=False)"),
     Provider("ours_triton", "dpo", _ours("dpo", "triton"),
              "fused_losses.dpo_loss(backend='triton')", cuda_only=_TRITON_CUDA),
+]
+PROVIDERS += [
+    # -- GRPO ---------------------------------------------------------------------------------
+    Provider("naive", "grpo", lambda x: lambda: _naive_grpo_fn(x),
+             "materialised log_softmax, TRL's dapo "
+             "GRPO loss with k3 KL (beta=0.04), old and reference log-probs"),
+    Provider("liger_grpo", "grpo", _liger_grpo,
+             "LigerFusedLinearGRPOLoss(loss_type='dapo', beta=0.04, compiled=True), "
+             "ref_per_token_logps and old_per_token_logps given", needs=("liger_kernel",)),
+    Provider("ours_torch", "grpo", _ours_grpo("torch"),
+             "fused_losses.grpo_loss(old_logprobs=, ref_logprobs=, beta=0.04, backend='torch') "
+             "(default: gradients in forward, a chunk per completion)"),
+    Provider("ours_torch_recompute", "grpo", _ours_grpo("torch", grad_in_forward=False),
+             "fused_losses.grpo_loss(..., backend='torch', grad_in_forward=False)"),
+    Provider("ours_triton", "grpo", _ours_grpo("triton"),
+             "fused_losses.grpo_loss(backend='triton')", cuda_only=_TRITON_CUDA),
 ]
 
 

@@ -90,7 +90,7 @@ def measure(args) -> dict:
     dtype = DTYPES[args.dtype]
     provider = providers.get(args.mode, args.variant)
     x = providers.make_inputs(args.mode, args.N, args.H, args.V, dtype, args.device,
-                              pairs=args.pairs, seq=args.seq)
+                              pairs=args.pairs, seq=args.seq, group=args.group)
     meter = _Meter(args.device)
     _trim()
     rss_after_inputs = status_kib("VmRSS") * 1024
@@ -202,6 +202,7 @@ def main(argv=None):
     ap.add_argument("--V", type=int, default=32000)
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--group", type=int, default=8, help="grpo: completions in the batch")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warmup", type=int, default=1)
