@@ -44,7 +44,8 @@ GPU_LOGPROBS = ["naive", "naive_plain", "naive_compile", "torch_lce", "ours_torc
 GPU_CE = ["naive", "naive_compile", "torch_lce", "ours_torch_gif", "ours_torch_recompute",
           "ours_triton", "liger", "cce_exact", "cce"]
 DPO = ["naive", "liger_dpo", "ours_torch", "ours_torch_recompute", "ours_triton"]
-GRPO = ["naive", "liger_grpo", "ours_torch", "ours_torch_recompute", "ours_triton"]
+GRPO = ["naive", "liger_grpo", "ours_torch", "ours_torch_c128", "ours_torch_recompute",
+        "ours_triton"]
 
 
 def _case(sweep, mode, N, H, V, dtype, **kw):
@@ -156,6 +157,10 @@ GRPO_TARGETS = [
      "fwdbwd_ms", ("grpo", "liger_grpo"), 1.0),
     ("grpo: ours_torch peak mem <= 0.5x Liger GRPO (compiled)", ("grpo", "ours_torch"),
      "peak_mb", ("grpo", "liger_grpo"), 0.5),
+    ("grpo: ours_torch_c128 time <= 1.0x Liger GRPO (compiled)", ("grpo", "ours_torch_c128"),
+     "fwdbwd_ms", ("grpo", "liger_grpo"), 1.0),
+    ("grpo: ours_torch_c128 peak mem <= 0.5x Liger GRPO (compiled)",
+     ("grpo", "ours_torch_c128"), "peak_mb", ("grpo", "liger_grpo"), 0.5),
 ]
 CPU_TARGETS += GRPO_TARGETS
 GPU_TARGETS += GRPO_TARGETS

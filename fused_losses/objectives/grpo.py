@@ -15,8 +15,8 @@ Per scored token t of sequence i, in the prediction layout (see ``_common``)::
 ``s_t`` is the sampler's importance ratio (``vllm_is_ratio``), ``w_t`` the loss type's token
 weight (``TOKEN_WEIGHTS``) and N the scored tokens of the batch (of the optimizer step with
 ``num_items_in_batch``). Every weight depends on the labels only, so the loss is a sum of
-per-sequence terms with normalisers known before the pass: on the torch backend the gradients
-are formed in forward (``_common.fused_objective``).
+per-token terms (per-sequence for GSPO) with normalisers known before the pass: on the torch
+backend the gradients are formed in forward (``_common.fused_objective``).
 """
 from __future__ import annotations
 
@@ -245,13 +245,16 @@ def grpo_loss(
         total = torch.where(live, entropy, entropy.new_zeros(())).sum()
         return entropy_coef * total / step_tokens.clamp_min(1).to(total)
 
-    def loss_from(stats, present):  # additive over sequences: absent ones count nothing
-        live = scored & present.unsqueeze(-1)
+    def loss_from(stats, present):  # absent tokens (sequences for GSPO) count nothing
+        live = scored & (present.unsqueeze(-1) if sequence_level else present)
         loss = policy_term(terms(stats, live)[1], live)
         return loss - entropy_term(stats, live) if entropy_coef else loss
 
+    # Token-level ratios make the loss a sum over tokens: chunks of any size, so the one-pass
+    # path holds for completions of any length; GSPO's ratio needs its whole sequence.
     loss, stats = fused_objective(hidden, weight, labels, primitive_options, loss_from,
-                                  groups="sequence", return_entropy=entropy_coef != 0)
+                                  groups="sequence" if sequence_level else "token",
+                                  return_entropy=entropy_coef != 0)
     with torch.no_grad():
         ratio, per_token, kl = terms(stats, scored)
         metrics = dict(token_metrics(stats))
