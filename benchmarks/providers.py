@@ -375,9 +375,6 @@ PROVIDERS += [
     Provider("ours_torch", "grpo", _ours_grpo("torch"),
              "fused_losses.grpo_loss(old_logprobs=, ref_logprobs=, beta=0.04, backend='torch') "
              "(default: gradients in forward, a chunk per completion)"),
-    Provider("ours_torch_c128", "grpo", _ours_grpo("torch", chunk_size=128),
-             "fused_losses.grpo_loss(..., backend='torch', chunk_size=128): 16 MB logit chunks "
-             "instead of 64 MiB (dW + dH alone are 0.42x Liger's peak here)"),
     Provider("ours_torch_recompute", "grpo", _ours_grpo("torch", grad_in_forward=False),
              "fused_losses.grpo_loss(..., backend='torch', grad_in_forward=False)"),
     Provider("ours_triton", "grpo", _ours_grpo("triton"),
@@ -389,6 +386,8 @@ def chunk_variant(mode: str, chunk_size: int) -> Provider:
     """``ours_torch`` with an explicit ``chunk_size`` (the investigation sweep)."""
     if mode == "ce":
         build = _ours("ce", "torch", grad_in_forward=True, chunk_size=chunk_size)
+    elif mode == "grpo":  # e.g. ours_torch_c128: 16 MB logit chunks instead of 64 MiB
+        build = _ours_grpo("torch", chunk_size=chunk_size)
     else:
         build = _ours(mode, "torch", chunk_size=chunk_size)
     return Provider(f"ours_torch_c{chunk_size}", mode, build,
