@@ -4,6 +4,8 @@
 
 Per mode: forward+backward time and peak memory above the inputs against N and against V
 (one line per variant) where the results sweep them; a bar chart for single-case results.
+``plot_session`` draws a GPU session's results (``gpu_session.py``): one bar chart per case,
+every mode in it, time against the 6NHV floor.
 """
 from __future__ import annotations
 
@@ -21,11 +23,17 @@ _STYLE = {"naive": ("black", "o", "--"), "naive_compile": ("grey", "o", ":"),
           "liger": ("tab:purple", "^", "-"), "liger_dpo": ("tab:purple", "^", "-"),
           "cce": ("tab:olive", "v", "-"), "cce_exact": ("tab:brown", "v", "-"),
           "ours_torch": ("tab:red", "D", "-"), "ours_torch_gif": ("tab:red", "D", "-"),
-          "ours_torch_recompute": ("tab:orange", "D", "-"), "ours_triton": ("tab:green", "*", "-")}
+          "ours_torch_recompute": ("tab:orange", "D", "-"), "ours_triton": ("tab:green", "*", "-"),
+          "ours_cublas": ("tab:cyan", "*", "-"), "trl": ("tab:pink", "P", "-"),
+          "compile_chunked": ("dimgrey", "o", ":")}
 
 
 def _style(name):
-    color, marker, line = _STYLE.get(name, (None, ".", "-"))
+    """A variant's colour, marker and line; ``ours_triton_filter`` falls back to
+    ``ours_triton`` (the longest known prefix)."""
+    known = max((k for k in _STYLE if name == k or name.startswith(k + "_")), key=len,
+                default=None)
+    color, marker, line = _STYLE.get(known, (None, ".", "-"))
     return dict(color=color, marker=marker, linestyle=line, label=name)
 
 
@@ -94,23 +102,32 @@ def _plot_sweeps(axes, mode, meta, out):
     return out
 
 
-def _plot_bars(ok, mode, meta, out):
-    names = [r["variant"] for r in ok]
-    fig, (t_ax, m_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+def _plot_bars(ok, mode, meta, out, labels=None, floor_ms=None):
+    """Time (forward + backward) and peak memory bars per row; ratios to naive, or to the
+    6NHV floor when ``floor_ms`` is given (drawn as a line)."""
+    names = labels or [r["variant"] for r in ok]
+    fig, (t_ax, m_ax) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.32 * len(ok)))
     fwd = [r["fwd_ms"] for r in ok]
     bwd = [r["bwd_ms"] for r in ok]
-    colors = [_style(n)["color"] or "tab:gray" for n in names]
+    colors = [_style(r["variant"])["color"] or "tab:gray" for r in ok]
     t_ax.barh(names, fwd, color=colors, alpha=0.55, label="forward")
     t_ax.barh(names, bwd, left=fwd, color=colors, label="backward")
     for i, r in enumerate(ok):
         t_ax.errorbar(r["fwdbwd_ms"], i, xerr=[[r["fwdbwd_ms"] - r["fwdbwd_min"]],
                                                [r["fwdbwd_max"] - r["fwdbwd_ms"]]],
                       color="black", capsize=3)
-        ratio = r.get("time_x_naive")
+        ratio = r.get("x_floor") if floor_ms else r.get("time_x_naive")
         t_ax.text(r["fwdbwd_max"], i, f" {ratio:.2f}x" if ratio else "", va="center", fontsize=8)
-    t_ax.set_xlabel("time (ms): forward (light) + backward; bar = median, whisker = min..max")
+    if floor_ms:
+        t_ax.axvline(floor_ms, color="black", linestyle=":", label=f"6NHV floor {floor_ms:.1f} ms")
+    t_ax.set_xlabel("time (ms): forward (light) + backward; median, whisker min..max"
+                    + (";\nratio to the floor" if floor_ms else ""))
     t_ax.legend(fontsize=8)
     m_ax.barh(names, [r["peak_mb"] for r in ok], color=colors)
+    if floor_ms:  # the gradients of hidden and weight, which every implementation produces
+        m_ax.barh(names, [r["grads_mb"] for r in ok], color="white", alpha=0.5, hatch="//",
+                  label="of which: gradients of hidden and weight")
+        m_ax.legend(fontsize=8)
     for i, r in enumerate(ok):
         ratio = r.get("mem_x_naive")
         m_ax.text(r["peak_mb"], i, f" {r['peak_mb']:.0f} MB" + (f" ({ratio:.2f}x)" if ratio
@@ -124,6 +141,24 @@ def _plot_bars(ok, mode, meta, out):
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_session(doc: dict, out_dir: str) -> list[str]:
+    """``session_<case>.png`` per case of a GPU session's ``doc`` (its JSON)."""
+    meta = dict(doc["meta"])
+    meta["device_name"] = (meta.get("device") or {}).get("name", meta.get("device_name"))
+    written = []
+    for case in dict.fromkeys(r["sweep"] for r in doc["rows"]):
+        ok = [r for r in doc["rows"] if r["sweep"] == case and r["status"] == "ok"]
+        if not ok:
+            continue
+        first = ok[0]
+        title = case + (f", softcap {first['softcap']}" if first.get("softcap") else "")
+        path = os.path.join(out_dir, f"session_{case}.png")
+        written.append(_plot_bars(ok, title, meta, path,
+                                  labels=[f"{r['mode']}: {r['variant']}" for r in ok],
+                                  floor_ms=first.get("floor_ms")))
+    return written
 
 
 if __name__ == "__main__":

@@ -23,4 +23,14 @@ __all__ += ["FusedLoss", "FusedSFTLoss", "FusedDPOLoss", "FusedSimPOLoss", "Fuse
             "FusedCPOLoss", "FusedDILLoss", "FusedIFTLoss", "FusedReinforceLoss"]
 from .modules import FusedGRPOLoss, FusedKTOLoss, FusedPPOLoss
 __all__ += ["FusedGRPOLoss", "FusedPPOLoss", "FusedKTOLoss"]
+__all__ += ["patch_causal_lm", "unpatch_causal_lm"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The Hugging Face integration imports transformers (~1 s): loaded on first use.
+    if name in ("patch_causal_lm", "unpatch_causal_lm"):
+        from .integrations import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'fused_losses' has no attribute {name!r}")

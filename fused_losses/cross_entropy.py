@@ -30,6 +30,7 @@ def linear_cross_entropy(
     *,
     ignore_index: int = -100,
     reduction: Literal["mean", "sum", "none"] = "mean",
+    shift: bool = False,
     num_items_in_batch: int | torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     lse_square_scale: float = 0.0,
@@ -43,18 +44,28 @@ def linear_cross_entropy(
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets``; agrees with
     ``F.cross_entropy(hidden @ weight.T, targets)``.
 
+    The primitive takes aligned targets (``targets[i]`` is predicted from ``hidden[i]``);
+    ``shift=True`` takes Hugging Face labels aligned with the inputs instead, as the
+    objectives do: ``hidden[..., t, :]`` predicts ``targets[..., t + 1]``, the same as
+    ``F.cross_entropy(logits[..., :-1, :], labels[..., 1:])``. The shift moves the targets
+    only; ``hidden`` is never copied.
+
     Per token: ``-(1-ε)·log p(y) + ε·(lse - mean_v z) + λ·lse²`` with ε = ``label_smoothing``
     (the same smoothing as ``F.cross_entropy``) and λ = ``lse_square_scale`` (z-loss).
 
     Args:
         hidden (Tensor): [..., H]; float32, bfloat16 or float16.
         weight (Tensor): [V, H]; same dtype as ``hidden``.
-        targets (LongTensor): [...]; aligned with ``hidden`` (no shift).
+        targets (LongTensor): [...]; aligned with ``hidden`` (no shift), or with
+            ``shift=True`` Hugging Face labels [..., T] for ``hidden`` [..., T, H].
         bias (Tensor, optional): [V]. Default: None.
         ignore_index (int): ignored targets cost nothing and count for nothing. Default: -100.
         reduction (str): ``"mean"`` over scored tokens, ``"sum"`` or ``"none"`` (per-token
             float32, shaped like ``targets``). All tokens ignored gives 0, not NaN.
             Default: "mean".
+        shift (bool): ``targets`` are Hugging Face labels: score ``targets[..., 1:]`` from
+            ``hidden[..., :-1, :]``. With ``reduction="none"`` the result is [..., T - 1].
+            Default: False.
         num_items_in_batch (int or Tensor, optional): divide the summed loss by this count
             instead (correct normalisation under gradient accumulation); with ``"mean"`` or
             ``"sum"``. Default: None.
@@ -71,7 +82,8 @@ def linear_cross_entropy(
             holding dW would buy nothing.
 
     Returns:
-        Tensor: scalar float32, or per-token [...] float32 for ``reduction="none"``.
+        Tensor: scalar float32, or per-token [...] float32 for ``reduction="none"``
+        ([..., T - 1] with ``shift=True``).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -87,6 +99,10 @@ def linear_cross_entropy(
             raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch!r}")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if not isinstance(shift, bool):
+        raise TypeError(f"shift must be a bool, got {shift!r}")
+    if shift:
+        targets = _shift_labels(targets, ignore_index)
     primitive_options = dict(ignore_index=ignore_index, temperature=temperature,
                              softcap=softcap, backend=backend, filter_eps=filter_eps,
                              chunk_size=chunk_size)
@@ -96,13 +112,24 @@ def linear_cross_entropy(
         stats = linear_logprobs(hidden, weight, targets, bias, return_lse=True,
                                 return_logits_mean=label_smoothing > 0, **primitive_options)
         per_token = _token_loss(stats, label_smoothing, lse_square_scale)
-        return per_token if reduction == "none" else per_token.sum() * scale
+        if reduction == "none":
+            return per_token[..., :-1] if shift else per_token
+        return per_token.sum() * scale
 
     def chunk_loss(stats: LogProbs, positions: torch.Tensor) -> torch.Tensor:
         return _token_loss(stats, label_smoothing, lse_square_scale).sum() * scale
 
     return linear_logprobs_loss(hidden, weight, targets, chunk_loss, bias,
                                 return_logits_mean=label_smoothing > 0, **primitive_options)
+
+
+def _shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """[..., T] labels -> [..., T] targets with ``targets[..., t] = labels[..., t + 1]``, the
+    last position ignored: the unshifted ``hidden`` then scores the next token at every t."""
+    if labels.dim() < 1 or labels.shape[-1] < 1:
+        raise ValueError(f"targets (shape {tuple(labels.shape)}): shift=True expects Hugging "
+                         "Face labels [..., T] with T >= 1")
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
 def _use_grad_in_forward(requested: bool | None, backend: str, hidden) -> bool:
@@ -112,8 +139,12 @@ def _use_grad_in_forward(requested: bool | None, backend: str, hidden) -> bool:
 
 
 def _scale(reduction: str, num_items_in_batch, num_scored):
+    # 1/count of an integer tensor would be float32 (a 3e-8 error in a float64 loss); a
+    # float64 0-dim scale keeps each loss in its own dtype.
     if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            return 1.0 / num_items_in_batch.double()
         return 1.0 / num_items_in_batch
     if reduction == "mean":
-        return 1.0 / num_scored.clamp(min=1)  # all ignored: a zero loss, not 0/0
+        return 1.0 / num_scored.clamp(min=1).double()  # all ignored: a zero loss, not 0/0
     return 1.0

@@ -8,7 +8,6 @@ from fused_losses.reference import linear_cross_entropy_reference
 from tests.helpers import BACKEND_PARAMS, assert_close, make_inputs
 
 
-
 def _double(*tensors):
     return [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
 
@@ -94,3 +93,44 @@ def test_option_errors():
         linear_cross_entropy(hidden, weight, targets, num_items_in_batch=0)
     with pytest.raises(ValueError, match="lse_square_scale"):
         linear_cross_entropy(hidden, weight, targets, lse_square_scale=-1.0)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_shift_takes_hugging_face_labels(backend, reduction):
+    """shift=True equals F.cross_entropy on logits[:, :-1] against labels[:, 1:] (HF's causal
+    LM loss), values and gradients; the same labels unshifted give a different loss."""
+    hidden, weight, labels, _ = make_inputs(0, 16, 53, torch.float32, lead=(3, 7))
+    labels[:, 1] = -100  # an ignored label in the middle as well as the random ones
+    loss = linear_cross_entropy(hidden, weight, labels, shift=True, reduction=reduction,
+                                backend=backend)
+    h64, w64 = _double(hidden, weight)
+    ref = F.cross_entropy((h64 @ w64.T)[:, :-1].reshape(-1, 53), labels[:, 1:].reshape(-1),
+                          reduction=reduction)
+    assert loss.shape == (ref.reshape(3, 6) if reduction == "none" else ref).shape
+    assert_close(loss.reshape(ref.shape), ref, torch.float32, name="loss")
+    loss.sum().backward()
+    ref.sum().backward()
+    assert_close(hidden.grad, h64.grad, torch.float32, name="dhidden")
+    assert_close(weight.grad, w64.grad, torch.float32, scale=4, name="dweight")
+    if reduction == "mean":
+        unshifted = linear_cross_entropy(hidden, weight, labels, backend=backend)
+        assert not torch.allclose(unshifted, loss)
+
+
+def test_shift_checks_its_argument():
+    hidden, weight, labels, _ = make_inputs(4, 8, 10, torch.float32)
+    with pytest.raises(TypeError, match="shift"):
+        linear_cross_entropy(hidden, weight, labels, shift=1)
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, torch.tensor(7)])
+def test_float64_loss_keeps_float64_precision(num_items_in_batch):
+    """The 1/count scale of an integer count must not round the loss to float32."""
+    hidden, weight, targets, _ = make_inputs(9, 16, 40, torch.float64)
+    loss = linear_cross_entropy(hidden, weight, targets, num_items_in_batch=num_items_in_batch,
+                                backend="torch")
+    ref = linear_cross_entropy_reference(hidden, weight, targets, reduction="sum")
+    ref = ref / ((targets != -100).sum() if num_items_in_batch is None else num_items_in_batch)
+    assert loss.dtype == torch.float64
+    assert_close(loss, ref, torch.float64, name="loss")

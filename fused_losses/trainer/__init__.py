@@ -1,9 +1,11 @@
 """A thin trainer: any transformers causal LM, every objective, fused vs unfused side by side.
 
-``loop`` (config, setup, model, optimizer, loop, eval, save), ``data`` (embedded default and
-JSONL), ``losses`` (the one loss function picked per objective and implementation),
-``report`` (report.md, report.json, plots). Command line: ``fused-losses train --help``.
+``loop`` reads top to bottom (set-up, model, data, objective, optimizer, loop, eval, save); its
+parts: ``config`` (the flags), ``model``, ``data``, ``recipes`` (one entry per objective),
+``step`` (the optimisation step), ``sampling`` (where batches come from), ``checkpoint``,
+``distributed``, ``report``. Command line: ``fused-losses train --help``.
 """
-from .loop import Config, main, train
+from .config import Config
+from .loop import main, train
 
 __all__ = ["Config", "main", "train"]

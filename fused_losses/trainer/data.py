@@ -151,6 +151,26 @@ def read_jsonl(path: str | os.PathLike, kind: str) -> list[dict]:
     return records
 
 
+def load_records(data: str | None, eval_data: str | None, kind: str, train_size: int,
+                 eval_size: int) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) records: ``data`` (its last ``eval_size`` records held out unless
+    ``eval_data`` is given) or the embedded default; at most ``eval_size`` held out."""
+    if data:
+        records = read_jsonl(data, kind)
+        if eval_data:
+            held_out = read_jsonl(eval_data, kind)
+        else:
+            if len(records) <= eval_size:
+                raise DataError(f"{data}: {len(records)} records leave none for training "
+                                f"after holding out --eval-size {eval_size}")
+            records, held_out = records[:-eval_size], records[-eval_size:]
+    else:
+        records = default_records("train", kind, train_size)
+        held_out = (read_jsonl(eval_data, kind) if eval_data
+                    else default_records("eval", kind, eval_size))
+    return records, held_out[:eval_size]
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
@@ -225,12 +245,16 @@ class Encoded:
     ref: list[tuple[torch.Tensor, ...]] | None = None
 
 
+# The responses of a record of each kind: one row each, in this order.
+RESPONSES = {"sft": ("completion",), "preference": ("chosen", "rejected")}
+
+
 def encode_records(records: list[dict], kind: str, enc: Encoder, max_length: int,
                    too_long: str) -> Encoded:
     """Tokenize; a record longer than ``max_length`` is truncated, dropped or an error as
     ``too_long`` says, and counted. Truncation cuts the end of the response; a record whose
     prompt leaves no response token is dropped (counted as such) whatever the policy."""
-    responses = ("completion",) if kind == "sft" else ("chosen", "rejected")
+    responses = RESPONSES[kind]
     out, truncated, dropped = [], 0, 0
     for index, record in enumerate(records):
         prompt = enc.encode(record["prompt"])
@@ -288,12 +312,12 @@ def collate(data: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.T
     return batch
 
 
-def split_rows(batch: dict[str, torch.Tensor], parts: int, part: int, paired: bool):
-    """Part ``part`` of ``parts`` equal slices of a batch (by pair, for preference batches)."""
-    rows = batch["input_ids"].shape[0] // (2 if paired else 1)
-    size = rows // parts
-    take = list(range(part * size, (part + 1) * size))
-    if paired:
-        take = take + [rows + i for i in take]
+def split_rows(batch: dict[str, torch.Tensor], parts: int, part: int, width: int):
+    """Part ``part`` of ``parts`` equal slices of a batch, by record: a record's ``width`` rows
+    (a preference record's chosen row in the first half, its rejected row in the second) stay
+    together."""
+    records = batch["input_ids"].shape[0] // width
+    size = records // parts
+    take = [k * records + i for k in range(width) for i in range(part * size, (part + 1) * size)]
     idx = torch.tensor(take)
     return {k: v.index_select(0, idx) for k, v in batch.items()}

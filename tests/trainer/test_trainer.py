@@ -125,8 +125,8 @@ def test_bad_objective_option_is_a_clear_error(tmp_path, tok_cache, capsys):
     assert loop.main(tiny_args(tmp_path / "a", "dpo", loss_type="nope")) == 2
     assert "loss_type must be one of" in capsys.readouterr().err
     assert loop.main(tiny_args(tmp_path / "b", "dpo", impl="unfused",
-                               loss_kwargs='{"rpo_alpha": 1.0}')) == 2
-    assert "--impl unfused does not implement ['rpo_alpha']" in capsys.readouterr().err
+                               loss_kwargs='{"softcap": 30.0}')) == 2
+    assert "--impl unfused does not implement ['softcap']" in capsys.readouterr().err
 
 
 def test_cli_errors_at_setup(tmp_path, tok_cache, capsys):
