@@ -1,11 +1,12 @@
 """Error of gradient filtering (``filter_eps``) on flat and peaked distributions.
 
-Cut Cross-Entropy skips backward tiles whose logit gradient is below bf16 precision
-(2^-12). At initialisation every p ~ 1/V is below that for V >= 4096, so filtering drops the
-whole softmax term exactly where training starts. This script measures the relative error
-of dH and dW against the exact gradient for a flat (small logits) and a peaked (large
-logits) distribution, on the torch backend (drops entries) and the Triton kernels (skip
-tiles; CPU interpreter, so small sizes).
+``filter_eps`` drops the softmax terms where the probability p is below eps (Cut
+Cross-Entropy's 2^-12 is bf16's precision); the target's one-hot term is kept. At
+initialisation every p ~ 1/V is below that for V >= 4096, so filtering drops the whole
+softmax term exactly where training starts. This script measures the relative error of dH
+and dW against the exact gradient for a flat (small logits) and a peaked (large logits)
+distribution, on the torch backend and the Triton kernels (CPU interpreter, so small
+sizes). The error does not depend on the loss's reduction: p is compared, not p * g.
 
     TRITON_INTERPRET=1 python benchmarks/filtering_error.py
 """

@@ -6,8 +6,8 @@ from typing import Literal
 
 import torch
 
-from .backends import resolve_backend
-from .primitive import Backend, LogProbs, linear_logprobs, linear_logprobs_loss
+from .primitive import (Backend, LogProbs, _is_real_number, check_ignore_index,
+                        gradients_in_forward_available, linear_logprobs, linear_logprobs_loss)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -55,7 +55,8 @@ def linear_cross_entropy(
 
     Args:
         hidden (Tensor): [..., H]; float32, bfloat16 or float16.
-        weight (Tensor): [V, H]; same dtype as ``hidden``.
+        weight (Tensor): [V, H]; dtypes may mix and autocast applies, as in
+            :func:`fused_losses.linear_logprobs`.
         targets (LongTensor): [...]; aligned with ``hidden`` (no shift), or with
             ``shift=True`` Hugging Face labels [..., T] for ``hidden`` [..., T, H].
         bias (Tensor, optional): [V]. Default: None.
@@ -76,10 +77,10 @@ def linear_cross_entropy(
         grad_in_forward (bool, optional): for ``"mean"``/``"sum"`` the upstream gradient is
             known in forward, so gradients can be formed in the same pass as the loss (3
             matmuls instead of 4, as Liger does). The trade-off: dW ([V, H]) is then held from
-            forward until backward, on top of the weight's own gradient buffer. Default (None):
-            on for the torch backend, whose one-pass chunks save the fourth matmul (see
-            README, "Benchmarks"); off for Triton, whose kernels recompute either way, so
-            holding dW would buy nothing.
+            forward until backward, on top of the weight's own gradient buffer, and on
+            "cublas"/"triton" an fp32 [V, H] accumulator and a [1024, V] fp32 chunk while the
+            pass runs (benchmarks/notes.md, G5). Default (None): on wherever the backend has
+            a one-pass path (every registered backend).
 
     Returns:
         Tensor: scalar float32, or per-token [...] float32 for ``reduction="none"``
@@ -87,18 +88,19 @@ def linear_cross_entropy(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not lse_square_scale >= 0.0:
-        raise ValueError(f"lse_square_scale must be >= 0, got {lse_square_scale!r}")
+    if not (_is_real_number(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not (_is_real_number(lse_square_scale) and 0.0 <= lse_square_scale < float("inf")):
+        raise ValueError(f"lse_square_scale must be a finite number >= 0, got "
+                         f"{lse_square_scale!r}")
     if num_items_in_batch is not None:
         if reduction == "none":
             raise ValueError("num_items_in_batch divides a summed loss; it needs "
                              "reduction='mean' or 'sum', got reduction='none'")
-        if not bool(torch.as_tensor(num_items_in_batch) > 0):
-            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch!r}")
+        check_item_count("num_items_in_batch", num_items_in_batch)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    check_ignore_index(ignore_index)  # before it meets targets in a comparison
     if not isinstance(shift, bool):
         raise TypeError(f"shift must be a bool, got {shift!r}")
     if shift:
@@ -108,16 +110,17 @@ def linear_cross_entropy(
                              chunk_size=chunk_size)
     scale = _scale(reduction, num_items_in_batch, (targets != ignore_index).sum())
 
-    if reduction == "none" or not _use_grad_in_forward(grad_in_forward, backend, hidden):
+    if reduction == "none" or not _use_grad_in_forward(grad_in_forward, backend, hidden, weight,
+                                                       bias):
         stats = linear_logprobs(hidden, weight, targets, bias, return_lse=True,
                                 return_logits_mean=label_smoothing > 0, **primitive_options)
         per_token = _token_loss(stats, label_smoothing, lse_square_scale)
         if reduction == "none":
             return per_token[..., :-1] if shift else per_token
-        return per_token.sum() * scale
+        return _scaled(per_token.sum(), scale)
 
     def chunk_loss(stats: LogProbs, positions: torch.Tensor) -> torch.Tensor:
-        return _token_loss(stats, label_smoothing, lse_square_scale).sum() * scale
+        return _scaled(_token_loss(stats, label_smoothing, lse_square_scale).sum(), scale)
 
     return linear_logprobs_loss(hidden, weight, targets, chunk_loss, bias,
                                 return_logits_mean=label_smoothing > 0, **primitive_options)
@@ -132,18 +135,55 @@ def _shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
-def _use_grad_in_forward(requested: bool | None, backend: str, hidden) -> bool:
-    if requested is not None:
-        return bool(requested)
-    return hasattr(resolve_backend(backend, hidden.device), "forward_backward")
+def _use_grad_in_forward(requested: bool | None, backend: str, hidden, weight, bias) -> bool:
+    """Gradients in forward only when some gradient is wanted at all: under ``no_grad`` (or
+    with no input requiring one) the loss is a forward pass and nothing more."""
+    if requested is not None and not isinstance(requested, bool):
+        raise TypeError(f"grad_in_forward must be None or a bool, got {requested!r}")
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (hidden, weight, bias))
+    if requested is False or not needs_grad:
+        return False
+    if torch.compiler.is_compiling():  # one custom op, recompute in backward
+        return False
+    return requested or gradients_in_forward_available(backend, hidden.device)
+
+
+def check_item_count(name: str, value) -> None:
+    """A positive count: an int, or a one-element tensor (Hugging Face passes one).
+
+    A tensor's value is checked where that costs no host synchronisation (on the CPU); on an
+    accelerator a device-side assert checks it without stopping the host.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a positive count (an int or a one-element real "
+                             f"tensor), got a tensor of shape {tuple(value.shape)} and dtype "
+                             f"{value.dtype}")
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(value > 0):
+                raise ValueError(f"{name} must be > 0, got {value.item()!r}")
+        else:
+            torch._assert_async((value > 0).reshape(()), f"{name} must be > 0")
+        return
+    if not _is_real_number(value):
+        raise TypeError(f"{name} must be a positive count (an int or a one-element tensor), "
+                        f"got {value!r} ({type(value).__name__})")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _scaled(total: torch.Tensor, scale) -> torch.Tensor:
+    """``total * scale`` in total's dtype: two 0-dim tensors would promote to float64."""
+    return total * (scale.to(total.dtype) if isinstance(scale, torch.Tensor) else scale)
 
 
 def _scale(reduction: str, num_items_in_batch, num_scored):
-    # 1/count of an integer tensor would be float32 (a 3e-8 error in a float64 loss); a
-    # float64 0-dim scale keeps each loss in its own dtype.
+    # 1/count of an integer tensor would be float32 (a 3e-8 error in a float64 loss): the
+    # scale is float64, cast to the loss's own dtype by _scaled.
     if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            return 1.0 / num_items_in_batch.double()
+        if isinstance(num_items_in_batch, torch.Tensor):  # [] or [1]: a scalar loss either way
+            return 1.0 / num_items_in_batch.reshape(()).double()
         return 1.0 / num_items_in_batch
     if reduction == "mean":
         return 1.0 / num_scored.clamp(min=1).double()  # all ignored: a zero loss, not 0/0

@@ -20,17 +20,8 @@ from torch import nn
 
 from .objectives import (LossOutput, cpo_loss, dil_loss, dpo_loss, ift_loss, orpo_loss,
                          reinforce_loss, sft_loss, simpo_loss)
-from .vocab_parallel import linear_logprobs
-
-
-def _keywords(fn: Callable) -> set[str]:
-    return {name for name, p in inspect.signature(fn).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
-# return_argmax / return_entropy add the mean_token_accuracy / entropy metrics;
-# grad_in_forward picks the objectives' path (see objectives._common.fused_objective).
-_PRIMITIVE_OPTIONS = _keywords(linear_logprobs) | {"bias", "grad_in_forward"}
+from .objectives._common import PRIMITIVE_OPTIONS, own_options
+from .objectives.dpo import check_running_mean
 
 
 class FusedLoss(nn.Module):
@@ -40,7 +31,9 @@ class FusedLoss(nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        valid = _keywords(self.loss_fn) | _PRIMITIVE_OPTIONS
+        # return_argmax / return_entropy add the mean_token_accuracy / entropy metrics;
+        # grad_in_forward picks the objectives' path (see objectives._common.fused_objective).
+        valid = set(own_options(self.loss_fn)) | PRIMITIVE_OPTIONS
         unknown = sorted(set(options) - valid)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown option(s) {unknown}; valid: "
@@ -69,9 +62,13 @@ class FusedSFTLoss(FusedLoss):
 class FusedDPOLoss(FusedLoss):
     """:func:`dpo_loss`; ``forward(hidden, weight, labels, ref_logprobs=..., **kw)``.
 
-    With ``loss_type="bco_pair"`` the running mean reward δ and the number of batches it
+    With ``loss_type="bco_pair"`` the running mean reward δ and the number of batch means it
     averages are buffers (``bco_delta``, ``bco_count``, saved in the state dict), updated
-    after each call in training mode, as TRL's running moments are.
+    after each call in training mode, as TRL's running moments are. Under data parallelism
+    pass ``bco_process_group=`` (at construction or per call) so every rank folds in every
+    rank's batch mean and the buffers stay equal across ranks. A ``bco_delta``/``bco_count``
+    given at construction is the buffers' starting value; given to ``forward``, it replaces
+    the buffers' values for that call.
     """
 
     loss_fn = staticmethod(dpo_loss)
@@ -80,18 +77,21 @@ class FusedDPOLoss(FusedLoss):
         super().__init__(**options)
         self.tracks_delta = self.default("loss_type") == "bco_pair"
         if self.tracks_delta:
-            self.register_buffer("bco_delta", torch.zeros(()))
-            self.register_buffer("bco_count", torch.zeros(()))
+            start = {name: self.options.pop(name, 0.0) for name in ("bco_delta", "bco_count")}
+            check_running_mean(start["bco_delta"], start["bco_count"])
+            for name, value in start.items():
+                self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32)
+                                     .detach().clone().reshape(()))
 
     def forward(self, *args, **kwargs) -> LossOutput:
-        if not self.tracks_delta:
+        if not self.tracks_delta or kwargs.get("loss_type", "bco_pair") != "bco_pair":
             return super().forward(*args, **kwargs)
-        out = super().forward(*args, bco_delta=self.bco_delta, bco_count=self.bco_count,
-                              **kwargs)
+        running = {"bco_delta": self.bco_delta, "bco_count": self.bco_count, **kwargs}
+        out = super().forward(*args, **running)
         if self.training:
             with torch.no_grad():
                 self.bco_delta.copy_(out.metrics["bco/delta"])
-                self.bco_count.add_(1)
+                self.bco_count.copy_(out.metrics["bco/count"])
         return out
 
 

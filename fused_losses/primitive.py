@@ -14,12 +14,13 @@ followed by the soft-cap chain rule ``1 - (z/s)^2`` and ``1/temperature``.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 
-from .backends import BACKENDS, resolve_backend
+from .backends import resolve_backend
 
 Backend = str  # one of BACKENDS
 
@@ -76,6 +77,26 @@ def _describe(name: str, t: torch.Tensor) -> str:
     return f"{name} (shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device})"
 
 
+def _is_real_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_positive_finite(name: str, value) -> None:
+    """A real number in (0, inf); a bool is refused (True would be silently 1)."""
+    if not _is_real_number(value):
+        raise TypeError(f"{name} must be a positive finite number, got {value!r} "
+                        f"({type(value).__name__})")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_ignore_index(ignore_index) -> None:
+    """The target id of unscored positions: an int (not a bool)."""
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r} "
+                        f"({type(ignore_index).__name__})")
+
+
 def validate(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -91,17 +112,26 @@ def validate(
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type == "meta":
+            raise ValueError(f"{_describe(name, t)}: expected a tensor with data (cpu or "
+                             "cuda); meta tensors have none to compute on")
+    check_ignore_index(ignore_index)
     if type(weight).__name__ == "DTensor":
         raise TypeError(
             f"weight is a DTensor shard (placements {weight.placements}), not the full [V, H] "
             "weight. Under FSDP/ZeRO-3 call the loss inside the module's forward (or "
             "register_fsdp_forward_method) so the weight is gathered; for a vocabulary-"
             "parallel (ColwiseParallel) head pass process_group= to use its shards directly")
-    if hidden.dtype not in _FLOATS:
-        raise TypeError(f"{_describe('hidden', hidden)}: expected a floating dtype {_FLOATS}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(
-            f"{_describe('weight', weight)}: expected the dtype of hidden ({hidden.dtype})")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{_describe(name, t)}: expected a floating dtype {_FLOATS}")
+    # 16/32-bit inputs may mix (compute_dtype promotes them, as mixed precision does);
+    # float64 is a reference precision and is not silently mixed in
+    for name, t in (("weight", weight), ("bias", bias)):
+        if isinstance(t, torch.Tensor) and (t.dtype == torch.float64) != (
+                hidden.dtype == torch.float64):
+            raise TypeError(f"{_describe(name, t)}: float64 mixes only with float64; hidden "
+                            f"is {hidden.dtype}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{_describe('targets', targets)}: expected integer token ids (int64)")
     if hidden.dim() < 1:
@@ -114,6 +144,8 @@ def validate(
             f"last dim of {_describe('hidden', hidden)}")
     if weight.shape[0] < 1:
         raise ValueError(f"{_describe('weight', weight)}: the vocabulary V must be >= 1")
+    if weight.shape[1] < 1:
+        raise ValueError(f"{_describe('hidden', hidden)}: the hidden size H must be >= 1")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"{_describe('targets', targets)}: expected shape {tuple(hidden.shape[:-1])}, the "
@@ -126,36 +158,72 @@ def validate(
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{_describe('bias', bias)}: expected shape [{weight.shape[0]}] (V)")
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise TypeError(
-                f"{_describe('bias', bias)}: expected dtype {hidden.dtype} on {hidden.device}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
-    if check_target_range and targets.numel():
-        vocab = weight.shape[0]
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-        if bool(bad.any()):
-            first = targets[bad][0].item()
-            raise ValueError(
-                f"{_describe('targets', targets)}: {int(bad.sum())} id(s) outside [0, {vocab}) "
-                f"that are not ignore_index={ignore_index} (first: {first})")
+        if bias.dtype not in _FLOATS or bias.device != hidden.device:
+            raise TypeError(f"{_describe('bias', bias)}: expected a floating dtype {_FLOATS} "
+                            f"on {hidden.device}")
+    check_positive_finite("temperature", temperature)
+    if softcap is not None:
+        check_positive_finite("softcap (None for no soft-capping)", softcap)
+    if check_target_range and not torch.compiler.is_compiling():  # compiled: in the op
+        check_target_ids(targets, weight.shape[0], ignore_index)
+
+
+def check_target_ids(targets: torch.Tensor, vocab: int, ignore_index: int,
+                     what: str = "") -> None:
+    """Every id in [0, vocab) or ignore_index. On the CPU (no host sync to pay) a clear
+    ValueError; on an accelerator a device-side assert, as ``F.cross_entropy`` does there:
+    waiting for the answer would stall the host on every call."""
+    if not targets.numel():
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if targets.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"targets: ids outside {what}[0, {vocab}) that are "
+                                        f"not ignore_index={ignore_index}")
+    elif bool(bad.any()):
+        raise ValueError(
+            f"{_describe('targets', targets)}: {int(bad.sum())} id(s) outside {what}[0, "
+            f"{vocab}) that are not ignore_index={ignore_index} "
+            f"(first: {targets[bad][0].item()})")
 
 
 def check_options(*, deterministic: bool = False, filter_eps=None, chunk_size=None) -> None:
     """The primitive's non-tensor options, shared by every fused entry point."""
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
-    if filter_eps is not None and not filter_eps >= 0:
-        raise ValueError(f"filter_eps must be None or >= 0, got {filter_eps!r}")
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+    if filter_eps is not None and not (_is_real_number(filter_eps) and filter_eps >= 0):
+        raise ValueError(f"filter_eps must be None or a number >= 0, got {filter_eps!r}")
+    if chunk_size is not None and not (isinstance(chunk_size, int)
+                                       and not isinstance(chunk_size, bool) and chunk_size > 0):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------------------
+
+def first_order_only(backward):
+    """Make differentiating a Function's gradients (double backward: a gradient penalty
+    through ``create_graph=True``) a clear error instead of a silent zero.
+
+    ``torch.autograd.function.once_differentiable`` marks the gradients only when an upstream
+    gradient requires grad; ours also depend on the saved hidden and weight, so with
+    ``create_graph=True`` they are always marked, and any use of them in a backward raises.
+    """
+    message = (f"fused_losses: {backward.__qualname__.split('.')[0]} has no double backward: "
+               "its gradients cannot be differentiated again (create_graph=True followed by "
+               "a penalty on a gradient). Compute such a penalty without the fused LM head.")
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():  # the usual first-order backward
+            return grads
+        marked = [None if g is None else g.detach().requires_grad_() for g in grads]
+        error = torch._C._functions.DelayedError(message.encode(), len(marked))
+        return error(*marked)
+    return wrapper
+
 
 def _scatter(values: torch.Tensor | None, rows: torch.Tensor, size: int, fill=0):
     if values is None:
@@ -174,39 +242,53 @@ class LinearLogProbsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, backend, opts: Options):
         # hidden [M, H] (all rows); rows [N] int64, the scored rows; targets [N]
-        size = hidden.shape[0]
-        stats = LogProbs(*backend.forward(hidden, weight, bias, rows, targets,
-                                          **_forward_kwargs(opts)))
+        outputs, stats = forward_outputs(hidden, weight, bias, rows, targets, backend, opts)
         ctx.save_for_backward(hidden, weight, bias, rows, targets, stats.lse, stats.entropy)
         ctx.backend, ctx.opts = backend, opts
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*(t for t in (stats.argmax,) if t is not None))
-        return (
-            _scatter(stats.logprobs, rows, size),
-            _scatter(stats.lse, rows, size),
-            _scatter(stats.argmax, rows, size, fill=opts.ignore_index),
-            _scatter(stats.entropy, rows, size),
-            _scatter(stats.logits_mean, rows, size),
-        )
+        ctx.mark_non_differentiable(*(t for t in (outputs[2],) if t is not None))
+        return outputs
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_logprobs, g_lse, _g_argmax, g_entropy, g_logits_mean):
         hidden, weight, bias, rows, targets, lse, entropy = ctx.saved_tensors
-        grads = Grads(*(None if g is None else g.index_select(0, rows).to(lse.dtype)
-                        for g in (g_logprobs, g_lse, g_entropy, g_logits_mean)))
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if all(g is None for g in grads) or rows.numel() == 0:
-            return _zero_grads(hidden, weight, bias, ctx.needs_input_grad)
-        grad_hidden, grad_weight, grad_bias = ctx.backend.backward(
+        upstream = (g_logprobs, g_lse, g_entropy, g_logits_mean)
+        return backward_grads(hidden, weight, bias, rows, targets, lse, entropy, upstream,
+                              ctx.needs_input_grad[:3], ctx.backend, ctx.opts) + (None,) * 4
+
+
+def forward_outputs(hidden, weight, bias, rows, targets, backend, opts: Options):
+    """The backend's forward on the scored rows, scattered to hidden's M rows: (the five
+    [M] outputs, the [N] statistics). Shared by the autograd Function and the custom op."""
+    size = hidden.shape[0]
+    stats = LogProbs(*backend.forward(hidden, weight, bias, rows, targets,
+                                      **_forward_kwargs(opts)))
+    outputs = (_scatter(stats.logprobs, rows, size), _scatter(stats.lse, rows, size),
+               _scatter(stats.argmax, rows, size, fill=opts.ignore_index),
+               _scatter(stats.entropy, rows, size), _scatter(stats.logits_mean, rows, size))
+    return outputs, stats
+
+
+def backward_grads(hidden, weight, bias, rows, targets, lse, entropy, upstream, needs,
+                   backend, opts: Options):
+    """(dH, dW, dBias) from the [M] upstream gradients (None where none flows); ``lse`` and
+    ``entropy`` are the [N] statistics of the scored rows."""
+    grads = Grads(*(None if g is None else g.index_select(0, rows).to(lse.dtype)
+                    for g in upstream))
+    if all(g is None for g in grads) or rows.numel() == 0:
+        return _zero_grads(hidden, weight, bias, needs)
+    need_hidden, need_weight, need_bias = needs
+    with no_autocast(hidden.device):
+        return tuple(backend.backward(
             hidden, weight, bias, rows, targets, lse, entropy, *grads,
             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
-            filter_eps=ctx.opts.filter_eps, **_backward_kwargs(ctx.opts))
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+            filter_eps=opts.filter_eps, **_backward_kwargs(opts)))
 
 
 def _zero_grads(hidden, weight, bias, needs):
     return tuple(torch.zeros_like(t) if (t is not None and need) else None
-                 for t, need in zip((hidden, weight, bias), needs[:3])) + (None,) * 4
+                 for t, need in zip((hidden, weight, bias), needs[:3]))
 
 
 def _forward_kwargs(opts: Options) -> dict:
@@ -222,6 +304,128 @@ def _backward_kwargs(opts: Options) -> dict:
     if opts.chunk_size is not None:
         kwargs["chunk_size"] = opts.chunk_size
     return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the primitive as one opaque custom op (with fake impls and autograd)
+# ---------------------------------------------------------------------------------------------
+# Dynamo cannot trace the data-dependent parts (the scored-row compaction, the target-id
+# check) nor the Triton launches, and inductor has nothing to fuse inside them, so under
+# torch.compile the whole primitive is one custom op whose output shapes are static ([M]);
+# everything around it (casts, shaping, the losses' own math) is compiled. Eager calls keep
+# the autograd Function above: the same forward_outputs / backward_grads either way.
+
+_OP_OPTIONS = "int ignore_index, float temperature, float? softcap, str backend, " \
+              "float? filter_eps, int? chunk_size"
+
+
+def _op_setup(hidden, targets, ignore_index, temperature, softcap, backend, filter_eps,
+              chunk_size, **requested):
+    backend_module = resolve_backend(backend, hidden.device)
+    opts = make_options(backend_module, temperature=temperature, softcap=softcap,
+                        filter_eps=filter_eps, chunk_size=chunk_size, ignore_index=ignore_index,
+                        **requested)
+    rows = (targets != ignore_index).nonzero().squeeze(-1)
+    return backend_module, opts, rows, targets.index_select(0, rows).long()
+
+
+@torch.library.custom_op("fused_losses::linear_logprobs", mutates_args=())
+def _logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 targets: torch.Tensor, ignore_index: int, temperature: float,
+                 softcap: float | None, backend: str, filter_eps: float | None,
+                 chunk_size: int | None, return_argmax: bool, return_entropy: bool,
+                 return_logits_mean: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor]:
+    """hidden [M, H] (compute dtype), targets [M] -> logprobs, lse, argmax, entropy,
+    logits_mean [M] each; outputs not asked for are empty."""
+    check_target_ids(targets, weight.shape[0], ignore_index)
+    backend_module, opts, rows, scored = _op_setup(
+        hidden, targets, ignore_index, temperature, softcap, backend, filter_eps, chunk_size,
+        return_argmax=return_argmax, return_entropy=return_entropy,
+        return_logits_mean=return_logits_mean)
+    with no_autocast(hidden.device):
+        outputs, _ = forward_outputs(hidden, weight, bias, rows, scored, backend_module, opts)
+    logprobs, lse, argmax, entropy, logits_mean = outputs
+    return (logprobs, lse, targets.new_empty(0, dtype=torch.int64) if argmax is None else argmax,
+            lse.new_empty(0) if entropy is None else entropy,  # outputs may not alias
+            lse.new_empty(0) if logits_mean is None else logits_mean)
+
+
+@_logprobs_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, temperature, softcap, backend, filter_eps,
+      chunk_size, return_argmax, return_entropy, return_logits_mean):
+    stat = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    size = hidden.shape[0]
+
+    def out(wanted, dtype=stat):
+        return hidden.new_empty(size if wanted else 0, dtype=dtype)
+    return (out(True), out(True), out(return_argmax, torch.int64), out(return_entropy),
+            out(return_logits_mean))
+
+
+@torch.library.custom_op("fused_losses::linear_logprobs_backward", mutates_args=())
+def _logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None, targets: torch.Tensor, lse: torch.Tensor,
+                          entropy: torch.Tensor, grad_logprobs: torch.Tensor | None,
+                          grad_lse: torch.Tensor | None, grad_entropy: torch.Tensor | None,
+                          grad_logits_mean: torch.Tensor | None, need_hidden: bool,
+                          need_weight: bool, need_bias: bool, ignore_index: int,
+                          temperature: float, softcap: float | None, backend: str,
+                          filter_eps: float | None, chunk_size: int | None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dH [M, H], dW [V, H], dBias [V]) from the [M] outputs' gradients; empty where not
+    needed."""
+    backend_module, opts, rows, scored = _op_setup(
+        hidden, targets, ignore_index, temperature, softcap, backend, filter_eps, chunk_size)
+    upstream = tuple(None if g is None or g.numel() == 0 else g
+                     for g in (grad_logprobs, grad_lse, grad_entropy, grad_logits_mean))
+    stats = [t.index_select(0, rows) if t.numel() else None for t in (lse, entropy)]
+    grads = backward_grads(hidden, weight, bias, rows, scored, *stats, upstream,
+                           (need_hidden, need_weight, need_bias), backend_module, opts)
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+@_logprobs_backward_op.register_fake
+def _(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_lse, grad_entropy,
+      grad_logits_mean, need_hidden, need_weight, need_bias, *options):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
+            bias.new_empty(bias.shape) if need_bias and bias is not None
+            else hidden.new_empty(0))
+
+
+def _op_setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, *options = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1], output[3])
+    ctx.options = options[:6]  # ignore_index .. chunk_size
+
+
+def _op_backward(ctx, g_logprobs, g_lse, _g_argmax, g_entropy, g_logits_mean):
+    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    grads = _logprobs_backward_op(hidden, weight, bias, targets, lse, entropy, g_logprobs,
+                                  g_lse, g_entropy, g_logits_mean, *needs, *ctx.options)
+    return (*(g if need else None for g, need in zip(grads, needs)),) + (None,) * 10
+
+
+_logprobs_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def _compiled_logprobs(hidden, weight, targets, bias, *, ignore_index, temperature, softcap,
+                       backend, filter_eps, chunk_size, return_argmax, return_entropy,
+                       return_logits_mean):
+    """The primitive through the custom op (under torch.compile): the five [M] outputs,
+    None where not asked for. The checks that need data (target ids) run inside the op."""
+    validate(hidden, weight, targets, bias, ignore_index=ignore_index,
+             temperature=temperature, softcap=softcap)
+    hidden, weight, bias = cast_to_compute_dtype(hidden, weight, bias)
+    outputs = _logprobs_op(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                           targets.reshape(-1), ignore_index, float(temperature),
+                           None if softcap is None else float(softcap), backend, filter_eps,
+                           chunk_size, return_argmax, return_entropy, return_logits_mean)
+    wanted = (True, True, return_argmax, return_entropy, return_logits_mean)
+    return tuple(t if keep else None for t, keep in zip(outputs, wanted))
 
 
 # A loss whose gradient is formed in the forward pass: ``loss_fn(stats, positions)`` gets the
@@ -288,6 +492,7 @@ class GradInForwardFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss):
         if ctx.input_grads is None:
             raise RuntimeError("a loss whose gradients were formed in forward can be "
@@ -301,6 +506,16 @@ class GradInForwardFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
+
+def gradients_in_forward_available(backend: str, device: torch.device) -> bool:
+    """Whether :func:`linear_logprobs_loss` can form gradients in its forward pass here: the
+    backend has a one-pass ``forward_backward``, and torch.compile is not tracing (a Python
+    loss over data-dependent chunks of scored rows is not traceable; the library's losses
+    take the recompute path, one custom op, instead)."""
+    if torch.compiler.is_compiling():
+        return False
+    return hasattr(resolve_backend(backend, device), "forward_backward")
+
 
 def make_options(backend_module, *, temperature, softcap, return_argmax=False,
                  return_entropy=False, return_logits_mean=False, filter_eps=None,
@@ -324,17 +539,55 @@ def shape_outputs(outputs: tuple, shape, *, return_lse: bool) -> LogProbs:
     return LogProbs(logprobs, lse if return_lse else None, *rest)
 
 
+def compute_dtype(hidden, weight, bias=None) -> torch.dtype:
+    """The dtype the head runs in, as ``F.linear`` decides it: the autocast dtype when
+    autocast is on for hidden's device (float64 inputs excepted, as autocast leaves them),
+    else torch's type promotion of the inputs (a bf16 hidden with an fp32 head runs in fp32;
+    an fp32 hidden with a 16-bit head upcasts the head, a [V, H] fp32 copy)."""
+    dtypes = [t.dtype for t in (hidden, weight, bias) if t is not None]
+    device_type = hidden.device.type
+    if torch.float64 not in dtypes and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def cast_to_compute_dtype(hidden, weight, bias):
+    """hidden, weight, bias in :func:`compute_dtype`: autograd casts (no copy when equal)."""
+    dtype = compute_dtype(hidden, weight, bias)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def no_autocast(device: torch.device):
+    """The backends compute in the dtype they are given: autocast must not recast inside."""
+    return torch.autocast(device.type, enabled=False)
+
+
+class Prepared(NamedTuple):
+    """The inputs as every backend takes them: one compute dtype, flat rows."""
+
+    backend: object  # the backend module
+    hidden: torch.Tensor  # [M, H], compute dtype; differentiable back to the caller's dtype
+    weight: torch.Tensor  # [V, H], compute dtype
+    bias: torch.Tensor | None  # [V], compute dtype
+    rows: torch.Tensor  # [N] int64, the scored rows of hidden
+    targets: torch.Tensor  # [N] int64, their targets
+
+
 def prepare(hidden, weight, targets, bias, *, ignore_index, temperature, softcap, backend,
-            check_target_range=True):
-    """Validate, flatten to [M, H] and list the scored rows; shared by every fused entry point."""
+            check_target_range=True) -> Prepared:
+    """Validate, cast to the compute dtype, flatten to [M, H] and list the scored rows;
+    shared by every fused entry point. The casts are autograd ops, so each input's gradient
+    comes back in its own dtype (fp32 master weights keep fp32 gradients)."""
     validate(hidden, weight, targets, bias, ignore_index=ignore_index,
              temperature=temperature, softcap=softcap, check_target_range=check_target_range)
     backend_module = resolve_backend(backend, hidden.device)
+    hidden, weight, bias = cast_to_compute_dtype(hidden, weight, bias)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     # Ignored rows are never visited: they cost no FLOPs and get zero gradient.
     rows = (flat_targets != ignore_index).nonzero().squeeze(-1)
-    return backend_module, hidden_2d, rows, flat_targets.index_select(0, rows).long()
+    return Prepared(backend_module, hidden_2d, weight, bias, rows,
+                    flat_targets.index_select(0, rows).long())
 
 
 def _group_rows(rows: torch.Tensor, groups: torch.Tensor | None, targets: torch.Tensor):
@@ -372,15 +625,21 @@ def linear_logprobs(
     """The single-device primitive: :func:`fused_losses.linear_logprobs` without the
     vocabulary-parallel options (arguments and returns as documented there)."""
     check_options(deterministic=deterministic, filter_eps=filter_eps, chunk_size=chunk_size)
-    backend_module, hidden_2d, rows, flat_targets = prepare(
-        hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, backend=backend)
-    opts = make_options(backend_module, temperature=temperature, softcap=softcap,
+    if torch.compiler.is_compiling():
+        outputs = _compiled_logprobs(
+            hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
+            softcap=softcap, backend=backend, filter_eps=filter_eps, chunk_size=chunk_size,
+            return_argmax=return_argmax, return_entropy=return_entropy,
+            return_logits_mean=return_logits_mean)
+        return shape_outputs(outputs, targets.shape, return_lse=return_lse)
+    inputs = prepare(hidden, weight, targets, bias, ignore_index=ignore_index,
+                     temperature=temperature, softcap=softcap, backend=backend)
+    opts = make_options(inputs.backend, temperature=temperature, softcap=softcap,
                         return_argmax=return_argmax, return_entropy=return_entropy,
                         return_logits_mean=return_logits_mean, filter_eps=filter_eps,
                         chunk_size=chunk_size, ignore_index=ignore_index)
-    outputs = LinearLogProbsFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
-                                           backend_module, opts)
+    with no_autocast(hidden.device):
+        outputs = LinearLogProbsFunction.apply(*inputs[1:], inputs.backend, opts)
     return shape_outputs(outputs, targets.shape, return_lse=return_lse)
 
 
@@ -427,14 +686,27 @@ def linear_logprobs_loss(
         Tensor: the scalar loss (float32; float64 for float64 inputs).
     """
     check_options(filter_eps=filter_eps, chunk_size=chunk_size)
-    backend_module, hidden_2d, rows, _ = prepare(
-        hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, backend=backend)
-    rows, boundaries = _group_rows(rows, groups, targets)
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "linear_logprobs_loss cannot be traced by torch.compile (a Python loss_fn over "
+            "data-dependent chunks of scored rows): compute the loss from linear_logprobs "
+            "instead, as linear_cross_entropy and the objectives do while compiling")
+    inputs = prepare(hidden, weight, targets, bias, ignore_index=ignore_index,
+                     temperature=temperature, softcap=softcap, backend=backend)
+    rows, boundaries = _group_rows(inputs.rows, groups, targets)
     flat_targets = targets.reshape(-1).index_select(0, rows).long()
-    opts = make_options(backend_module, temperature=temperature, softcap=softcap,
+    opts = make_options(inputs.backend, temperature=temperature, softcap=softcap,
                         return_argmax=return_argmax, return_entropy=return_entropy,
                         return_logits_mean=return_logits_mean, filter_eps=filter_eps,
                         chunk_size=chunk_size, ignore_index=ignore_index)
-    return GradInForwardFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
-                                       backend_module, opts, loss_fn, boundaries)
+    tensors = (inputs.hidden, inputs.weight, inputs.bias, rows, flat_targets)
+    with no_autocast(hidden.device):
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (hidden, weight, bias))):
+            # No gradient wanted (no_grad, evaluation): the forward alone, one chunk of all
+            # groups.
+            with torch.no_grad():
+                stats = inputs.backend.forward(*tensors, **_forward_kwargs(opts))
+                return loss_fn(LogProbs(*stats), rows)
+        return GradInForwardFunction.apply(*tensors, inputs.backend, opts, loss_fn,
+                                           boundaries)

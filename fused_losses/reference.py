@@ -63,7 +63,11 @@ def linear_logprobs_reference(
     if return_argmax:
         argmax = torch.where(valid, logits.argmax(dim=-1), torch.full_like(targets, ignore_index))
     if return_entropy:
-        entropy = torch.where(valid, -(log_p.exp() * log_p).sum(-1), zero)
+        # p log p is 0 at a -inf logit (p = 0), in value and gradient; NaN still propagates
+        probs = log_p.exp()
+        safe_log_p = torch.where(probs == 0, zero, log_p)
+        entropy = torch.where(valid, -torch.where(probs == 0, zero, probs * safe_log_p).sum(-1),
+                              zero)
     if return_logits_mean:
         logits_mean = torch.where(valid, logits.mean(-1), zero)
     return LogProbs(logprobs, lse, argmax, entropy, logits_mean)

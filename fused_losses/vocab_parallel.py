@@ -261,13 +261,15 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
                 scatter(stats.entropy, rows, size), scatter(stats.logits_mean, rows, size))
 
     @staticmethod
+    @primitive.first_order_only
     def backward(ctx, g_logprobs, g_lse, _g_argmax, g_entropy, g_logits_mean):
         hidden, weight, bias, rows, local_targets, owned, lse, entropy = ctx.saved_tensors
         shard = ctx.shard
         g = Grads(*(None if t is None else t.index_select(0, rows).to(lse.dtype)
                     for t in (g_logprobs, g_lse, g_entropy, g_logits_mean)))
         if all(t is None for t in g) or rows.numel() == 0:
-            return primitive._zero_grads(hidden, weight, bias, ctx.needs_input_grad) + (None,)
+            return primitive._zero_grads(hidden, weight, bias, ctx.needs_input_grad) \
+                + (None,) * 5
         grad_logprobs, grad_lse = g.logprobs, g.lse
         if grad_logprobs is not None:
             # d logp / dz = onehot(y) - p: the onehot only where y is owned, -p everywhere,
@@ -279,11 +281,12 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
         if grad_mean is not None:  # the backend divides by its local V_r; the mean is over V
             grad_mean = grad_mean * (shard.size / shard.vocab)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden, grad_weight, grad_bias = ctx.backend.backward(
-            hidden, weight, bias, rows, local_targets, lse, entropy, grad_logprobs, grad_lse,
-            g.entropy, grad_mean, need_hidden=need_hidden, need_weight=need_weight,
-            need_bias=need_bias, filter_eps=ctx.opts.filter_eps,
-            **primitive._backward_kwargs(ctx.opts))
+        with primitive.no_autocast(hidden.device):
+            grad_hidden, grad_weight, grad_bias = ctx.backend.backward(
+                hidden, weight, bias, rows, local_targets, lse, entropy, grad_logprobs,
+                grad_lse, g.entropy, grad_mean, need_hidden=need_hidden,
+                need_weight=need_weight, need_bias=need_bias, filter_eps=ctx.opts.filter_eps,
+                **primitive._backward_kwargs(ctx.opts))
         if grad_hidden is not None:
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=shard.group)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
@@ -341,22 +344,17 @@ def vocab_parallel_logprobs(
     hidden, bias = _local_tensor(hidden, "hidden"), _local_tensor(bias, "bias")
     targets = _local_tensor(targets, "targets")
     weight, shard = resolve_shard(weight, process_group, vocab_start)
-    backend_module, hidden_2d, rows, flat_targets = primitive.prepare(
-        hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, backend=backend, check_target_range=False)
-    if targets.numel():  # ids are global here: checked against the whole vocabulary
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= shard.vocab))
-        if bool(bad.any()):
-            raise ValueError(
-                f"targets: {int(bad.sum())} id(s) outside the global vocabulary [0, "
-                f"{shard.vocab}) that are not ignore_index={ignore_index} "
-                f"(first: {targets[bad][0].item()})")
+    inputs = primitive.prepare(hidden, weight, targets, bias, ignore_index=ignore_index,
+                               temperature=temperature, softcap=softcap, backend=backend,
+                               check_target_range=False)
+    # ids are global here: checked against the whole vocabulary
+    primitive.check_target_ids(targets, shard.vocab, ignore_index, "the global vocabulary ")
     opts = primitive.make_options(
-        backend_module, temperature=temperature, softcap=softcap, return_argmax=return_argmax,
+        inputs.backend, temperature=temperature, softcap=softcap, return_argmax=return_argmax,
         return_entropy=return_entropy, return_logits_mean=return_logits_mean,
         filter_eps=filter_eps, chunk_size=chunk_size, ignore_index=ignore_index)
-    outputs = VocabParallelLogProbsFunction.apply(hidden_2d, weight, bias, rows, flat_targets,
-                                                  backend_module, opts, shard)
+    with primitive.no_autocast(inputs.hidden.device):
+        outputs = VocabParallelLogProbsFunction.apply(*inputs[1:], inputs.backend, opts, shard)
     return primitive.shape_outputs(outputs, targets.shape, return_lse=return_lse)
 
 
@@ -387,7 +385,11 @@ def linear_logprobs(
 
     Args:
         hidden (Tensor): [..., H]; float32, bfloat16, float16 (or float64, torch backend).
-        weight (Tensor): [V, H]; same dtype and device as ``hidden``.
+        weight (Tensor): [V, H] of any layout (``P.T`` of a ``[H, V]`` table, a slice), on
+            hidden's device. The head runs in the dtype ``F.linear`` would use: the autocast
+            dtype under ``torch.autocast``, else the promotion of the inputs' dtypes (a bf16
+            ``hidden`` with an fp32 head runs in fp32); each input's gradient comes back in
+            its own dtype. Logits and statistics are fp32 whatever that dtype.
         targets (LongTensor): [...] (the leading shape of ``hidden``); ids in [0, V) or
             ``ignore_index``.
         bias (Tensor, optional): [V]. Default: None.

@@ -2,6 +2,8 @@
 
 A logit tile is ``z = cap((hidden[rows] @ weight[offs_v].T + bias) * inv_temperature)``,
 [BLOCK_N, BLOCK_V] in fp32, with ``cap(x) = softcap * tanh(x / softcap)`` when soft-capping.
+Every product of an index with a stride is int64: a transposed ``[H, V]`` head passed as
+``P.T`` has ``stride_wh = V``, and ``H * V`` passes 2**31 at H = 8192, V = 262144.
 """
 import triton
 import triton.language as tl
@@ -36,7 +38,7 @@ def logits_tile(
     """[BLOCK_N, BLOCK_V] fp32 logits; masked rows/columns hold finite junk, callers mask."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for h_start in range(0, H, BLOCK_H):
-        offs_h = h_start + tl.arange(0, BLOCK_H)
+        offs_h = (h_start + tl.arange(0, BLOCK_H)).to(tl.int64)
         mask_h = offs_h < H
         hidden_tile = tl.load(
             hidden_ptr + rows[:, None] * stride_hm + offs_h[None, :] * stride_hh,
@@ -58,21 +60,29 @@ def grad_logits_tile(
     logits, offs_v, mask_n, mask_v,        # [BLOCK_N, BLOCK_V] fp32 capped logits
     targets, lse, grad_logprobs, grad_lse,  # [BLOCK_N] each
     grad_entropy, mu, grad_logits_mean,     # [BLOCK_N] each (read only when flagged)
-    inv_vocab, inv_temperature, softcap,
+    inv_vocab, inv_temperature, softcap, filter_eps,
     HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr,
+    FILTER: tl.constexpr,
 ):
     """dL/d(raw logits) of one tile, fp32, zero outside the masks (objectives.md, Notation):
 
     p * (g_lse - g_lp - g_ent * (z - mu)) + g_lp * onehot(y) + g_mean / V,
-    then the soft-cap chain rule ``1 - (z/s)^2`` and ``1/temperature``.
+    then the soft-cap chain rule ``1 - (z/s)^2`` and ``1/temperature``. With ``FILTER`` the
+    softmax terms are dropped where ``p < filter_eps`` (``fused_losses.backends``).
+    A NaN ``lse`` (a row with a NaN or +inf logit) makes the whole row NaN.
     """
     probs = tl.exp(logits - lse[:, None])
     coef = grad_lse - grad_logprobs
     if WITH_ENTROPY_GRAD:
-        grad = probs * (coef[:, None] - grad_entropy[:, None] * (logits - mu[:, None]))
+        # at a -inf logit p = 0 and z - mu = -inf: its term is 0, not 0 * inf = NaN
+        soft = tl.where(probs == 0.0, 0.0,
+                        probs * (coef[:, None] - grad_entropy[:, None] * (logits - mu[:, None])))
     else:
-        grad = probs * coef[:, None]
-    grad += tl.where(offs_v[None, :] == targets[:, None], grad_logprobs[:, None], 0.0)
+        soft = probs * coef[:, None]
+    if FILTER:
+        # p itself is compared, not the scaled gradient; NaN < eps is false: NaN survives
+        soft = tl.where(probs < filter_eps, 0.0, soft)
+    grad = soft + tl.where(offs_v[None, :] == targets[:, None], grad_logprobs[:, None], 0.0)
     if WITH_MEAN_GRAD:
         grad += grad_logits_mean[:, None] * inv_vocab
     if HAS_SOFTCAP:
@@ -80,3 +90,55 @@ def grad_logits_tile(
         grad = grad * (1.0 - capped * capped)
     grad = grad * inv_temperature
     return tl.where(mask_n[:, None] & mask_v[None, :], grad, 0.0)
+
+
+@triton.jit
+def grouped_tile(pid, tiles_n, tiles_v, GROUP_N: tl.constexpr):
+    """(token tile, vocabulary tile) of program ``pid`` in grouped order (Triton's matmul
+    tutorial): GROUP_N token tiles run back to back on one vocabulary tile, so its weight rows
+    come from L2 after the first, and the group's hidden rows stay in L2 across it."""
+    per_group = GROUP_N * tiles_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(tiles_n - first_n, GROUP_N)
+    return first_n + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
+def online_update(
+    logits, offs_v, mask_v, tile_start, targets, V,  # [BLOCK_N, BLOCK_V] fp32 logit tile
+    running_max, sumexp, zdot, zsum, best, first_nan, target_logit,  # [BLOCK_N] each
+    WITH_ENTROPY: tl.constexpr, WITH_LOGITS_MEAN: tl.constexpr, WITH_ARGMAX: tl.constexpr,
+):
+    """Merge one logit tile (vocabulary ids ``offs_v``, the first ``tile_start``) into its rows'
+    online statistics: running max ``m``, ``sum exp(z - m)``, ``sum exp(z - m) * z``,
+    ``sum z``, argmax, first NaN id (``V``: none) and target logit. Returns them updated.
+
+    Non-finite logits follow ``fused_losses.backends``: ``-inf`` weighs 0 (the exponent is
+    taken against 0 while a row has seen only ``-inf``, never ``-inf - -inf``); NaN or ``+inf``
+    makes ``sumexp`` NaN (``exp(NaN - m)``, ``exp(inf - inf)``) whatever a GPU's max does with
+    NaN; NaN is tracked on its own for the argmax (GPUs skip NaN in argmax, the interpreter
+    refuses an all-NaN row), and strict ``>`` keeps the first maximum, as ``torch.argmax``.
+    """
+    logits_or_ninf = tl.where(mask_v[None, :], logits, float("-inf"))
+    logits_or_zero = tl.where(mask_v[None, :], logits, 0.0)
+    tile_max = tl.max(logits_or_ninf, axis=1)
+    new_max = tl.maximum(running_max, tile_max)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp(running_max - shift)
+    probs = tl.exp(logits_or_ninf - shift[:, None])          # 0 on masked columns
+    sumexp = sumexp * rescale + tl.sum(probs, axis=1)
+    if WITH_ENTROPY:
+        # p * z with p = 0 at a -inf logit is 0, not NaN
+        zdot = zdot * rescale + tl.sum(tl.where(probs == 0.0, 0.0, probs * logits_or_zero),
+                                       axis=1)
+    if WITH_LOGITS_MEAN:
+        zsum += tl.sum(logits_or_zero, axis=1)
+    if WITH_ARGMAX:
+        is_nan = logits_or_ninf != logits_or_ninf
+        tile_arg = tile_start + tl.argmax(tl.where(is_nan, float("-inf"), logits_or_ninf),
+                                          axis=1).to(tl.int64)
+        best = tl.where(tile_max > running_max, tile_arg, best)
+        first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan, offs_v[None, :], V), axis=1))
+    hit = offs_v[None, :] == targets[:, None]
+    target_logit += tl.sum(tl.where(hit, logits_or_zero, 0.0), axis=1)
+    return new_max, sumexp, zdot, zsum, best, first_nan, target_logit

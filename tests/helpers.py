@@ -46,6 +46,72 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                atol=atol * scale, msg=lambda m: f"{name}: {m}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Accuracy against a float64 reference built from the SAME (rounded) inputs: the reference
+# upcasts the bf16/fp16 tensors the backend saw, so only the backend's own arithmetic counts.
+# Stated once here; used by the CPU tests, the CUDA tests and the tests that break a kernel
+# on purpose (tests/kernels/test_breaks.py), so a tolerance that lets a break through fails
+# there.
+# ---------------------------------------------------------------------------------------------
+
+# lse, logprobs, entropy, logits_mean: every backend forms logits and statistics in fp32
+# whatever the input dtype, so these are held to fp32 scale for every input dtype: (rtol, atol).
+# A vocabulary split missing from the lse is off by ~0.2; a logit rounded to bf16, by ~1e-2.
+VALUE_TOL = {torch.float64: (1e-10, 1e-10), "fp32": (1e-4, 1e-4)}
+
+# Gradients, normwise: ||got - want|| / ||want|| per output dtype. 16-bit gradients are
+# rounded twice (the logit-gradient chunk, then dH/dW themselves), each at most the unit
+# roundoff u (bf16 2**-8, fp16 2**-11) per entry and about u / sqrt(3) in RMS: the bound is
+# 1.5 u (measured on the torch backend, whose arithmetic the kernels share: 0.6 u at N = 512,
+# H = 1024, V = 32000; at most 1.0 u over 200 tiny random cases). fp32: the GEMMs' own
+# rounding over K up to V. A softmax term dropped from dH/dW moves them by 0.9-3% at LM-head
+# sizes, a missing vocabulary split moves lse by ~0.2: tests/kernels/test_breaks.py.
+GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1.5 * 2.0 ** -8,
+            torch.float16: 1.5 * 2.0 ** -11}
+# The Triton interpreter converts fp32 to bf16 by truncation (round toward zero: up to 2u,
+# biased), where a GPU rounds to nearest even; its bf16 gradients get twice the tolerance.
+INTERPRETER_BF16_FACTOR = 2.0
+
+
+def grad_tol(dtype: torch.dtype, backend: str | None = None) -> float:
+    """The normwise gradient tolerance for ``dtype`` on ``backend`` (None: not Triton)."""
+    tol = GRAD_TOL[dtype]
+    if dtype == torch.bfloat16 and backend is not None and _interpreted(backend):
+        tol *= INTERPRETER_BF16_FACTOR
+    return tol
+
+
+def _interpreted(backend: str) -> bool:
+    import os
+
+    from fused_losses.backends import _REGISTRY
+    return os.environ.get("TRITON_INTERPRET") == "1" and _REGISTRY[backend].triton
+
+
+def assert_values_close(actual: torch.Tensor, expected: torch.Tensor, input_dtype: torch.dtype,
+                        *, name: str = "") -> None:
+    """Per-token statistics at fp32 scale (float64 inputs: at float64 scale); NaN where the
+    reference has NaN and nowhere else."""
+    rtol, atol = VALUE_TOL.get(input_dtype, VALUE_TOL["fp32"])
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
+                               equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+def normwise_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    diff = torch.linalg.vector_norm(actual.double() - expected)
+    return float(diff / torch.linalg.vector_norm(expected).clamp(min=1e-300))
+
+
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *,
+                      backend: str | None = None, name: str = "") -> None:
+    """A gradient against its float64 reference, normwise, at ``dtype``'s tolerance."""
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), f"{name}: non-finite entries"
+    error, tol = normwise_error(actual, expected), grad_tol(dtype, backend)
+    assert error <= tol, f"{name}: normwise relative error {error:.3g} > {tol:.3g} ({dtype})"
+
+
 def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, *, bias: bool = False,
                 ignore_frac: float = 0.25, ignore_index: int = -100, lead=None,
                 device: str = "cpu"):
@@ -63,3 +129,56 @@ def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, *, bias: bool = Fals
     cast = [t.to(device, dtype).requires_grad_() if t is not None else None
             for t in (hidden, weight, b)]
     return cast[0], cast[1], targets.to(device), cast[2]
+
+
+OUTPUTS = ("logprobs", "lse", "entropy", "logits_mean")
+_FUSED_ONLY = ("chunk_size", "filter_eps", "deterministic")
+
+
+def _weighted_sum(out, upstream):
+    """sum_k <output_k, g_k> over the outputs with an upstream gradient."""
+    return sum((getattr(out, name).double() * g).sum() for name, g in upstream.items())
+
+
+def check_against_reference(backend, dtype, hidden, weight, targets, bias, *,
+                            with_grads=OUTPUTS, **kwargs):
+    """linear_logprobs on ``backend`` against the float64 reference on materialised logits
+    built from the same inputs: every output at fp32 scale, the argmax a maximum, and the
+    gradient of every input (normwise) under random upstream gradients on ``with_grads``."""
+    from fused_losses import linear_logprobs
+    from fused_losses.reference import linear_logprobs_reference, reference_logits
+
+    kwargs = dict(dict(return_lse=True, return_argmax=True, return_entropy=True,
+                       return_logits_mean=True), **kwargs)
+    out = linear_logprobs(hidden, weight, targets, bias, backend=backend, **kwargs)
+    leaves = [t.detach().double().requires_grad_() if t is not None else None
+              for t in (hidden, weight, bias)]
+    ref = linear_logprobs_reference(leaves[0], leaves[1], targets, leaves[2],
+                                    **{k: v for k, v in kwargs.items() if k not in _FUSED_ONLY})
+    for name in OUTPUTS:
+        if getattr(ref, name) is not None:
+            got = getattr(out, name)
+            assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert got.shape == targets.shape
+            assert_values_close(got, getattr(ref, name), dtype, name=name)
+    if out.argmax is not None:
+        # Near-ties may resolve differently at low precision: the chosen token must be a max.
+        logits = reference_logits(*(None if t is None else t.detach() for t in leaves),
+                                  temperature=kwargs.get("temperature", 1.0),
+                                  softcap=kwargs.get("softcap"))
+        valid = targets != -100
+        assert (out.argmax[~valid] == -100).all()
+        picked = logits.gather(-1, out.argmax.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        assert_values_close(picked[valid], logits.max(-1).values[valid], dtype,
+                            name="argmax logit")
+    upstream = {name: torch.randn(targets.shape, dtype=torch.float64, device=targets.device)
+                for name in with_grads}
+    if not upstream:
+        return
+    params = [t for t in (hidden, weight, bias) if t is not None]
+    grads = torch.autograd.grad(_weighted_sum(out, upstream), params)
+    ref_grads = torch.autograd.grad(_weighted_sum(ref, upstream),
+                                    [t for t in leaves if t is not None])
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert got.dtype == dtype
+        assert_grad_close(got, want, dtype, backend=backend, name=f"grad {name}")

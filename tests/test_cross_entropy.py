@@ -96,6 +96,33 @@ def test_option_errors():
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("no_grad", ["no_grad", "no_input_requires_grad"])
+def test_no_gradient_work_when_no_gradient_is_wanted(backend, no_grad, monkeypatch):
+    """Under torch.no_grad (or with no input requiring a gradient) the loss is a forward
+    pass: neither backward nor the gradients-in-forward pass may run."""
+    from fused_losses.backends import resolve_backend
+    module = resolve_backend(backend, torch.device("cpu"))
+    for name in ("backward", "forward_backward"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, _refuse(name))
+    hidden, weight, targets, _ = make_inputs(9, 16, 40, torch.float32)
+    if no_grad == "no_input_requires_grad":
+        hidden, weight = hidden.detach(), weight.detach()
+    with torch.no_grad() if no_grad == "no_grad" else torch.enable_grad():
+        for grad_in_forward in (None, True):
+            loss = linear_cross_entropy(hidden, weight, targets, backend=backend,
+                                        grad_in_forward=grad_in_forward)
+            want = linear_cross_entropy_reference(*_double(hidden, weight), targets)
+            assert_close(loss, want, torch.float32)
+
+
+def _refuse(name):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{name} ran although no gradient was wanted")
+    return refuse
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_shift_takes_hugging_face_labels(backend, reduction):
     """shift=True equals F.cross_entropy on logits[:, :-1] against labels[:, 1:] (HF's causal

@@ -5,68 +5,13 @@ import pytest
 import torch
 
 from fused_losses import linear_logprobs
-from fused_losses.reference import linear_logprobs_reference, reference_logits
-from tests.helpers import BACKEND_PARAMS, assert_close, make_inputs
-
-OUTPUTS = ("logprobs", "lse", "entropy", "logits_mean")
-
+from tests.helpers import (BACKEND_PARAMS, OUTPUTS, check_against_reference,
+                           make_inputs)
 
 def dtypes(backend: str) -> list[torch.dtype]:
     """The input dtypes a backend takes: float64 only on the torch backend."""
     extra = [torch.float64] if backend == "torch" else []
     return extra + [torch.float32, torch.bfloat16, torch.float16]
-
-
-FUSED_ONLY = ("chunk_size", "filter_eps", "deterministic")
-
-
-def _reference(hidden, weight, targets, bias, **kwargs):
-    kwargs = {k: v for k, v in kwargs.items() if k not in FUSED_ONLY}
-    leaves = [t.detach().double().requires_grad_() if t is not None else None
-              for t in (hidden, weight, bias)]
-    return leaves, linear_logprobs_reference(leaves[0], leaves[1], targets, leaves[2], **kwargs)
-
-
-def _weighted_sum(out, upstream):
-    """sum_k <output_k, g_k> over the outputs with an upstream gradient."""
-    return sum((getattr(out, name).double() * g).sum() for name, g in upstream.items())
-
-
-def check_against_reference(backend, dtype, hidden, weight, targets, bias, *, with_grads=OUTPUTS,
-                            **kwargs):
-    kwargs = dict(dict(return_lse=True, return_argmax=True, return_entropy=True,
-                       return_logits_mean=True), **kwargs)
-    out = linear_logprobs(hidden, weight, targets, bias, backend=backend, **kwargs)
-    leaves, ref = _reference(hidden, weight, targets, bias, **kwargs)
-    for name in OUTPUTS:
-        if getattr(ref, name) is not None:
-            got = getattr(out, name)
-            assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-            assert got.shape == targets.shape
-            assert_close(got, getattr(ref, name), dtype, name=name)
-    if out.argmax is not None:
-        # Near-ties may resolve differently at low precision: the chosen token must be a max.
-        logits = reference_logits(leaves[0].detach(), leaves[1].detach(),
-                                  None if leaves[2] is None else leaves[2].detach(),
-                                  temperature=kwargs.get("temperature", 1.0),
-                                  softcap=kwargs.get("softcap"))
-        valid = targets != -100
-        assert (out.argmax[~valid] == -100).all()
-        picked = logits.gather(-1, out.argmax.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        logits_max = logits.max(-1).values
-        assert_close(picked[valid], logits_max[valid], dtype, name="argmax logit")
-    upstream = {name: torch.randn(targets.shape, dtype=torch.float64, device=targets.device)
-                for name in with_grads}
-    if not upstream:
-        return
-    params = [t for t in (hidden, weight, bias) if t is not None]
-    ref_params = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(_weighted_sum(out, upstream), params)
-    ref_grads = torch.autograd.grad(_weighted_sum(ref, upstream), ref_params)
-    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
-        assert got.dtype == dtype and got.shape == want.shape
-        assert torch.isfinite(got).all()
-        assert_close(got, want, dtype, scale=4.0, name=f"grad {name}")
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -165,8 +110,64 @@ def test_gradient_filtering_is_opt_in(backend):
     filtered = linear_logprobs(hidden, weight, targets, backend=backend, filter_eps=0.0)
     g_zero_eps = torch.autograd.grad(filtered.logprobs.sum(), (hidden, weight))
     for a, b in zip(g_exact, g_zero_eps):
-        torch.testing.assert_close(a, b)  # eps = 0 filters nothing
-    everything = linear_logprobs(hidden, weight, targets, backend=backend,
-                                 filter_eps=float("inf")).logprobs
-    g_inf = torch.autograd.grad(everything.sum(), (hidden, weight))
-    assert all((g == 0).all() for g in g_inf)  # every tile below an infinite threshold
+        torch.testing.assert_close(a, b)  # eps = 0 filters nothing (what it does filter:
+        # tests/backends/test_contract.py)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("path", ["linear_logprobs", "linear_logprobs_loss"])
+def test_double_backward_is_a_clear_error(backend, path):
+    """A penalty on a gradient (create_graph=True) needs the backward's own gradient; the
+    Functions do not provide one, and say so instead of dropping the penalty silently."""
+    from fused_losses import linear_logprobs_loss
+    hidden, weight, targets, _ = make_inputs(6, 8, 20, torch.float32)
+    if path == "linear_logprobs":
+        loss = linear_logprobs(hidden, weight, targets, backend=backend).logprobs.sum()
+    else:
+        loss = linear_logprobs_loss(hidden, weight, targets, lambda s, p: s.logprobs.sum(),
+                                    backend=backend)
+    grad_hidden, = torch.autograd.grad(loss, hidden, create_graph=True)
+    penalty = grad_hidden.square().sum()
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        (loss + penalty).backward()
+
+
+def _leaves(*tensors, dtype):
+    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+@pytest.mark.parametrize("case", ["autocast", "bf16_hidden_fp32_head"])
+def test_autocast_and_mixed_dtypes_behave_as_F_linear(backend, grad_in_forward, case):
+    """Under autocast the head runs in the autocast dtype (the result is the float64
+    reference of the bf16-rounded inputs); without it, mixed dtypes promote as torch does
+    (a bf16 hidden with an fp32 head runs in fp32). Each input gets its gradient in its own
+    dtype, on both gradient paths."""
+    from fused_losses import linear_cross_entropy
+    from fused_losses.reference import linear_cross_entropy_reference
+    from tests.helpers import GRAD_TOL, assert_grad_close, assert_values_close
+    hidden, weight, targets, bias = make_inputs(10, 16, 50, torch.float64, bias=True)
+    if case == "autocast":
+        leaves = _leaves(hidden, weight, bias, dtype=torch.float32)
+        compute = torch.bfloat16
+        context = torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        leaves = _leaves(hidden, dtype=torch.bfloat16) + _leaves(weight, bias,
+                                                                 dtype=torch.float32)
+        compute = torch.float32
+        context = torch.autocast("cpu", enabled=False)
+    with context:
+        loss = linear_cross_entropy(*leaves[:2], targets, leaves[2], backend=backend,
+                                    grad_in_forward=grad_in_forward, softcap=5.0)
+    grads = torch.autograd.grad(loss, leaves)
+    # the reference sees what the head computed on: the inputs rounded to the compute dtype
+    ref_leaves = [t.detach().to(compute).double().requires_grad_() for t in leaves]
+    want = linear_cross_entropy_reference(*ref_leaves[:2], targets, ref_leaves[2], softcap=5.0)
+    assert loss.dtype == torch.float32
+    assert_values_close(loss, want, compute, name="loss")
+    for name, got, leaf, ref in zip(("hidden", "weight", "bias"), grads, leaves,
+                                    torch.autograd.grad(want, ref_leaves)):
+        assert got.dtype == leaf.dtype, name  # fp32 master weights keep fp32 gradients
+        coarser = max(compute, leaf.dtype, key=lambda d: GRAD_TOL[d])  # bf16 hidden's dH
+        assert_grad_close(got, ref, coarser, backend=backend, name=f"grad {name}")

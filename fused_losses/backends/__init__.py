@@ -13,7 +13,8 @@ Logits ``z = cap((hidden[rows] @ weight.T + bias) / temperature)`` with
 fp64 inputs) whatever the input dtype. Tensors may have any strides (a transposed or sliced
 weight, a strided hidden); ``weight`` and ``hidden`` have one dtype (the primitive casts to
 the compute dtype first). Per-token vectors passed in (``lse``, ``entropy``, the ``grad_*``)
-are contiguous ``[N]`` fp32 (fp64 for fp64 inputs).
+are ``[N]`` fp32 (fp64 for fp64 inputs) of any strides: the upstream gradient of a ``.sum()``
+arrives expanded (stride 0).
 
 Every backend module provides::
 
@@ -44,6 +45,28 @@ chunk's five statistics, and returns the chunk's loss and its four per-token ups
 gradients. The gradients of ``backward``/``forward_backward`` are in the input dtype;
 ``grad_hidden`` is zero on unscored rows; ``grad_weight`` is contiguous whatever the layout
 of ``weight``.
+
+What every backend computes, exactly (one contract, tested on each registered backend in
+``tests/backends/test_contract.py``):
+
+* The logit gradient ``p * (g_lse - g_lp - g_ent * (z - mu)) + g_lp * onehot(y) + g_mean / V``
+  (``mu = sum_v p z``), then the soft-cap chain rule and ``1 / temperature``.
+* ``filter_eps``: the softmax terms (everything multiplied by ``p``) are dropped where
+  ``p < filter_eps``; the target's one-hot term and the ``logits_mean`` term are kept. ``p``
+  is the probability itself, not the scaled gradient, so what filtering drops does not depend
+  on the loss's reduction or scale (Cut Cross-Entropy compares the softmax, too). A kernel may
+  then skip any tile whose filtered gradient is zero everywhere: that changes nothing.
+* 16-bit logit-gradient chunks: a backend that stores a chunk of the logit gradient in the
+  input dtype before its GEMMs stores fp16 chunks scaled per token and unscales in fp32
+  around the GEMMs, by the convention of ``fused_losses/kernels/scaling.py`` (written once
+  there, pure torch), so a mean over many tokens keeps its softmax term. bf16 and fp32
+  chunks are stored unscaled.
+* Non-finite logits: ``-inf`` logits are legal (a vocabulary mask): probability 0, no
+  contribution to lse or entropy, zero gradient; ``logits_mean`` is then ``-inf``. A row with
+  a NaN or ``+inf`` logit (or only ``-inf`` logits) has NaN logprobs, lse, entropy and
+  logits_mean and a NaN gradient row, hence NaN in every entry of dW and dBias (as in torch);
+  its argmax is the index of its first NaN if it has one, else of its first maximum
+  (torch.argmax's answer). Ignored rows are never read: NaN there reaches nothing.
 """
 from __future__ import annotations
 
@@ -67,14 +90,18 @@ class _Entry:
 _REGISTRY = {
     "torch": _Entry("torch_chunked", triton=False),
     "triton": _Entry("triton_fused", triton=True),
+    "cublas": _Entry("cublas_epilogue", triton=True),
 }
 
 # The user-facing names, "auto" first: it picks CUDA_DEFAULT on CUDA when Triton imports,
 # "torch" elsewhere.
 BACKENDS = ("auto", *_REGISTRY)
 
-# "auto" on CUDA. A prediction until a GPU measurement replaces it (benchmarks/notes.md).
-CUDA_DEFAULT = "triton"
+# "auto" on CUDA. A prediction until a GPU measurement replaces it (benchmarks/notes.md, G5):
+# at N = 8192, H = 4096, V = 128256 (bf16, forward + backward) cuBLAS's one pass (6NHV at
+# ~88 % of 790 TFLOP/s + ~3 ms of epilogues and fp32 dW traffic) ~44 ms, 1.35x the 32.7 ms
+# floor; its recompute path ~54 ms; the fused Triton kernels (8NHV at ~72 %) ~62 ms.
+CUDA_DEFAULT = "cublas"
 
 
 def _interpreting() -> bool:

@@ -4,14 +4,19 @@ Scored rows are processed ``chunk_size`` tokens at a time; a chunk's ``[chunk, V
 are the largest temporary (about 64 MiB in fp32 by default) and are recomputed in backward.
 Implements the interface of :mod:`fused_losses.backends` with the kernels' names (``lse``,
 ``grad_logits``) so the two read side by side.
-Logits are formed in the input dtype by the matmul and reduced in fp32 (float64 inputs stay
-float64, so ``gradcheck`` runs on this backend); dW accumulates in fp32 across chunks.
+Logits are formed in fp32 whatever the input dtype (float64 inputs stay float64, so
+``gradcheck`` runs on this backend), as the Triton kernels do: 16-bit logits rounded to bf16
+before the reduction are off by up to 0.2 nats at a logit spread of 25, and fp16 logits above
+65504 are inf. dW accumulates in fp32 across chunks. The logit gradient is stored in the
+input dtype for the two gradient matmuls, fp16 scaled per token (``kernels/scaling.py``).
 """
 from __future__ import annotations
 
 from typing import Iterator
 
 import torch
+
+from ..kernels import scaling
 
 # A chunk's fp32 logits. On 2 CPU cores, logits GEMMs with fewer rows run slower (31 GF/s at
 # 128 rows, 46 at 262, 52-53 from 512: benchmarks/results/gemm_shapes_cpu.txt); interleaved
@@ -66,17 +71,36 @@ class _Workspace:
         return buf[:rows]
 
 
+# 16-bit weights are upcast this many bytes of fp32 rows at a time on devices whose matmul
+# cannot write fp32 from 16-bit operands (the CPU): never a full fp32 copy of the head.
+UPCAST_BYTES = 16 << 20
+_HAS_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads()  # torch.mm(out_dtype=...)
+
+
+def _matmul_fp32(hidden_chunk, weight, bias, out):
+    """``out [n, V] = hidden_chunk @ weight.T + bias`` in ``out``'s dtype from 16-bit operands."""
+    if hidden_chunk.is_cuda and _HAS_OUT_DTYPE:  # cuBLAS: 16-bit operands, fp32 output
+        torch.mm(hidden_chunk, weight.T, out_dtype=out.dtype, out=out)
+    else:
+        hidden_up = hidden_chunk.to(out.dtype)
+        step = max(1, UPCAST_BYTES // (out.element_size() * max(weight.shape[1], 1)))
+        for v0 in range(0, weight.shape[0], step):
+            out[:, v0:v0 + step] = hidden_up @ weight[v0:v0 + step].to(out.dtype).T
+    if bias is not None:
+        out += bias.to(out.dtype)
+
+
 def _logits(hidden_chunk, weight, bias, temperature, softcap, ws: _Workspace) -> torch.Tensor:
     """[n, H] -> [n, V] tempered, soft-capped logits in the accumulation dtype (workspace)."""
     rows, acc = hidden_chunk.shape[0], _acc_dtype(hidden_chunk.dtype)
     logits = ws.get("logits", rows, acc)
-    product = logits if acc == hidden_chunk.dtype else ws.get("matmul", rows, hidden_chunk.dtype)
-    if bias is None:
-        torch.mm(hidden_chunk, weight.T, out=product)
+    if acc == hidden_chunk.dtype:
+        if bias is None:
+            torch.mm(hidden_chunk, weight.T, out=logits)
+        else:
+            torch.addmm(bias, hidden_chunk, weight.T, out=logits)
     else:
-        torch.addmm(bias, hidden_chunk, weight.T, out=product)
-    if product is not logits:
-        logits.copy_(product)
+        _matmul_fp32(hidden_chunk, weight, bias, logits)
     if temperature != 1.0:
         logits.mul_(1.0 / temperature)
     if softcap is not None:
@@ -90,6 +114,8 @@ def _stats(logits, targets, with_argmax, with_entropy, with_logits_mean, scratch
 
     ``scratch`` [n, V] receives exp(z - max); it may be ``logits`` itself (then destroyed),
     except with the entropy, which needs both. ``keep_probs`` leaves softmax(z) in it.
+    Non-finite logits as ``fused_losses.backends`` says: torch's max already propagates NaN
+    and picks the first NaN; ``-inf - max`` is ``-inf`` (p = 0); ``inf - inf`` is NaN.
     """
     target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     if with_argmax:
@@ -100,7 +126,14 @@ def _stats(logits, targets, with_argmax, with_entropy, with_logits_mean, scratch
     probs = torch.sub(logits, maxes.unsqueeze(1), out=scratch).exp_()  # unnormalised
     sumexp = probs.sum(dim=-1)
     lse = maxes + sumexp.log()
-    entropy = lse - torch.linalg.vecdot(probs, logits) / sumexp if with_entropy else None
+    entropy = None
+    if with_entropy:
+        # p * z is 0, not NaN, at -inf logits: they are raised to the dtype's lowest finite
+        # value (their p stays exactly 0; argmax, mean and target were taken above)
+        logits.clamp_(min=torch.finfo(logits.dtype).min)
+        entropy = lse - torch.linalg.vecdot(probs, logits) / sumexp
+    if logits_mean is not None:  # a +inf logit gives an inf mean; the contract says NaN
+        logits_mean = torch.where(lse.isnan(), float("nan"), logits_mean)
     if keep_probs:
         probs.div_(sumexp.unsqueeze(1))
     return target_logit - lse, lse, argmax, entropy, logits_mean
@@ -128,24 +161,28 @@ def _grad_logits(logits, targets, lse, entropy, grad_logprobs, grad_lse, grad_en
         coef += grad_lse
     if grad_logprobs is not None:
         coef -= grad_logprobs
+
+    def drop_filtered(probs):  # p itself is compared; NaN < eps is false: NaN survives
+        if filter_eps is not None:
+            probs.masked_fill_(probs < filter_eps, 0.0)
+        return probs
+
     if grad_entropy is not None:
         if holds_probs:
             raise RuntimeError("the entropy gradient needs the logits, not the probabilities")
-        # p * (coef - e * (z - mu)), mu = lse - entropy
+        # p * (coef - e * (z - mu)), mu = lse - entropy; 0 where p = 0 (a -inf logit)
         probs = torch.sub(logits, lse.unsqueeze(1), out=ws.get("scratch", rows, logits.dtype))
-        probs.exp_()
+        probs = drop_filtered(probs.exp_())
         grad = logits.sub_((lse - entropy).unsqueeze(1)).mul_(-grad_entropy.unsqueeze(1))
-        grad.add_(coef.unsqueeze(1)).mul_(probs)
+        grad.add_(coef.unsqueeze(1)).mul_(probs).masked_fill_(probs == 0, 0.0)
     elif holds_probs:
-        grad = logits.mul_(coef.unsqueeze(1))
+        grad = drop_filtered(logits).mul_(coef.unsqueeze(1))
     else:
-        grad = logits.sub_(lse.unsqueeze(1)).exp_().mul_(coef.unsqueeze(1))
+        grad = drop_filtered(logits.sub_(lse.unsqueeze(1)).exp_()).mul_(coef.unsqueeze(1))
     if grad_logprobs is not None:
         grad.scatter_add_(1, targets.unsqueeze(1), grad_logprobs.unsqueeze(1))
     if grad_logits_mean is not None:
         grad.add_(grad_logits_mean.unsqueeze(1) / vocab)
-    if filter_eps is not None:
-        grad.masked_fill_(grad.abs() < filter_eps, 0.0)
     if chain is not None:
         grad.mul_(chain)
     if temperature != 1.0:
@@ -165,20 +202,32 @@ class _Accumulator:
         self.grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) \
             if (need_bias and bias is not None) else None
 
-    def add(self, grad_logits, rows, hidden_chunk, ws: _Workspace):
+    def add(self, grad_logits, rows, hidden_chunk, ws: _Workspace, bound=None):
+        """Add one chunk's [n, V] logit gradient (fp32); ``bound`` [n] from
+        :func:`scaling.grad_bound` when the weight is fp16 (see ``kernels/scaling.py``)."""
+        if self.grad_bias is not None:  # before any scaling
+            self.grad_bias += grad_logits.sum(0)
         grad_low = grad_logits
-        if grad_logits.dtype != self.weight.dtype:  # the matmul buffer is free by now
-            grad_low = ws.get("matmul", grad_logits.shape[0], self.weight.dtype)
+        if grad_logits.dtype != self.weight.dtype:
+            if bound is not None:
+                grad_logits.div_(bound.unsqueeze(1))
+            grad_low = ws.get("low", grad_logits.shape[0], self.weight.dtype)
             grad_low.copy_(grad_logits)
         if self.grad_hidden is not None:
-            self.grad_hidden.index_copy_(0, rows, grad_low @ self.weight)
+            part = grad_low @ self.weight
+            if bound is not None:
+                part = (part.float() * bound.unsqueeze(1)).to(part.dtype)
+            self.grad_hidden.index_copy_(0, rows, part)
         if self.grad_weight is not None:
             if grad_low.dtype == self.grad_weight.dtype:
                 self.grad_weight.addmm_(grad_low.T, hidden_chunk)
-            else:
+            elif bound is None:
                 self.grad_weight += (grad_low.T @ hidden_chunk).to(self.grad_weight.dtype)
-        if self.grad_bias is not None:
-            self.grad_bias += grad_logits.sum(0)
+            else:
+                max_bound = bound.max()
+                scaled = (hidden_chunk.float() * (bound / max_bound).unsqueeze(1))
+                part = grad_low.T @ scaled.to(hidden_chunk.dtype)
+                self.grad_weight.add_(part.to(self.grad_weight.dtype) * max_bound)
 
     def result(self):
         dtype = self.weight.dtype
@@ -219,12 +268,18 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
         def take(t):
             return None if t is None else t[piece]
 
-        grad = _grad_logits(logits, targets[piece], lse[piece], take(entropy),
-                            take(grad_logprobs), take(grad_lse), take(grad_entropy),
-                            take(grad_logits_mean), temperature,
-                            _softcap_chain(logits, softcap, ws), filter_eps, ws)
-        acc.add(grad, rows[piece], hidden_chunk, ws)
+        grads = [take(g) for g in (grad_logprobs, grad_lse, grad_entropy, grad_logits_mean)]
+        grad = _grad_logits(logits, targets[piece], lse[piece], take(entropy), *grads,
+                            temperature, _softcap_chain(logits, softcap, ws), filter_eps, ws)
+        acc.add(grad, rows[piece], hidden_chunk, ws, _bound(weight, grads, take(entropy)))
     return acc.result()
+
+
+def _bound(weight, grads, entropy):
+    """Per-token scale of an fp16 gradient chunk (``kernels/scaling.py``); None otherwise."""
+    if not scaling.needs_row_scale(weight.dtype):
+        return None
+    return scaling.grad_bound(*grads, entropy, weight.shape[0])
 
 
 @torch.no_grad()
@@ -254,5 +309,5 @@ def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=No
         loss += chunk_loss
         grad = _grad_logits(logits, targets[piece], stats[1], stats[3], *grads,
                             temperature, chain, filter_eps, ws, holds_probs=not with_entropy)
-        acc.add(grad, rows[piece], hidden_chunk, ws)
+        acc.add(grad, rows[piece], hidden_chunk, ws, _bound(weight, grads, stats[3]))
     return (loss, *acc.result())

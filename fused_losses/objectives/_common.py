@@ -10,16 +10,24 @@ the per-token outputs come back in the *prediction layout*: column t is about th
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from typing import Callable, Literal, NamedTuple
 
 import torch
 
-from ..backends import resolve_backend
-from ..primitive import LogProbs, linear_logprobs_loss
+from ..primitive import LogProbs, gradients_in_forward_available, linear_logprobs_loss
 from ..vocab_parallel import linear_logprobs
 
 IGNORE_INDEX = -100
+
+# What an objective's ``**primitive_options`` may hold: the primitive's keyword options,
+# its ``bias``, and ``grad_in_forward`` (the objectives' choice of path, see
+# :func:`fused_objective`). Read from the signature so a new primitive option passes at once.
+PRIMITIVE_OPTIONS = frozenset(
+    name for name, p in inspect.signature(linear_logprobs).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY) | {"bias", "grad_in_forward"}
 
 # Metric names, as TRL names them.
 REWARDS_CHOSEN = "rewards/chosen"
@@ -49,23 +57,99 @@ class LossOutput(NamedTuple):
 # Argument checks: each error names the argument, what came and what was expected.
 # ---------------------------------------------------------------------------------------------
 
+def _is_number(value) -> bool:
+    """A real Python number (a ``bool`` is not one, though Python counts it as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+
+
 def check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    """A finite number > 0 (``inf``, NaN and bools are refused)."""
+    if not _is_number(value) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def check_range(name: str, value, low: float, high: float, *, closed: bool = False) -> None:
-    """``low <= value < high`` (``<= high`` when ``closed``)."""
-    inside = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+    """A finite ``low <= value < high`` (``<= high`` when ``closed``)."""
+    inside = _is_number(value) and math.isfinite(value) and (
         low <= value <= high if closed else low <= value < high)
     if not inside:
-        raise ValueError(f"{name} must be a number in [{low}, {high}{']' if closed else ')'}, "
-                         f"got {value!r}")
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}"
+                         f"{']' if closed else ')'}, got {value!r}")
+
+
+def check_count(name: str, value) -> None:
+    """A loss divisor given by the caller (``num_items_in_batch``): None, a positive finite
+    number, or a one-element real tensor. A CPU tensor's value is checked too; an
+    accelerator's is not (that would be a host sync on every step)."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name} must be a number or a one-element real tensor, got a "
+                             f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+        if value.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        value = value.item()
+    if not _is_number(value) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite count (the number of scored items "
+                         f"the summed loss is divided by), got {value!r}")
+
+
+def check_options(function: str, options: dict, *, own: tuple[str, ...] = ()) -> None:
+    """Every keyword an objective passes on to the primitive must be one of its options;
+    anything else is a ``TypeError`` naming the public ``function`` (as Python's own is)."""
+    unknown = [name for name in options if name not in PRIMITIVE_OPTIONS]
+    if unknown:
+        name = unknown[0]
+        known = sorted(set(own) | PRIMITIVE_OPTIONS)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"{function}() got an unexpected keyword argument {name!r}{hint} "
+                        f"(its options: {sorted(own)}; the primitive's, passed through: "
+                        f"{sorted(PRIMITIVE_OPTIONS)})")
+    ignore_index = options.get("ignore_index", IGNORE_INDEX)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int (the label of unscored positions), got "
+                        f"{ignore_index!r}")
+
+
+def own_options(fn: Callable) -> tuple[str, ...]:
+    """The keyword-only parameters of an objective (for :func:`check_options`' message)."""
+    return tuple(name for name, p in inspect.signature(fn).parameters.items()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_call(fn: Callable, hidden, labels, primitive_options: dict, *,
+               pairs: bool = False) -> None:
+    """The checks every ``(hidden, weight, labels, **)`` objective starts with: its
+    pass-through keywords, the labels against ``hidden``, and a preference batch's 2B rows."""
+    check_options(fn.__name__, primitive_options, own=own_options(fn))
+    check_labels(hidden, labels)
+    if pairs:
+        check_pairs(labels)
+
+
+def resolve_alias(function: str, name: str, value, default, alias: str, alias_value):
+    """``value`` of option ``name``, or of its alias (TRL's name for it) when that is given.
+
+    Both given (``name`` away from its default) is a ``TypeError`` naming both.
+    """
+    if alias_value is None:
+        return value
+    if value != default:
+        raise TypeError(f"{function}() got both {name}={value!r} and {alias}={alias_value!r}; "
+                        f"{alias} is TRL's name for {name}: pass one of them")
+    return alias_value
 
 
 def check_labels(hidden: torch.Tensor, labels: torch.Tensor) -> None:
@@ -111,14 +195,27 @@ def to_labels_layout(values: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(values[:, :-1], (1, 0))
 
 
+def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values`` where ``mask`` is set, 0 elsewhere: ``where``, not a product, so a NaN or an
+    inf at an ignored position (a reference log-prob, a reward) never reaches a loss or its
+    gradient (``0 · nan`` is nan)."""
+    return torch.where(mask.bool(), values, torch.zeros_like(values))
+
+
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, T] -> [B]: the sum over scored positions."""
-    return (values * mask).sum(-1)
+    return masked(values, mask).sum(-1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A scalar: the mean over every scored position of the batch (0 when none is scored)."""
-    return (values * mask).sum() / mask.sum().clamp_min(1)
+    return masked(values, mask).sum() / mask.sum().clamp_min(1)
+
+
+def batch_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of a [B] tensor; 0 for an empty batch (not 0/0). The count is a shape: no
+    host sync."""
+    return values.sum() / max(values.numel(), 1)
 
 
 def sequence_logps(logprobs: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
@@ -223,8 +320,9 @@ def present_mean(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """``Σ_{present} values / len(values)``: a mean over every group, counting only these.
 
     ``where``, not a product: an absent group's value may be anything finite at zero stats.
+    An empty batch gives 0.
     """
-    return torch.where(present, values, torch.zeros_like(values)).sum() / values.shape[0]
+    return torch.where(present, values, torch.zeros_like(values)).sum() / max(values.shape[0], 1)
 
 
 def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: LossFrom, *,
@@ -322,15 +420,15 @@ def _grad_in_forward(requested, additive, hidden, weight, options) -> bool:
     if requested is not None and not isinstance(requested, bool):
         raise TypeError(f"grad_in_forward must be None or a bool, got {requested!r}")
     if requested is False or not additive or options.get("process_group") is not None \
-            or options.get("vocab_start") is not None:
+            or options.get("vocab_start") is not None or torch.compiler.is_compiling():
         return False
     if requested:
         return True
     bias = options.get("bias")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return needs_grad and hasattr(resolve_backend(options.get("backend", "auto"),
-                                                  hidden.device), "forward_backward")
+    return needs_grad and gradients_in_forward_available(options.get("backend", "auto"),
+                                                         hidden.device)
 
 
 def token_metrics(stats: TokenStats) -> dict[str, torch.Tensor]:
@@ -351,7 +449,8 @@ def reference_logprobs(labels, *, ref_logprobs=None, ref_hidden=None, ref_weight
 
     Takes precomputed ``ref_logprobs [B, T]`` (labels layout) or computes them from
     ``ref_hidden [B, T, H]``/``ref_weight [V, H]`` (and ``ref_bias``) with the primitive under
-    ``no_grad``, with the policy's primitive options (its ``bias`` excepted).
+    ``no_grad``, with the policy's primitive options (its ``bias`` excepted). Ignored
+    positions hold 0 whatever was passed there (NaN and inf included).
     """
     given = ref_logprobs is not None
     computed = ref_hidden is not None or ref_weight is not None
@@ -363,17 +462,17 @@ def reference_logprobs(labels, *, ref_logprobs=None, ref_hidden=None, ref_weight
                              f"(labels layout) or {name}_hidden [B, T, H] and {name}_weight [V, H]")
         return None
     if given:
-        if not isinstance(ref_logprobs, torch.Tensor) \
-                or tuple(ref_logprobs.shape) != tuple(labels.shape):
-            raise ValueError(f"{name}_logprobs must have the shape of labels "
-                             f"{tuple(labels.shape)}, got "
-                             f"{tuple(getattr(ref_logprobs, 'shape', ()))}")
-        return to_prediction_layout(ref_logprobs.detach())
+        check_per_token(f"{name}_logprobs", ref_logprobs, labels)
+        ignore_index = primitive_options.get("ignore_index", IGNORE_INDEX)
+        scored = shift_targets(labels, ignore_index) != ignore_index
+        return masked(to_prediction_layout(ref_logprobs.detach()), scored)
     if ref_hidden is None or ref_weight is None:
         raise ValueError(f"{name}_hidden and {name}_weight go together; got only one of them")
-    if ref_hidden.dim() != 3 or tuple(ref_hidden.shape[:2]) != tuple(labels.shape):
+    if not isinstance(ref_hidden, torch.Tensor) or ref_hidden.dim() != 3 \
+            or tuple(ref_hidden.shape[:2]) != tuple(labels.shape):
         raise ValueError(f"{name}_hidden must have shape [B, T, H] with [B, T] = "
-                         f"{tuple(labels.shape)} (labels), got {tuple(ref_hidden.shape)}")
+                         f"{tuple(labels.shape)} (labels), got "
+                         f"{tuple(getattr(ref_hidden, 'shape', ()))}")
     options = {k: v for k, v in primitive_options.items()
                if k != "bias" and not k.startswith("return_")}
     with torch.no_grad():
@@ -381,17 +480,99 @@ def reference_logprobs(labels, *, ref_logprobs=None, ref_hidden=None, ref_weight
     return stats.out.logprobs
 
 
+def check_per_token(name: str, values, labels: torch.Tensor) -> None:
+    """A per-token float input in the labels' layout (``ref_logprobs``, ``rewards``)."""
+    if not isinstance(values, torch.Tensor) or tuple(values.shape) != tuple(labels.shape):
+        raise ValueError(f"{name} must have the shape of labels {tuple(labels.shape)} "
+                         f"(a tensor), got {_shape_of(values)}")
+    if not values.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {values.dtype}")
+    if values.device != labels.device:
+        raise ValueError(f"{name} is on {values.device}; expected the device of labels "
+                         f"({labels.device})")
+
+
+def _shape_of(value) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) \
+        else f"a {type(value).__name__}"
+
+
+def sequence_reference(labels, *, average: bool, ref_logprobs=None, ref_hidden=None,
+                       ref_weight=None, ref_bias=None, ref_sequence_logps=None,
+                       ref_chosen_logps=None, ref_rejected_logps=None, required=True,
+                       **primitive_options):
+    """The reference's per-sequence log-probs [rows], detached: summed (``S^ref``) or
+    length-normalised (``Ā^ref``, ``average``); or None when none is given and not
+    ``required``.
+
+    From per-token ``ref_logprobs``/``ref_hidden``... (see :func:`reference_logprobs`), or
+    precomputed per sequence, as TRL stores them (``precompute_ref_log_probs``): summed over
+    each row's scored tokens, either ``ref_sequence_logps [rows]`` or, for a preference batch,
+    ``ref_chosen_logps [B]`` and ``ref_rejected_logps [B]`` (TRL's names). A per-sequence sum
+    is divided by the row's scored-token count when ``average``.
+    """
+    ignore_index = primitive_options.get("ignore_index", IGNORE_INDEX)
+    mask = (shift_targets(labels, ignore_index) != ignore_index)
+    pairs = ref_chosen_logps is not None or ref_rejected_logps is not None
+    per_token = any(t is not None for t in (ref_logprobs, ref_hidden, ref_weight))
+    if pairs:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError("ref_chosen_logps and ref_rejected_logps go together; got only "
+                             f"{'ref_chosen_logps' if ref_rejected_logps is None else 'ref_rejected_logps'}")
+        half = labels.shape[0] // 2
+        for name, t in (("ref_chosen_logps", ref_chosen_logps),
+                        ("ref_rejected_logps", ref_rejected_logps)):
+            check_per_sequence(name, t, half, labels.device)
+        if ref_sequence_logps is not None:
+            raise ValueError("pass ref_sequence_logps or ref_chosen_logps/ref_rejected_logps, "
+                             "not both")
+        ref_sequence_logps = torch.cat((ref_chosen_logps, ref_rejected_logps))
+    elif ref_sequence_logps is not None:
+        check_per_sequence("ref_sequence_logps", ref_sequence_logps, labels.shape[0],
+                           labels.device)
+    if ref_sequence_logps is not None:
+        if per_token:
+            raise ValueError("pass a per-token reference (ref_logprobs or ref_hidden/"
+                             "ref_weight) or a per-sequence one "
+                             f"({'ref_chosen_logps/ref_rejected_logps' if pairs else 'ref_sequence_logps'}), not both")
+        count = mask.sum(-1)
+        total = masked(ref_sequence_logps.detach(), count > 0)  # a row with nothing scored: 0
+        return total / count.clamp_min(1).to(total.dtype) if average else total
+    ref = reference_logprobs(labels, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
+                             ref_weight=ref_weight, ref_bias=ref_bias, required=False,
+                             **primitive_options)
+    if ref is None:
+        if required:
+            raise ValueError("this loss needs a reference: pass ref_logprobs [B, T] (labels "
+                             "layout), ref_hidden [B, T, H] with ref_weight [V, H], or TRL's "
+                             "per-sequence ref_chosen_logps [B] and ref_rejected_logps [B]")
+        return None
+    return sequence_logps(ref, mask.to(ref.dtype), average)
+
+
+def check_per_sequence(name: str, values, rows: int, device) -> None:
+    """A per-sequence float input, [rows]."""
+    if not isinstance(values, torch.Tensor) or tuple(values.shape) != (rows,):
+        raise ValueError(f"{name} must be a tensor of shape [{rows}] (one value per "
+                         f"sequence), got {_shape_of(values)}")
+    if not values.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {values.dtype}")
+    if values.device != device:
+        raise ValueError(f"{name} is on {values.device}; expected the device of labels "
+                         f"({device})")
+
+
 def pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
                  stats: TokenStats | None = None) -> dict[str, torch.Tensor]:
     """TRL's preference metrics from [B] tensors; ``logits/*`` when ``logits_mean`` came back."""
     r_w, r_l = chosen_rewards.detach(), rejected_rewards.detach()
     metrics = {
-        REWARDS_CHOSEN: r_w.mean(),
-        REWARDS_REJECTED: r_l.mean(),
-        REWARDS_ACCURACIES: (r_w > r_l).to(r_w.dtype).mean(),
-        REWARDS_MARGINS: (r_w - r_l).mean(),
-        LOGPS_CHOSEN: chosen_logps.detach().mean(),
-        LOGPS_REJECTED: rejected_logps.detach().mean(),
+        REWARDS_CHOSEN: batch_mean(r_w),
+        REWARDS_REJECTED: batch_mean(r_l),
+        REWARDS_ACCURACIES: batch_mean((r_w > r_l).to(r_w.dtype)),
+        REWARDS_MARGINS: batch_mean(r_w - r_l),
+        LOGPS_CHOSEN: batch_mean(chosen_logps.detach()),
+        LOGPS_REJECTED: batch_mean(rejected_logps.detach()),
     }
     if stats is not None and stats.out.logits_mean is not None:
         means, masks = split_pairs(stats.out.logits_mean.detach()), split_pairs(stats.mask)

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._common import check_labels, to_labels_layout, token_stats
+from ._common import check_labels, check_options, to_labels_layout, token_stats
 
 
 class CausalLMHead(NamedTuple):
@@ -80,6 +80,7 @@ def token_logprobs(
 
     The result is in the labels' layout that every loss's ``ref_logprobs`` expects: position
     t holds the log-prob of ``labels[:, t]``; 0 where ``labels`` is ignored and in column 0.
+    (``labels`` are Hugging Face labels, aligned with ``input_ids``; the shift happens here.)
 
     Args:
         model (nn.Module): a Hugging Face ``*ForCausalLM`` (decoder from ``get_decoder()``,
@@ -92,6 +93,7 @@ def token_logprobs(
     Returns:
         Tensor: [B, T] float32 (float64 for a float64 model).
     """
+    check_options("token_logprobs", primitive_options)
     if tuple(input_ids.shape) != tuple(labels.shape):
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels "
                          f"{tuple(labels.shape)} must have the same shape [B, T]")

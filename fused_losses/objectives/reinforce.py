@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (LossOutput, check_labels, check_range, discounted_suffix_sum,
-                      fused_objective, masked_mean, reference_logprobs, to_prediction_layout,
-                      token_metrics)
+from ._common import (LossOutput, check_bool, check_call, check_options, check_per_token,
+                      check_range, discounted_suffix_sum, fused_objective, masked,
+                      masked_mean, reference_logprobs, to_prediction_layout, token_metrics)
 from .logprobs import token_logprobs
 
 KL_CLAMP = 10.0  # |k1| is clamped to this before the penalty
@@ -43,6 +43,7 @@ def token_rewards(
 
     Paper: dense-path-reinforce §4.3 Eq. 5 and Figure 1.
     """
+    check_options("token_rewards", primitive_options)
     args = (input_ids, labels, attention_mask)
     return token_logprobs(sft_model, *args, **primitive_options) \
         - token_logprobs(ref_model, *args, **primitive_options)
@@ -70,16 +71,26 @@ def reinforce_loss(
     folded into the reward before the return). ``G`` is a constant for the gradient;
     ``whiten`` standardises it over the batch's scored tokens.
 
+    Defaults: γ = 1 as the paper's (App. B, Table 4); ``kl_coef`` = 0 where the paper's
+    runs use a KL weight of 1e-5 (which needs ``init_logprobs``): pass ``kl_coef=1e-5`` to
+    reproduce them.
+
+    Shifting: ``labels`` are Hugging Face labels aligned with ``input_ids``; the loss shifts
+    them itself (``hidden[:, t]`` predicts ``labels[:, t+1]``). The primitive
+    :func:`linear_logprobs` instead takes targets already aligned with ``hidden``.
+
     Args:
         hidden (Tensor): [B, T, H] the policy's final hidden states (rolled-out sequences).
         weight (Tensor): [V, H].
         labels (LongTensor): [B, T] Hugging Face labels; the response tokens are scored.
         rewards (Tensor): [B, T] token rewards in the labels' layout (from
-            :func:`token_rewards`); read only where ``labels`` is scored.
+            :func:`token_rewards`); read only where ``labels`` is scored (anything, NaN
+            included, may stand elsewhere).
         gamma (float): discount γ in [0, 1]. Default: 1.0 (the paper's).
         whiten (bool): ``(G − mean)/(std + 1e-8)`` over the batch's scored tokens.
             Default: False.
-        kl_coef (float): >= 0, λ_KL of the per-token k1 penalty. Default: 0.0.
+        kl_coef (float): >= 0, λ_KL of the per-token k1 penalty. Default: 0.0 (the paper:
+            1e-5).
         init_logprobs (Tensor, optional): [B, T] the initial policy's log-probs, labels
             layout; needed when ``kl_coef > 0`` (or ``init_hidden``/``init_weight``/
             ``init_bias``). Default: None.
@@ -94,32 +105,31 @@ def reinforce_loss(
 
     Paper: dense-path-reinforce §4.3, Algorithm 1 (steps 6-9).
     """
-    check_labels(hidden, labels)
+    check_call(reinforce_loss, hidden, labels, primitive_options)
     check_range("gamma", gamma, 0.0, 1.0, closed=True)
+    check_bool("whiten", whiten)
     check_range("kl_coef", kl_coef, 0.0, float("inf"))
-    if not isinstance(rewards, torch.Tensor) or tuple(rewards.shape) != tuple(labels.shape):
-        raise ValueError(f"rewards must have the shape of labels {tuple(labels.shape)}, got "
-                         f"{tuple(getattr(rewards, 'shape', ()))}")
+    check_per_token("rewards", rewards, labels)
     init = reference_logprobs(labels, ref_logprobs=init_logprobs, ref_hidden=init_hidden,
                               ref_weight=init_weight, ref_bias=init_bias,
                               required=kl_coef > 0, name="init", **primitive_options)
 
     def returns_of(stats):  # (r̂ [B, T], k1 [B, T] or None, G [B, T]); constants
         logp, mask = stats.out.logprobs, stats.mask
-        reward = to_prediction_layout(rewards.detach()).to(logp.dtype) * mask
+        reward = masked(to_prediction_layout(rewards.detach()).to(logp.dtype), mask)
         k1 = None
         if kl_coef > 0:
-            k1 = (logp.detach() - init.to(logp.dtype)).clamp(-KL_CLAMP, KL_CLAMP) * mask
+            k1 = masked((logp.detach() - init.to(logp.dtype)).clamp(-KL_CLAMP, KL_CLAMP), mask)
         penalised = reward if k1 is None else reward - kl_coef * k1
-        returns = discounted_suffix_sum(penalised, gamma) * mask
+        returns = masked(discounted_suffix_sum(penalised, gamma), mask)
         if whiten:
             mean = masked_mean(returns, mask)
             var = masked_mean((returns - mean).square(), mask)
-            returns = (returns - mean) / (var.sqrt() + 1e-8) * mask
+            returns = masked((returns - mean) / (var.sqrt() + 1e-8), mask)
         return reward, k1, returns
 
     def loss_from(stats, present):  # linear in logp: rows outside the chunk are 0
-        return -(stats.out.logprobs * returns_of(stats)[2]).sum() / labels.shape[0]
+        return -(stats.out.logprobs * returns_of(stats)[2]).sum() / max(labels.shape[0], 1)
 
     # G_t sums later tokens of the sequence (k1 included); whitening G with k1 inside mixes
     # every sequence's log-probs, so that case is not a sum over sequences.

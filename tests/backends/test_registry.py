@@ -53,3 +53,16 @@ def test_every_backend_has_the_interface(name):
     if hasattr(module, "forward_backward"):
         assert keywords(module.forward_backward) >= FORWARD_BACKWARD | module.OPTIONS
         assert module.ONE_PASS_BYTES > 0
+
+
+@pytest.mark.parametrize("name", fused_losses.BACKENDS)
+def test_every_name_in_BACKENDS_works_as_backend(name):
+    from tests.helpers import HAS_TRITON, make_inputs
+    if name != "auto" and backends._REGISTRY[name].triton and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    hidden, weight, targets, _ = make_inputs(5, 8, 30, torch.float32)
+    loss = fused_losses.linear_cross_entropy(hidden, weight, targets, backend=name)
+    want = fused_losses.linear_cross_entropy(hidden, weight, targets, backend="torch")
+    torch.testing.assert_close(loss, want)
+    out = fused_losses.linear_logprobs(hidden, weight, targets, backend=name)
+    assert out.logprobs.shape == targets.shape

@@ -4,7 +4,7 @@ import torch
 from fused_losses import linear_logprobs
 from fused_losses.backends.torch_chunked import _chunks
 from tests.helpers import make_inputs
-from tests.test_primitive import check_against_reference
+from tests.helpers import check_against_reference
 
 
 def test_chunking_does_not_change_results():

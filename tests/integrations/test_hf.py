@@ -198,9 +198,6 @@ def test_trls_fp32_head_option_is_honoured():
                                    atol=1e-5, msg=name)
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=False, reason=(
-    "waits on gpu-right's autocast work (issue 12 item 3): linear_cross_entropy under "
-    "autocast fails in index_copy_ (float32 vs bfloat16)"))
 def test_plain_loss_under_autocast_runs_the_head_in_the_autocast_dtype():
     """Under autocast the stock head runs in bf16 (F.linear); the patched loss must agree
     with the stock loss to bf16 accuracy and give float32 gradients to float32 weights."""

@@ -1,10 +1,16 @@
-"""Compile every shipped kernel configuration for real GPU targets on a CPU-only machine.
+"""Compile kernel configurations for real GPU targets on a CPU-only machine.
 
-Run as a script (``python tests/kernels/compile_probe.py``) in a process WITHOUT
-``TRITON_INTERPRET``, because the interpreter replaces ``@triton.jit`` functions with
-objects ``triton.compile`` cannot take. Prints one JSON object per compiled variant:
-kernel, dtype, flags, arch, shared memory (bytes), registers per thread, spill stack and
-whether Hopper's wgmma was emitted.
+Run as a script (``python tests/kernels/compile_probe.py [--scope shipped|space]``) in a
+process WITHOUT ``TRITON_INTERPRET``, because the interpreter replaces ``@triton.jit``
+functions with objects ``triton.compile`` cannot take. Prints one JSON object per compiled
+variant: kernel, dtype, flags, arch, shared memory (bytes), registers per thread, spill stack
+and whether Hopper's wgmma was emitted.
+
+Scopes: ``shipped`` (the default) compiles every default of ``configs.SHIPPED`` for its
+targets, each dtype of its class and both flag extremes; the epilogue kernels, which have no K loop, for bf16 and
+fp32 with every flag on (their heaviest variant). ``space`` compiles each autotune member
+that is not a default (``configs.SPACE``) on the exact path (every flag off: what tuning
+times) in bf16 or fp32: 112 compiles, minutes on two cores, so the test runs it as slow.
 
 A launch specialises its arguments: an integer equal to 1 becomes a constant and pointers
 and integers divisible by 16 are marked so. That decides whether loads vectorise and the
@@ -14,6 +20,7 @@ strides 1) and every size and row stride a multiple of 16 (H = 4096, V = 128256,
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -26,17 +33,21 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fused_losses.kernels import configs, logprobs_bwd, logprobs_fwd
+from fused_losses.kernels import configs, epilogue, logprobs_bwd, logprobs_fwd, products
 
 # config table entry -> the kernels launched with it
 KERNELS = {
     "fwd": [logprobs_fwd._logprobs_fwd_kernel],
     "bwd": [logprobs_bwd._grad_logits_kernel, logprobs_bwd._grad_hidden_kernel,
-            logprobs_bwd._grad_weight_kernel],
+            logprobs_bwd._grad_weight_kernel, products._products_kernel],
+    "epilogue": [epilogue._fold_kernel, epilogue._grad_kernel],
 }
+# the kernels with a tl.dot K loop: pipelined (cp.async) and, 16-bit on sm_90, wgmma
+GEMMS = {fn.__name__ for entry in ("fwd", "bwd") for fn in KERNELS[entry]}
 DTYPES = {"16bit": ["bf16", "fp16"], "fp32": ["fp32"]}
-# pointers in the input dtype (the gradient chunk and dW are kept in the weight's dtype)
-INPUT_POINTERS = {"hidden_ptr", "weight_ptr", "bias_ptr", "grad_chunk_ptr", "grad_weight_ptr"}
+# pointers in the input dtype (the gradient chunks and dW are kept in the weight's dtype)
+INPUT_POINTERS = {"hidden_ptr", "weight_ptr", "bias_ptr", "grad_chunk_ptr", "grad_weight_ptr",
+                  "grad_ptr"}
 INT8_POINTERS = {"keep_ptr"}
 INT64_POINTERS = {"rows_ptr", "targets_ptr", "argmax_ptr"}
 FLOAT_SCALARS = {"inv_temperature", "softcap", "inv_vocab", "filter_eps"}
@@ -83,9 +94,12 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 def flag_sets(fn):
-    """Every flag off, and every flag on: the two extremes of each kernel's code paths."""
+    """Every flag off, and every flag on: the two extremes of each kernel's code paths (one
+    set for a kernel without flags)."""
     flags = [n for n in fn.arg_names if n.isupper() and n.startswith(("HAS_", "WITH_", "FILTER",
                                                                      "NEED_"))]
+    if not flags:
+        return [{}]
     return [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
 
 
@@ -98,8 +112,13 @@ def compile_one(fn, entry: str, dtype: str, flags: dict, cfg: dict, arch: int) -
         options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return dict(
         entry=entry, kernel=fn.__name__, dtype=dtype,
-        flags="all" if all(flags.values()) else "none", arch=arch, config=cfg,
+        flags="none" if not any(flags.values()) else "all", arch=arch, config=cfg,
         shared=compiled.metadata.shared, limit=configs.SHARED_MEMORY_LIMIT[arch],
+        # what tuning assumes a config takes (None: no K loop); members over a device's
+        # limit by this estimate are never launched there
+        estimate=configs.shared_memory(entry, 4 if dtype == "fp32" else 2, cfg)
+        if fn.__name__ in GEMMS else None,
+        gemm=fn.__name__ in GEMMS,
         # Hopper's warp-group MMA: whether Triton lowered the tile products to wgmma
         wgmma="wgmma.mma_async" in compiled.asm["ptx"],
         # asynchronous global->shared copies: the K loop is software-pipelined
@@ -107,11 +126,36 @@ def compile_one(fn, entry: str, dtype: str, flags: dict, cfg: dict, arch: int) -
         **resource_usage(compiled.asm["cubin"]))
 
 
-def main() -> int:
-    for (entry, dtype_class, cfg), arch in itertools.product(configs.SHIPPED, (80, 90)):
-        for fn in KERNELS[entry]:
-            for dtype, flags in itertools.product(DTYPES[dtype_class], flag_sets(fn)):
-                print(json.dumps(compile_one(fn, entry, dtype, flags, cfg, arch)), flush=True)
+def variants(scope: str):
+    """(kernel, entry, dtype, flags, config, arch) for every variant the scope compiles."""
+    if scope == "shipped":
+        for entry, dtype_class, cfg, archs in configs.SHIPPED:
+            for fn in KERNELS[entry]:
+                if entry == "epilogue":
+                    dtypes, flags = ["bf16" if dtype_class == "16bit" else "fp32"], \
+                        flag_sets(fn)[-1:]
+                else:
+                    dtypes, flags = DTYPES[dtype_class], flag_sets(fn)
+                for dtype, flag_set, arch in itertools.product(dtypes, flags, archs):
+                    yield fn, entry, dtype, flag_set, cfg, arch
+    else:
+        defaults = [(entry, cls, cfg) for entry, cls, cfg, _ in configs.SHIPPED]
+        for entry, table in configs.SPACE.items():
+            for dtype_class, members in table.items():
+                for cfg in members:
+                    if (entry, dtype_class, cfg) in defaults:
+                        continue
+                    for fn, arch in itertools.product(KERNELS[entry], (80, 90)):
+                        yield (fn, entry, "bf16" if dtype_class == "16bit" else "fp32",
+                               flag_sets(fn)[0], cfg, arch)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scope", choices=("shipped", "space"), default="shipped")
+    args = parser.parse_args(argv)
+    for fn, entry, dtype, flags, cfg, arch in variants(args.scope):
+        print(json.dumps(compile_one(fn, entry, dtype, flags, cfg, arch)), flush=True)
     return 0
 
 

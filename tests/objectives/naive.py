@@ -67,14 +67,17 @@ def _dphi(name, u):
             "gan": lambda: 1 / (math.exp(u) - 1)}[name]()
 
 
-def cutoff(name, eps, max_weight):
-    return {"squared_hellinger": -1 + eps, "kl": -1 - math.log(max_weight),
-            "reverse_kl": eps, "jensen_shannon": -math.log(2) + eps, "gan": eps}.get(name)
+def cutoff(name, max_weight):
+    """u_c where φ'(u_c) = max_weight, solved by hand from the table's φ'."""
+    w = max_weight
+    return {"squared_hellinger": -1 + 1 / math.sqrt(w), "kl": -1 - math.log(w),
+            "reverse_kl": 1 / w, "jensen_shannon": math.log((1 + 1 / w) / 2),
+            "gan": math.log(1 + 1 / w)}.get(name)
 
 
-def phi_safe_scalar(name, u: torch.Tensor, eps=0.1, max_weight=10.0):
+def phi_safe_scalar(name, u: torch.Tensor, max_weight=10.0):
     """A 0-d float64 tensor u -> φ_safe(u) (differentiable through u)."""
-    c = cutoff(name, eps, max_weight)
+    c = cutoff(name, max_weight)
     if c is not None and float(u.detach()) < c:
         return _phi(name, c) + _dphi(name, c) * (u - c)
     if name == "kl":
@@ -92,8 +95,10 @@ def phi_safe_scalar(name, u: torch.Tensor, eps=0.1, max_weight=10.0):
     return u
 
 
-def sft(hidden, weight, labels, ref, *, divergence, beta=1.0, value_mode="token",
-        value_grad=False, num_items=None, eps=0.1, max_weight=10.0, bias=None):
+def sft(hidden, weight, labels, ref, *, divergence, beta=1.0, value_mode="sequence",
+        value_grad=False, num_items=None, max_weight=10.0, bias=None):
+    """objectives.md §1 in the labels layout: label t is predicted from hidden t-1, so the
+    state s_t before label t has its lse at hidden t-1 and the state after it at hidden t."""
     logps, lse, mask = labels_logps(hidden, weight, labels, bias)
     if not value_grad:
         lse = lse.detach()
@@ -103,22 +108,21 @@ def sft(hidden, weight, labels, ref, *, divergence, beta=1.0, value_mode="token"
         scored = [t for t in range(labels.shape[1]) if mask[b, t]]
         if not scored:
             continue
-        v0 = lse[b, scored[0] - 1]  # hidden position k-1 predicts the first scored label k
         if value_mode == "token":
             for t in scored:
                 rho = logps[b, t] - (0 if linear else ref[b, t])
-                dv = v0 - lse[b, t - 1]
+                dv = lse[b, t - 1] - lse[b, t]  # V(s_t) - V(s_{t+1})
                 u = beta * (rho + dv) if (value_grad or not linear) else beta * rho
-                terms.append(phi_safe_scalar(divergence, u, eps, max_weight))
+                terms.append(phi_safe_scalar(divergence, u, max_weight))
         else:
             rho = sum(logps[b, t] - (0 if linear else ref[b, t]) for t in scored)
-            dv = v0 - lse[b, scored[-1]]  # the last scored label's own hidden position
+            dv = lse[b, scored[0] - 1] - lse[b, scored[-1]]  # V(s_0) - V(s_T)
             u = beta * (rho + dv) if (value_grad or not linear) else beta * rho
-            terms.append(phi_safe_scalar(divergence, u, eps, max_weight))
+            terms.append(phi_safe_scalar(divergence, u, max_weight))
     if not terms:
         return hidden.sum() * 0
     total = -torch.stack(terms).sum()
-    return total / (len(terms) if num_items is None else num_items)
+    return total / (int(mask.sum()) if num_items is None else num_items)
 
 
 # ----------------------------------------------------------------------------------------
@@ -167,8 +171,9 @@ def halves(x):
 
 
 def chosen_nll(logps, mask):
+    """Token-mean NLL of the chosen rows; 0 when none of their tokens is scored."""
     lw, mw = halves(logps)[0], halves(mask)[0]
-    return -(lw * mw).sum() / mw.sum()
+    return -(lw * mw).sum() / max(int(mw.sum()), 1)
 
 
 def batch(rows=3, T=9, H=16, V=67, *, bias=False, seed=None):

@@ -96,7 +96,21 @@ def test_bad_inputs():
         dil_loss(hidden[:1], weight, labels[:1], ref_logprobs=ref[:1], **TORCH)
     with pytest.raises(ValueError, match="needs a reference"):
         dil_loss(hidden, weight, labels, **TORCH)
-    with pytest.raises(ValueError, match="beta must be a positive number"):
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
         dil_loss(hidden, weight, labels, ref_logprobs=ref, variant="dpo", beta=0, **TORCH)
     with pytest.raises(ValueError, match="ref_hidden and ref_weight go together"):
         dil_loss(hidden, weight, labels, ref_hidden=hidden.detach(), **TORCH)
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_trl_per_sequence_reference_equals_per_token(average):
+    """TRL's summed per-sequence references, length-normalised here when DIL averages."""
+    hidden, weight, labels, _ = pairs(B=3)
+    ref = ref_for(hidden, weight, labels)
+    chosen, rejected = halves(ref.sum(-1))
+    a = dil_loss(hidden, weight, labels, ref_logprobs=ref, average_log_prob=average, **TORCH)
+    b = dil_loss(hidden, weight, labels, ref_chosen_logps=chosen, ref_rejected_logps=rejected,
+                 average_log_prob=average, **TORCH)
+    assert_close(b.loss, a.loss.detach(), F64, name="loss")
+    for got, want in zip(grads(b.loss, hidden, weight), grads(a.loss, hidden, weight)):
+        assert_close(got, want, F64)

@@ -117,7 +117,8 @@ def test_dil(case, paths):
 
 @pytest.mark.parametrize("case", [
     dict(), dict(divergence="kl"), dict(divergence="jensen_shannon", value_grad=True),
-    dict(divergence="reverse_kl", value_mode="sequence"),
+    dict(divergence="reverse_kl", value_mode="token"),
+    dict(divergence="squared_hellinger", value_mode="token", value_grad=True),
     dict(divergence="pearson_chi2", value_mode="sequence", value_grad=True,
          num_items_in_batch=11),
     dict(divergence="total_variation", value_mode="sequence", value_grad=True, beta=0.5)],
@@ -156,7 +157,8 @@ def test_reinforce_whitened_kl_recomputes(paths):
 def test_ift(gamma, detach, paths):
     model = tiny_model("llama")
     input_ids, labels, attention_mask = lm_batch()
-    params = [model.get_output_embeddings().weight, model.get_input_embeddings().weight]
+    params = [model.get_output_embeddings().weight,
+              model.get_decoder().layers[0].self_attn.q_proj.weight]
 
     def run(grad_in_forward):
         out = ift_loss(model, input_ids, labels, attention_mask=attention_mask, gamma=gamma,

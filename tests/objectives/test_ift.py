@@ -1,5 +1,7 @@
 """IFT on tiny random Llama and Qwen2 against a naive two-pass implementation that, like
 the official code, runs the full model (materialised logits) in both passes."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,13 +13,22 @@ from tests.objectives.models import HeadNeverCalled, lm_batch, tiny_model
 F64 = torch.float64
 
 
-def naive_ift(model, input_ids, labels, attention_mask, lam, gamma, detach=False):
+def frozen_copy(model):
+    """The official code's ``embed_tokens``: a copy of the input embeddings, no gradient."""
+    embed = copy.deepcopy(model.get_input_embeddings())
+    return embed.requires_grad_(False)
+
+
+def naive_ift(model, input_ids, labels, attention_mask, lam, gamma, detach=False, embed=None):
+    """The official two passes on materialised logits; ``embed`` is the table both passes
+    embed with (default: a frozen copy, as the official code; the live module to train it)."""
+    embed = frozen_copy(model) if embed is None else embed
+    inputs_embeds = embed(input_ids)
     with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
     further = torch.cat((input_ids[:, :1], logits.argmax(-1)[:, :-1]), dim=1)
     mixed = torch.where(labels == -100, input_ids, further)
-    embed = model.get_input_embeddings()
-    embeds = (1 - lam) * embed(input_ids) + lam * embed(mixed)
+    embeds = (1 - lam) * inputs_embeds + lam * embed(mixed)
     logp = model(inputs_embeds=embeds, attention_mask=attention_mask).logits.log_softmax(-1)
     per_seq = []
     for b in range(labels.shape[0]):
@@ -47,10 +58,18 @@ def _params(model):
             model.get_decoder().layers[0].self_attn.q_proj.weight]
 
 
+def _grads(loss, params):
+    """Gradients, zeros where a parameter is not reached (e.g. frozen input embeddings)."""
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(got, params)]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("lam,gamma,detach", [(0.2, 0.95, False), (0.5, 1.0, True),
                                               (1.0, 0.5, False)])
 def test_ift_matches_naive(arch, lam, gamma, detach):
+    """Default: both passes embed through the frozen input embeddings (the official code);
+    qwen2's tied head still trains as the head."""
     model = tiny_model(arch, tie=arch == "qwen2")
     input_ids, labels, attention_mask = lm_batch()
     with HeadNeverCalled(model):
@@ -59,10 +78,48 @@ def test_ift_matches_naive(arch, lam, gamma, detach):
     expected = naive_ift(model, input_ids, labels, attention_mask, lam, gamma, detach)
     assert_close(out.loss, expected, F64, scale=100, name="loss")
     params = _params(model)
-    got = torch.autograd.grad(out.loss, params)
-    want = torch.autograd.grad(expected, params)
-    for g, w, name in zip(got, want, ("lm_head", "embed", "q_proj")):
+    for g, w, name in zip(_grads(out.loss, params), _grads(expected, params),
+                          ("lm_head", "embed", "q_proj")):
         assert_close(g, w, F64, scale=100, name=name)
+
+
+def test_ift_sends_no_gradient_into_untied_input_embeddings():
+    model = tiny_model("llama")
+    input_ids, labels, attention_mask = lm_batch()
+    out = ift_loss(model, input_ids, labels, attention_mask=attention_mask, backend="torch")
+    out.loss.backward()
+    embed = model.get_input_embeddings().weight
+    assert embed.grad is None or torch.count_nonzero(embed.grad) == 0
+    assert torch.count_nonzero(model.get_output_embeddings().weight.grad) > 0
+
+
+def test_ift_options_for_the_embeddings():
+    """train_embeddings=True: the live embeddings, with gradient (the old behaviour);
+    input_embeddings=: a frozen table other than the live one (the official code's copy
+    taken at the start, after the tied head has moved). On a tied head, where both matter."""
+    model = tiny_model("qwen2", tie=True)
+    input_ids, labels, attention_mask = lm_batch()
+    params = _params(model)
+    out = ift_loss(model, input_ids, labels, attention_mask=attention_mask,
+                   train_embeddings=True, backend="torch")
+    live = naive_ift(model, input_ids, labels, attention_mask, 0.2, 0.95,
+                     embed=model.get_input_embeddings())
+    assert_close(out.loss, live, F64, scale=100, name="loss (live)")
+    want = _grads(live, params)
+    assert torch.count_nonzero(want[1]) > 0  # the embeddings are reached
+    for g, w in zip(_grads(out.loss, params), want):
+        assert_close(g, w, F64, scale=100, name="grad (live)")
+
+    start = frozen_copy(model)
+    with torch.no_grad():
+        start.weight.add_(0.3 * torch.randn_like(start.weight))
+    for table in (start, start.weight):
+        out = ift_loss(model, input_ids, labels, attention_mask=attention_mask,
+                       input_embeddings=table, backend="torch")
+        expected = naive_ift(model, input_ids, labels, attention_mask, 0.2, 0.95, embed=start)
+        assert_close(out.loss, expected, F64, scale=100, name="loss (given table)")
+        for g, w in zip(_grads(out.loss, params), _grads(expected, params)):
+            assert_close(g, w, F64, scale=100, name="grad (given table)")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -89,9 +146,17 @@ def test_ift_module_and_bad_inputs():
     b = ift_loss(model, input_ids, labels, attention_mask=attention_mask, lam=0.3, gamma=0.9,
                  backend="torch")
     assert_close(a.loss, b.loss.detach(), F64)
-    with pytest.raises(ValueError, match=r"lam must be a number in \[0.0, 1.0\]"):
+    with pytest.raises(ValueError, match=r"lam must be a finite number in \[0.0, 1.0\]"):
         ift_loss(model, input_ids, labels, lam=1.5)
-    with pytest.raises(ValueError, match="gamma must be a number in"):
+    with pytest.raises(ValueError, match="gamma must be a finite number in"):
         ift_loss(model, input_ids, labels, gamma=-0.1)
     with pytest.raises(ValueError, match="same shape"):
         ift_loss(model, input_ids[:, 1:], labels)
+    with pytest.raises(ValueError, match="not both"):
+        ift_loss(model, input_ids, labels, train_embeddings=True,
+                 input_embeddings=frozen_copy(model))
+    with pytest.raises(ValueError, match=r"input_embeddings must be .* \(67, 16\)"):
+        ift_loss(model, input_ids, labels, input_embeddings=torch.zeros(3, 16))
+    with pytest.raises(TypeError, match=r"ift_loss\(\) got an unexpected keyword argument "
+                                        r"'lamda'; did you mean 'lam'\?"):
+        ift_loss(model, input_ids, labels, lamda=0.1)

@@ -32,8 +32,9 @@ def naive_simpo(hidden, weight, labels, beta, gamma, eps):
 
 def naive_orpo(hidden, weight, labels, lam, bias=None):
     logps, _, mask = naive.labels_logps(hidden, weight, labels, bias)
-    w, l = halves(naive.seq(logps, mask, True))
-    log_odds = (w - l) - (torch.log(1 - torch.exp(w)) - torch.log(1 - torch.exp(l)))
+    # Ā just below 0 (the documented guard): a row of certain, or no, tokens stays finite
+    w, l = (a.clamp_max(-torch.finfo(F64).tiny) for a in halves(naive.seq(logps, mask, True)))
+    log_odds = (w - l) - (torch.log(-torch.expm1(w)) - torch.log(-torch.expm1(l)))
     return naive.chosen_nll(logps, mask) - lam * F.logsigmoid(log_odds).mean(), log_odds
 
 
@@ -101,7 +102,7 @@ def test_bad_inputs(fn):
     with pytest.raises(ValueError, match="odd number"):
         fn(hidden[:3], weight, labels[:3], **TORCH)
     bad = {"simpo_loss": "beta", "orpo_loss": "lam", "cpo_loss": "beta"}[fn.__name__]
-    with pytest.raises(ValueError, match=f"{bad} must be a positive number"):
+    with pytest.raises(ValueError, match=f"{bad} must be a positive finite number"):
         fn(hidden, weight, labels, **{bad: 0.0}, **TORCH)
     assert math.isfinite(float(fn(hidden, weight, labels, **TORCH).loss.detach()))
 
@@ -140,3 +141,19 @@ def test_simpo_orpo_cpo_match_liger():
         for got, want, name in zip(grads(ours.loss, hidden, weight), grads(theirs, h, w),
                                    ("dH", "dW")):
             assert_close(got, want, torch.float32, scale=10, name=f"{name} vs Liger")
+
+
+@pytest.mark.parametrize("fn,ours,trl,value", [
+    (orpo_loss, "lam", "beta", 0.3), (simpo_loss, "gamma", "simpo_gamma", 0.8),
+    (cpo_loss, "alpha", "cpo_alpha", 0.4)])
+def test_trl_names_are_aliases(fn, ours, trl, value):
+    """A TRL user's hyper-parameter name means what it means in TRL; given with ours, a
+    TypeError names both."""
+    hidden, weight, labels, _ = pairs()
+    a = fn(hidden, weight, labels, **{ours: value}, **TORCH)
+    b = fn(hidden, weight, labels, **{trl: value}, **TORCH)
+    assert_close(b.loss, a.loss.detach(), F64)
+    with pytest.raises(TypeError, match=f"{fn.__name__}\\(\\) got both {ours}=.* and {trl}="):
+        fn(hidden, weight, labels, **{ours: value / 2, trl: value}, **TORCH)
+    with pytest.raises(ValueError, match=f"{trl} must be a"):
+        fn(hidden, weight, labels, **{trl: float("inf")}, **TORCH)

@@ -60,7 +60,7 @@ def test_kl_penalty_needs_the_initial_policy():
         reinforce_loss(hidden, weight, labels, rewards=rewards, kl_coef=0.1, **TORCH)
     with pytest.raises(ValueError, match="rewards must have the shape of labels"):
         reinforce_loss(hidden, weight, labels, rewards=rewards[:, 1:], **TORCH)
-    with pytest.raises(ValueError, match="gamma must be a number in"):
+    with pytest.raises(ValueError, match="gamma must be a finite number in"):
         reinforce_loss(hidden, weight, labels, rewards=rewards, gamma=1.5, **TORCH)
     init_hidden = torch.randn_like(hidden.detach())
     a = reinforce_loss(hidden, weight, labels, rewards=rewards + 1, kl_coef=0.2,

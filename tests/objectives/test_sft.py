@@ -21,9 +21,11 @@ def _check(out_loss, expected, hidden, weight, bias=None, scale=1.0):
         assert_close(got, want, F64, scale=scale, name=name)
 
 
-def test_total_variation_is_cross_entropy():
+@pytest.mark.parametrize("value_mode", ["sequence", "token"])
+def test_total_variation_is_cross_entropy(value_mode):
+    """Both modes divide by the scored tokens: TV with β = 1 is F.cross_entropy."""
     hidden, weight, labels, bias = batch(bias=True)
-    out = sft_loss(hidden, weight, labels, bias=bias, **TORCH)
+    out = sft_loss(hidden, weight, labels, bias=bias, value_mode=value_mode, **TORCH)
     z = naive.logits_of(hidden, weight, bias)[:, :-1]
     expected = F.cross_entropy(z.reshape(-1, z.shape[-1]), labels[:, 1:].reshape(-1))
     _check(out.loss, expected, hidden, weight, bias)
@@ -113,7 +115,7 @@ def test_guards_are_finite_far_outside_domains(divergence):
     value, guarded = phi_safe(divergence, u)
     (grad,) = torch.autograd.grad(value.sum(), u)
     assert torch.isfinite(value).all() and torch.isfinite(grad).all()
-    cut = naive.cutoff(divergence, 0.1, 10.0)
+    cut = naive.cutoff(divergence, 10.0)
     if cut is not None:  # C¹ at the cut-off: value and slope agree from both sides
         assert bool(guarded[u.argmin()]) and not bool(guarded[u.argmax()])
         pts = torch.tensor([cut - 1e-7, cut + 1e-7], dtype=F64, requires_grad=True)
@@ -172,7 +174,7 @@ def test_bad_inputs_are_clear_errors():
         sft_loss(hidden, weight, labels, divergence="kld", **TORCH)
     with pytest.raises(ValueError, match="value_mode must be one of"):
         sft_loss(hidden, weight, labels, value_mode="seq", **TORCH)
-    with pytest.raises(ValueError, match="beta must be a positive number"):
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
         sft_loss(hidden, weight, labels, beta=0.0, **TORCH)
     with pytest.raises(ValueError, match="needs a reference"):
         sft_loss(hidden, weight, labels, divergence="kl", **TORCH)
@@ -184,15 +186,82 @@ def test_bad_inputs_are_clear_errors():
     assert math.isfinite(float(sft_loss(hidden, weight, labels, **TORCH).loss.detach()))
 
 
-@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "squared_hellinger"])
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be a positive finite"),
+    (dict(num_items_in_batch=-5), ValueError, "num_items_in_batch must be a positive finite"),
+    (dict(num_items_in_batch=torch.tensor(0)), ValueError, "num_items_in_batch must be a pos"),
+    (dict(num_items_in_batch=float("inf")), ValueError, "num_items_in_batch must be a posit"),
+    (dict(num_items_in_batch=True), ValueError, "num_items_in_batch must be a positive"),
+    (dict(num_items_in_batch=torch.tensor([3, 4])), ValueError,
+     r"num_items_in_batch must be a number or a one-element real tensor, got a tensor of "
+     r"shape \(2,\)"),
+    (dict(beta=float("inf")), ValueError, "beta must be a positive finite number, got inf"),
+    (dict(beta=float("nan")), ValueError, "beta must be a positive finite number, got nan"),
+    (dict(beta=True), ValueError, "beta must be a positive finite number, got True"),
+    (dict(max_weight=0.0), ValueError, "max_weight must be a positive finite number"),
+    (dict(value_grad="yes"), TypeError, "value_grad must be a bool"),
+    (dict(value_mode=None), ValueError, "value_mode must be one of"),
+    (dict(eps=0.1), TypeError, r"sft_loss\(\) got an unexpected keyword argument 'eps'"),
+    (dict(betta=0.1), TypeError, r"sft_loss\(\) got an unexpected keyword argument 'betta'; "
+                                 r"did you mean 'beta'\?"),
+    (dict(ignore_index=None), TypeError, "ignore_index must be an int"),
+])
+def test_bad_options_are_clear_errors(kwargs, error, pattern):
+    hidden, weight, labels, _ = batch()
+    with pytest.raises(error, match=pattern):
+        sft_loss(hidden, weight, labels, **kwargs, **TORCH)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "squared_hellinger", "gan",
+                                        "jensen_shannon"])
 def test_guard_options_match_naive(divergence):
     hidden, weight, labels, _ = batch()
     ref = _ref_near(hidden, weight, labels, spread=2.0)
-    out = sft_loss(hidden, weight, labels, ref_logprobs=ref, divergence=divergence,
-                   eps=0.3, max_weight=3.0, **TORCH)
-    expected = naive.sft(hidden, weight, labels, ref, divergence=divergence, eps=0.3,
-                         max_weight=3.0)
-    _check(out.loss, expected, hidden, weight, scale=10)
+    for value_mode in ("sequence", "token"):
+        out = sft_loss(hidden, weight, labels, ref_logprobs=ref, divergence=divergence,
+                       max_weight=3.0, value_mode=value_mode, **TORCH)
+        expected = naive.sft(hidden, weight, labels, ref, divergence=divergence,
+                             max_weight=3.0, value_mode=value_mode)
+        _check(out.loss, expected, hidden, weight, scale=10)
+
+
+@pytest.mark.parametrize("max_weight", [0.5, 3.0, 10.0, 100.0])
+@pytest.mark.parametrize("divergence", sorted(set(DIVERGENCES) - {"total_variation",
+                                                                  "pearson_chi2"}))
+def test_max_weight_caps_every_divergence(divergence, max_weight):
+    """One knob: below u_c, where φ'(u_c) = max_weight, φ is its tangent, so no term's
+    weight φ'(u) exceeds max_weight, for every divergence with an unbounded weight."""
+    u = torch.linspace(-30, 30, 6001, dtype=F64, requires_grad=True)
+    value, guarded = phi_safe(divergence, u, max_weight=max_weight)
+    (weight,) = torch.autograd.grad(value.sum(), u)
+    assert float(weight.max()) <= max_weight * (1 + 1e-9)
+    cut = naive.cutoff(divergence, max_weight)
+    below = u.detach() < cut
+    assert torch.equal(guarded, below)
+    torch.testing.assert_close(weight[below], torch.full_like(weight[below], max_weight))
+    assert_close(torch.tensor(naive._dphi(divergence, cut), dtype=F64),
+                 torch.tensor(max_weight, dtype=F64), F64, name="φ'(u_c)")
+
+
+def test_token_rewards_telescope_to_the_sequence_reward():
+    """Lemma 1 per step: Σ_t u_t = u when the response has no holes. TV is linear, so with
+    value_grad (the values kept) the token-mode loss equals the sequence-mode loss."""
+    hidden, weight, labels, _ = batch(rows=3, T=6)
+    kw = dict(value_grad=True, beta=0.7, **TORCH)
+    token = sft_loss(hidden, weight, labels, value_mode="token", **kw).loss
+    sequence = sft_loss(hidden, weight, labels, value_mode="sequence", **kw).loss
+    _check(token, sequence, hidden, weight)
+    plain = sft_loss(hidden, weight, labels, **TORCH).loss  # values off: CE
+    assert abs(float((token - plain).detach())) > 1e-3  # the values do enter
+
+
+def test_empty_batch_is_zero():
+    hidden, weight, labels, _ = batch()
+    for divergence in ("total_variation", "kl"):
+        out = sft_loss(hidden[:0], weight, labels[:0], divergence=divergence,
+                       ref_logprobs=torch.zeros(0, labels.shape[1], dtype=F64), **TORCH)
+        assert float(out.loss.detach()) == 0.0
+        assert all(float(v) == 0.0 for v in out.metrics.values())
 
 
 def test_primitive_options_pass_through():
