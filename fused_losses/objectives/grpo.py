@@ -25,9 +25,9 @@ from typing import Callable, Literal
 
 import torch
 
-from ._common import (IGNORE_INDEX, LossOutput, check_choice, check_labels, check_positive,
-                      check_range, fused_objective, masked_mean, reference_logprobs,
-                      shift_targets, to_prediction_layout, token_metrics)
+from ._common import (IGNORE_INDEX, LossOutput, check_call, check_choice, check_count,
+                      check_positive, check_range, fused_objective, masked_mean,
+                      reference_logprobs, shift_targets, to_prediction_layout, token_metrics)
 
 # Metric names, as TRL's GRPOTrainer logs them.
 KL = "kl"
@@ -175,7 +175,7 @@ def grpo_loss(
     for the clipped surrogate; Zheng et al. 2025 (GSPO) for the sequence-level ratio; the
     loss types as cited beside ``TOKEN_WEIGHTS``.
     """
-    check_labels(hidden, labels)
+    check_call(grpo_loss, hidden, labels, primitive_options)
     check_choice("loss_type", loss_type, TOKEN_WEIGHTS)
     check_choice("importance_sampling_level", importance_sampling_level, ("token", "sequence"))
     check_range("beta", beta, 0.0, math.inf)
@@ -184,6 +184,7 @@ def grpo_loss(
     check_range("entropy_coef", entropy_coef, -math.inf, math.inf)
     if delta is not None:
         check_positive("delta", delta)
+    check_count("num_items_in_batch", num_items_in_batch)
     if max_completion_length is not None and (
             not isinstance(max_completion_length, int) or isinstance(max_completion_length, bool)
             or max_completion_length <= 0):
@@ -208,8 +209,8 @@ def grpo_loss(
                              **primitive_options)
     per_row = scored.sum(-1).double()  # the weights in float64, cast to the loss's dtype
     batch_tokens = per_row.sum()
-    step_tokens = batch_tokens if num_items_in_batch is None else _count(num_items_in_batch,
-                                                                        labels.device)
+    step_tokens = batch_tokens if num_items_in_batch is None else torch.as_tensor(
+        num_items_in_batch, dtype=torch.float64, device=labels.device).reshape(())
     token_weight = TOKEN_WEIGHTS[loss_type](per_row, batch_tokens, step_tokens, rows,
                                             max_completion_length)
     sequence_level = importance_sampling_level == "sequence"
@@ -333,20 +334,6 @@ def _per_row_or_token(name, value, labels, scored, *, neutral: float) -> torch.T
         return torch.where(scored, per_token, torch.full_like(per_token, neutral))
     raise ValueError(f"{name} must have shape [B] = [{rows}], [B, 1] or [B, T] = "
                      f"[{rows}, {length}] (labels layout), got {shape}")
-
-
-def _count(num_items, device) -> torch.Tensor:
-    """``num_items_in_batch`` as a scalar tensor (a tensor's value is not read: no host sync)."""
-    if isinstance(num_items, torch.Tensor):
-        if num_items.numel() != 1 or num_items.is_complex() or num_items.dtype == torch.bool:
-            raise ValueError(f"num_items_in_batch must be a positive count (a number or a "
-                             f"one-element tensor), got a tensor of shape "
-                             f"{tuple(num_items.shape)} and dtype {num_items.dtype}")
-        return num_items.detach().reshape(()).to(device=device, dtype=torch.float64)
-    if isinstance(num_items, bool) or not isinstance(num_items, (int, float)) \
-            or not num_items > 0:
-        raise ValueError(f"num_items_in_batch must be a positive count, got {num_items!r}")
-    return torch.tensor(float(num_items), dtype=torch.float64, device=device)
 
 
 def _clip_metrics(ratio, adv, mask, per_sequence, loss_type, epsilon_low, epsilon_high):

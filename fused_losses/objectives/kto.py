@@ -24,9 +24,9 @@ import torch
 
 from ._common import (IGNORE_INDEX, LOGITS_CHOSEN, LOGITS_REJECTED, LOGPS_CHOSEN,
                       LOGPS_REJECTED, REWARDS_CHOSEN, REWARDS_MARGINS, REWARDS_REJECTED,
-                      LossOutput, check_choice, check_labels, check_positive, check_range,
-                      fused_objective, masked_mean, present_mean, reference_logprobs,
-                      sequence_logps, shift_targets, token_metrics)
+                      LossOutput, check_bool, check_call, check_choice, check_positive,
+                      check_range, fused_objective, masked_mean, present_mean,
+                      reference_logprobs, sequence_logps, shift_targets, token_metrics)
 
 # (ρ [B], z, β, desirable [B] bool) -> per-sequence loss [B], before the class weights.
 UnpairedLoss = Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor], torch.Tensor]
@@ -106,17 +106,15 @@ def kto_loss(
 
     Paper: Ethayarajh et al. 2024, §4, Eq. 7.
     """
-    check_labels(hidden, labels)
+    check_call(kto_loss, hidden, labels, primitive_options)
     check_choice("loss_type", loss_type, KTO_LOSSES)
     check_positive("beta", beta)
     check_range("desirable_weight", desirable_weight, 0.0, math.inf)
     check_range("undesirable_weight", undesirable_weight, 0.0, math.inf)
+    check_bool("average_log_prob", average_log_prob)
     desirable = _preferences(preference_labels, labels)
-    ignore_index = primitive_options.get("ignore_index", IGNORE_INDEX)
-    ref = _scored_only(reference_logprobs(labels, ref_logprobs=ref_logprobs,
-                                          ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                          ref_bias=ref_bias, **primitive_options),
-                       labels, ignore_index)
+    ref = reference_logprobs(labels, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
+                             ref_weight=ref_weight, ref_bias=ref_bias, **primitive_options)
     z = _reference_point(kl, kl_hidden, kl_labels, kl_ref_logprobs, kl_ref_hidden, weight,
                          ref_weight, ref_bias, labels, average_log_prob, primitive_options)
     class_weight = torch.where(desirable, *(torch.tensor(float(w), dtype=torch.float64,
@@ -262,16 +260,9 @@ def _reference_point(kl, kl_hidden, kl_labels, kl_ref_logprobs, kl_ref_hidden, w
                                    name="kl_ref", **primitive_options)
     ignore_index = primitive_options.get("ignore_index", IGNORE_INDEX)
     mask = (shift_targets(kl_labels, ignore_index) != ignore_index).to(policy.dtype)
-    reference = _scored_only(reference, kl_labels, ignore_index).to(policy)
-    gap = sequence_logps(policy, mask, average) - sequence_logps(reference, mask, average)
+    gap = sequence_logps(policy, mask, average) \
+        - sequence_logps(reference.to(policy), mask, average)
     return gap.mean().double().clamp_min(0)
-
-
-def _scored_only(values, labels, ignore_index) -> torch.Tensor:
-    """Given log-probs (prediction layout) with 0 where nothing is scored: a NaN there (a
-    sampler that could not score a token) would survive the masked sums (NaN·0 = NaN)."""
-    scored = shift_targets(labels, ignore_index) != ignore_index
-    return torch.where(scored, values, torch.zeros_like(values))
 
 
 def _class_metrics(rewards, policy, desirable, stats) -> dict[str, torch.Tensor]:

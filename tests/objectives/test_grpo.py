@@ -381,6 +381,7 @@ def test_module_stores_options():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(loss_type="ppo"), ValueError, "loss_type must be one of"),
+    (dict(epsilon=0.1), TypeError, r"grpo_loss\(\) got an unexpected keyword argument 'epsilon'"),
     (dict(importance_sampling_level="group"), ValueError, "importance_sampling_level"),
     (dict(beta=-0.1), ValueError, "beta must be a"),
     (dict(epsilon_low=1.0), ValueError, "epsilon_low must be a"),

@@ -281,6 +281,8 @@ def test_module_stores_options():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(loss_type="bco"), ValueError, "loss_type must be one of"),
+    (dict(betta=0.2), TypeError, "did you mean 'beta'"),
+    (dict(average_log_prob=1), TypeError, "average_log_prob must be a bool"),
     (dict(beta=0), ValueError, "beta must be a positive"),
     (dict(desirable_weight=-1), ValueError, "desirable_weight must be a"),
     (dict(preference_labels=torch.ones(5)), ValueError, "preference_labels must be a bool"),
