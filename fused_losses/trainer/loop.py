@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint
 from . import data as D
-from . import distributed, recipes
+from . import distributed, recipes, sampling
 from .config import Config, loss_options, parse_args, to_argv
 from .errors import TrainError
 from .fileio import write_text_atomically
@@ -151,7 +151,8 @@ def train(cfg: Config) -> dict:
 
     def evaluate() -> dict:
         micro = cfg.batch_size // (cfg.grad_accum * procs.world)  # records per micro-batch
-        return step_once.evaluate(eval_source.held_out(micro), lambda b: recipe.items(b, opts))
+        return step_once.evaluate(sampling.held_out(eval_source, eval_set, enc.pad_id, micro),
+                                  lambda b: recipe.items(b, opts))
 
     # --- the loop ---------------------------------------------------------------------------
     from tqdm import tqdm
@@ -164,7 +165,7 @@ def train(cfg: Config) -> dict:
         for step in range(start, cfg.max_steps):
             t0 = time.perf_counter()
             batch = source.batch(step)
-            sampling = time.perf_counter() - t0  # an on-policy source generates here
+            sampled = time.perf_counter() - t0  # an on-policy source generates here
             # One sum over processes gives the step's item count (the loss divisor) and tokens.
             counts = torch.tensor([recipe.items(batch, opts), int(batch["attention_mask"].sum())])
             num_items, tokens = distributed.sum_over_processes(counts, procs).tolist()
@@ -172,10 +173,10 @@ def train(cfg: Config) -> dict:
             seconds = time.perf_counter() - t0
             if step > start:  # the first step pays one-off costs (allocations, threads)
                 timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
-                timed_training += seconds - sampling
+                timed_training += seconds - sampled
             record.update(tokens=tokens, tokens_per_s=tokens / seconds,
-                          train_tokens_per_s=tokens / (seconds - sampling),
-                          peak_memory_mb=memory.peak_mb(), **source.stats())
+                          train_tokens_per_s=tokens / (seconds - sampled),
+                          peak_memory_mb=memory.peak_mb(), **sampling.stats(source))
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
                 record.update(evaluate())
             if procs.is_main:  # one line per step: a kill can tear only the last one

@@ -5,8 +5,10 @@ A batch source gives each process its rows of the step's batch: right-padded ``i
 ``attention_mask`` and Hugging Face ``labels``, plus whatever per-row tensors the objective
 reads (precomputed ``ref_logprobs``; for GRPO the sampler's ``rewards`` and ``advantages``).
 Its ``state_dict`` goes into the checkpoint, so that a resumed run draws exactly the batches
-the uninterrupted one would have drawn. ``held_out`` gives the evaluation batches of a source
-built on the held-out split; ``stats`` what making the latest batch cost (generation time).
+the uninterrupted one would have drawn. Two methods are optional (see :func:`held_out` and
+:func:`stats`): ``held_out`` gives the evaluation batches of a source built on the held-out
+split (an on-policy source samples them), ``stats`` what making the latest batch cost
+(generation time).
 """
 from __future__ import annotations
 
@@ -26,12 +28,6 @@ from .errors import TrainError
 class BatchSource(Protocol):
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """This process's rows of the batch of optimizer step ``step`` (0-based), on the CPU."""
-
-    def held_out(self, micro: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Evaluation batches over the whole split (every process evaluates all of it)."""
-
-    def stats(self) -> dict[str, float]:
-        """What making the latest batch cost, for the metrics log (e.g. generation time)."""
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue the same sequence of batches."""
@@ -57,21 +53,29 @@ class DatasetBatches:
         whole = D.collate(self.data, indices, self.pad_id)
         return D.split_rows(whole, self.procs.world, self.procs.rank, self.width)
 
-    def held_out(self, micro: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Consecutive batches of ``2 · micro`` records (the last partial one dropped)."""
-        n = len(self.data.rows)
-        size = min(max(micro, 1) * 2, n)
-        for first in range(0, n - size + 1, size):
-            yield D.collate(self.data, list(range(first, first + size)), self.pad_id)
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def held_out(source: BatchSource, data: D.Encoded, pad_id: int,
+             micro: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Evaluation batches over the whole held-out split ``data`` (every process evaluates all
+    of it): the source's own ``held_out(micro)`` when it has one (an on-policy source samples
+    them), else consecutive batches of ``2 · micro`` records (the last partial one dropped)."""
+    if hasattr(source, "held_out"):
+        yield from source.held_out(micro)
+        return
+    size = min(max(micro, 1) * 2, len(data.rows))
+    for first in range(0, len(data.rows) - size + 1, size):
+        yield D.collate(data, list(range(first, first + size)), pad_id)
+
+
+def stats(source: BatchSource) -> dict[str, float]:
+    """What making the source's latest batch cost (its ``stats()``, when it has one)."""
+    return source.stats() if hasattr(source, "stats") else {}
 
 
 def dataset_batches(cfg, lm, data: D.Encoded, enc: D.Encoder,
