@@ -102,10 +102,11 @@ class Recipe:
     state: Callable[[dict], ObjectiveState] = _stateless
     sampler: Callable[..., BatchSource] = dataset_batches  # (cfg, lm, data, enc, procs)
     check: Callable[..., list[str]] = _no_problems  # (cfg) -> problems with flags it reads
-    flags: frozenset[str] = frozenset()  # Config fields only this objective reads: set for
-    # another objective they are an error, not silently ignored
+    own_flags: frozenset[str] = frozenset()  # Config fields only this objective reads: set
+    # for another objective they are an error, not silently ignored
     renames: Mapping[str, str] = field(default_factory=dict)  # flag -> argument (ORPO: beta -> lam)
     provided: frozenset[str] = frozenset()  # arguments the recipe passes itself
+    flags: tuple[str, ...] = ()  # Config fields that are also options (grpo: max_completion_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +129,12 @@ class Head(NamedTuple):
     weight: torch.Tensor  # [V, H] in the hidden states' dtype
     options: dict  # what makes hidden @ weight.T the model's own logits: bias, softcap,
     # temperature (1 / logit scale); the primitive's keywords
+
+
+def head_weight(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """The output embedding's weight alone, in hidden's dtype: without the model's logit
+    transform (see :func:`head`, which the recipes should use)."""
+    return head(lm, hidden).weight
 
 
 def check_head(lm, flag: str) -> None:
@@ -201,7 +208,9 @@ def frozen_logprobs(model, batch, impl: str) -> torch.Tensor:
         return fused_losses.token_logprobs(model, batch["input_ids"], batch["labels"],
                                            batch["attention_mask"])
     hidden = decode(model, batch)
-    return to_label_layout(materialise(hidden, head(model, hidden), batch["labels"]).logp)
+    lm_head = head(model, hidden)
+    return to_label_layout(materialise(hidden, lm_head.weight, batch["labels"],
+                                       **lm_head.options).logp)
 
 
 def reference_context(models: dict, batch, impl: str) -> dict:
@@ -256,12 +265,12 @@ class Materialised(NamedTuple):
         return self.logits.mean(-1)
 
 
-def materialise(hidden, lm_head: Head, labels) -> Materialised:
-    """Full logits, ``log_softmax`` and the target gather, as users run them without fusion."""
-    transform = lm_head.options
-    logits = reference_logits(hidden, lm_head.weight, transform.get("bias"),
-                              temperature=transform.get("temperature", 1.0),
-                              softcap=transform.get("softcap"))
+def materialise(hidden, weight, labels, *, bias=None, temperature: float = 1.0,
+                softcap: float | None = None) -> Materialised:
+    """Full logits, ``log_softmax`` and the target gather, as users run them without fusion;
+    the keywords are a :class:`Head`'s ``options`` (``materialise(h, head.weight, labels,
+    **head.options)``)."""
+    logits = reference_logits(hidden, weight, bias, temperature=temperature, softcap=softcap)
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     targets = shift(labels)
     scored = targets != IGNORE

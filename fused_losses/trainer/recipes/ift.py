@@ -31,7 +31,8 @@ def unfused(opts):
         ids, labels = batch["input_ids"], batch["labels"]
         with torch.no_grad():  # pass 1: greedy predictions from the full logits
             hidden = decode(lm, batch)
-            clean = materialise(hidden, head(lm, hidden), labels)
+            lm_head = head(lm, hidden)
+            clean = materialise(hidden, lm_head.weight, labels, **lm_head.options)
             greedy = clean.logits.argmax(-1)
         # x̃_j = â_{j−1} where labels[j] is scored; the true token elsewhere (column 0 has no
         # prediction before it).
@@ -42,7 +43,8 @@ def unfused(opts):
         if not train_embeddings:  # the official code embeds through a frozen table
             mixed = mixed.detach()
         hidden = decode(lm, batch, inputs_embeds=mixed)
-        stats = materialise(hidden, head(lm, hidden), labels)
+        lm_head = head(lm, hidden)
+        stats = materialise(hidden, lm_head.weight, labels, **lm_head.options)
         mask = stats.mask
         nll = -stats.logp * mask
         if gamma == 0:  # the official code's weights for γ = 0: ones, and no eps

@@ -60,7 +60,8 @@ def unfused(pair_loss):
     def make(opts):
         def step(lm, batch, ctx):
             hidden = decode(lm, batch)
-            stats = materialise(hidden, head(lm, hidden), batch["labels"])
+            lm_head = head(lm, hidden)
+            stats = materialise(hidden, lm_head.weight, batch["labels"], **lm_head.options)
             loss, metrics = pair_loss(stats, ctx, opts)
             return loss.mean() * pairs(batch, opts) / ctx["num_items"], metrics
         return step

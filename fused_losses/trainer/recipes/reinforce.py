@@ -32,7 +32,8 @@ def unfused(opts):
 
     def step(lm, batch, ctx):
         hidden = decode(lm, batch)
-        stats = materialise(hidden, head(lm, hidden), batch["labels"])
+        lm_head = head(lm, hidden)
+        stats = materialise(hidden, lm_head.weight, batch["labels"], **lm_head.options)
         logp, mask = stats.logp, stats.mask
         reward = to_prediction_layout(ctx["rewards"]).to(logp.dtype) * mask
         penalised, metrics = reward, {"reward/mean": masked_mean(reward, mask)}
@@ -83,6 +84,6 @@ def check(cfg) -> list[str]:
 RECIPE = Recipe(objective=fused_losses.reinforce_loss, data="sft", fused=fused,
                 unfused=unfused, unfused_options=frozenset({"gamma", "whiten", "kl_coef"}),
                 items=items, frozen=frozen, context=context, check=check,
-                flags=frozenset({"reward_model", "reward_ref"}),
+                own_flags=frozenset({"reward_model", "reward_ref"}),
                 provided=frozenset({"rewards", "init_logprobs", "init_hidden", "init_weight",
                                     "init_bias"}))

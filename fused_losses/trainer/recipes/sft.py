@@ -68,7 +68,8 @@ def unfused(opts):
 
     def step(lm, batch, ctx):
         hidden = decode(lm, batch)
-        stats = materialise(hidden, head(lm, hidden), batch["labels"])
+        lm_head = head(lm, hidden)
+        stats = materialise(hidden, lm_head.weight, batch["labels"], **lm_head.options)
         logp, mask = stats.logp, stats.mask
         rho = logp if linear else logp - to_prediction_layout(ctx["ref_logprobs"]) * mask
         values = None
