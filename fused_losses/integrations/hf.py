@@ -29,7 +29,8 @@ from typing import NamedTuple
 import torch
 from transformers.utils import ModelOutput
 
-from .. import BACKENDS, linear_cross_entropy
+from ..backends import BACKENDS
+from ..cross_entropy import linear_cross_entropy
 from ..objectives.logprobs import PROBE, causal_lm_head, transform_mismatch
 from ..primitive import check_options, check_positive_finite
 from .trl import (DEFAULT_OUTPUTS, FusedCausalLMOutput, check_outputs, fused_head_fields,
@@ -347,3 +348,31 @@ def unpatch_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
             model._forward_pre_hooks_with_kwargs.pop(key, None)
             model._forward_hooks_with_kwargs.pop(key, None)
     return model
+
+
+def add_fused_lm_head(model: torch.nn.Module, temperature: float = 1.0,
+                      cast_lm_head_to_fp32: bool = False,
+                      outputs: tuple[str, ...] = ("log_probs",)) -> None:
+    """TRL's ``add_fused_lm_head`` with TRL's signature, on our kernels.
+
+    ``model(..., labels=labels, fused_lm_head=True)`` then returns
+    :class:`~fused_losses.integrations.trl.FusedCausalLMOutput`; calls without ``fused_lm_head`` get the stock model's
+    outputs (with labels: its loss, fused, ``logits=None``). Equivalent to
+    ``patch_causal_lm(model, temperature=..., cast_lm_head_to_fp32=..., outputs=...)``.
+    """
+    patch_causal_lm(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+                    outputs=outputs)
+
+
+def patch_trainer(trainer, **options):
+    """Patch a TRL (or HF) trainer's policy and reference models; returns the trainer.
+
+    Both must run the same head: a policy on our kernels against a reference on TRL's
+    would start DPO at a margin of rounding noise instead of exactly 0. Models already
+    patched are left as they are. ``options`` go to :func:`fused_losses.patch_causal_lm`.
+    """
+    for name in ("model", "ref_model"):
+        model = getattr(trainer, name, None)
+        if model is not None and not is_patched(model):
+            patch_causal_lm(model, **options)
+    return trainer

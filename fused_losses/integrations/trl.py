@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import ModelOutput
 
-from .. import linear_logprobs
+from ..vocab_parallel import linear_logprobs
 from ..cross_entropy import check_item_count
 from ..primitive import next_token_targets
 
@@ -90,7 +90,7 @@ def trl_head_options(model: torch.nn.Module) -> dict | None:
                     f"({function.__qualname__} in {code.co_filename}) whose options "
                     f"{wanted} cannot be read, so patch_causal_lm cannot serve its "
                     "fused_lm_head=True calls faithfully. Patch the model before that head "
-                    "is added with fused_losses.integrations.trl.add_fused_lm_head instead")
+                    "is added with fused_losses.integrations.add_fused_lm_head instead")
             return {name: cells[name] for name in wanted}
         forward = getattr(function, "__wrapped__", None)
     return None
@@ -137,35 +137,3 @@ def fused_head_fields(hidden, weight, bias, labels, *, shifted: bool, num_items_
     if not shifted:  # the last position has no next token
         fields = {k: None if v is None else v[:, :-1] for k, v in fields.items()}
     return FusedCausalLMOutput(loss=-fields["log_probs"].sum() / count, **fields)
-
-
-def add_fused_lm_head(model: torch.nn.Module, temperature: float = 1.0,
-                      cast_lm_head_to_fp32: bool = False,
-                      outputs: tuple[str, ...] = ("log_probs",)) -> None:
-    """TRL's ``add_fused_lm_head`` with TRL's signature, on our kernels.
-
-    ``model(..., labels=labels, fused_lm_head=True)`` then returns
-    :class:`FusedCausalLMOutput`; calls without ``fused_lm_head`` get the stock model's
-    outputs (with labels: its loss, fused, ``logits=None``). Equivalent to
-    ``patch_causal_lm(model, temperature=..., cast_lm_head_to_fp32=..., outputs=...)``.
-    """
-    from .hf import patch_causal_lm  # hf imports this module
-
-    patch_causal_lm(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
-                    outputs=outputs)
-
-
-def patch_trainer(trainer, **options):
-    """Patch a TRL (or HF) trainer's policy and reference models; returns the trainer.
-
-    Both must run the same head: a policy on our kernels against a reference on TRL's
-    would start DPO at a margin of rounding noise instead of exactly 0. Models already
-    patched are left as they are. ``options`` go to :func:`fused_losses.patch_causal_lm`.
-    """
-    from .hf import is_patched, patch_causal_lm
-
-    for name in ("model", "ref_model"):
-        model = getattr(trainer, name, None)
-        if model is not None and not is_patched(model):
-            patch_causal_lm(model, **options)
-    return trainer
