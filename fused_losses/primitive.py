@@ -28,8 +28,8 @@ Backend = str  # one of BACKENDS
 class LogProbs(NamedTuple):
     """Per-token outputs of :func:`linear_logprobs`, each shaped like ``targets``.
 
-    ``logprobs``, ``lse``, ``entropy`` and ``logits_mean`` are float32 and differentiable;
-    ``argmax`` is int64. Ignored positions hold 0 (``argmax``: ``ignore_index``). Outputs not
+    ``logprobs``, ``lse``, ``entropy`` and ``logits_mean`` are float32 (float64 for float64
+    inputs) and differentiable; ``argmax`` is int64. Ignored positions hold 0 (``argmax``: ``ignore_index``). Outputs not
     asked for are ``None``.
     """
 
