@@ -717,7 +717,10 @@ def linear_logprobs_loss(
     Args:
         loss_fn (callable): ``(LogProbs, LongTensor [n]) -> scalar``; plain differentiable
             torch math on [n]-sized tensors. It must count only the groups present in
-            ``positions`` (a pair absent from the chunk contributes nothing, not f(0)).
+            ``positions`` (a pair absent from the chunk contributes nothing, not f(0)). Only
+            the statistics' gradients are formed, so a loss that also reads a tensor
+            requiring a gradient (a learnable scale) is refused with a ``ValueError`` while
+            hidden/weight/bias need one; use :func:`linear_logprobs` for such a loss.
         groups (LongTensor, optional): shaped like ``targets``; group id of each position.
             Default: None (every token is its own group).
         others: as in :func:`fused_losses.linear_logprobs`.
