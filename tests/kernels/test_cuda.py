@@ -92,3 +92,25 @@ def test_bitwise_deterministic_and_zero_filter_is_exact_on_cuda(backend):
     first, again, zero_eps = grads(), grads(deterministic=True), grads(filter_eps=0.0)
     for a, b, c in zip(first, again, zero_eps):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("rows", [1024, 8192])  # the one-pass tiles ([1, 4096]), the widest rows
+def test_in_place_16bit_gradient_equals_the_out_of_place_one_on_cuda(rows):
+    """epilogue.grad writes a bf16 gradient over the first half of each fp32 product row,
+    bytes that other warps of the program read: a race if the barrier between a tile's loads
+    and its store were missing. Out of place (a separate buffer) there is nothing to race."""
+    from fused_losses.kernels import epilogue
+
+    vocab = 128256
+    product = torch.randn(rows, vocab, device=CUDA) * 4
+    targets = torch.randint(0, vocab, (rows,), device=CUDA)
+    lse = torch.logsumexp(product, dim=-1)
+    g = torch.randn(rows, device=CUDA)
+    want = torch.empty(rows, vocab, dtype=torch.bfloat16, device=CUDA)
+    epilogue.grad(product, want, 0, None, targets, lse, g, None, None, None, None, vocab=vocab)
+    for _ in range(5):
+        work = product.clone()
+        view = work.view(torch.bfloat16)[:, :vocab]
+        epilogue.grad(work, view, 0, None, targets, lse, g, None, None, None, None,
+                      vocab=vocab)
+        assert torch.equal(view, want)
