@@ -26,10 +26,11 @@ step (reference forward, policy forward + head backward, decoder backward)::
   (``python -m fused_losses.planner_validate``; ``docs/planner.md`` states the error).
   ``unfused`` is the trainer's ``--impl unfused`` path: ``[tokens, V]`` logits in the compute
   dtype, upcast to fp32, ``log_softmax``, gather (12 B per token per vocab entry at its peak;
-  a Hugging Face model that also returns ``outputs.logits`` holds 2 B more). ``fused`` is
-  :func:`fused_losses.linear_logprobs` (dH and dW, O(tokens) statistics; the torch backend
-  adds an fp32 dW accumulator, the Triton backend a 64 MiB gradient chunk).
-  With ``--tp`` the head is vocabulary-parallel: each GPU holds ``V / tp`` columns.
+  a Hugging Face model that also returns ``outputs.logits`` holds 2 B more). ``fused`` is one
+  term per registered backend (``--backend``, default the CUDA default) and path (``--path``:
+  ``one-pass``, gradients in forward, the library's default, with an fp32 dW accumulator; or
+  ``recompute``), each counting the tensors the backend's code holds at its peak. With
+  ``--tp`` the head is vocabulary-parallel: each GPU holds ``V / tp`` columns, recomputed.
 
 Preference objectives (dpo, simpo, orpo, cpo, dil) run chosen and rejected sequences in one
 forward, so a micro-batch of ``b`` pairs is ``2 b`` sequences of ``--seq-len`` tokens. DPO
