@@ -10,6 +10,9 @@ always taken against the ``naive`` row of the same mode and case):
 * ``ce`` -- mean cross-entropy. Naive is ``F.cross_entropy(h @ W.T, y)``.
 * ``dpo`` -- sigmoid DPO on ``[2B, T]`` (chosen rows first, then rejected), reference model
   computed from reference hidden states (no gradient). Naive materialises both models' logits.
+* ``distill`` -- token-mean generalised JSD (β = 0.5, τ = 1, no hard term) between a teacher
+  head (its own width H_t, no gradient) and the student's, every row scored. Naive
+  materialises both models' logits (TRL GKD's ``generalized_jsd_loss``).
 
 A case may set ``softcap`` (Gemma-2's ``s * tanh(z / s)`` on the logits); every provider of the
 ``logprobs`` and ``ce`` modes applies it. Our own variants are generated from the library's
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import types
@@ -36,7 +40,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-MODES = ("logprobs", "ce", "dpo")
+MODES = ("logprobs", "ce", "dpo", "distill")
 
 
 @dataclass
@@ -51,6 +55,8 @@ class Inputs:
     ref_weight: torch.Tensor | None = None   # dpo only, no grad
     beta: float = 0.1
     softcap: float | None = None  # logits -> softcap * tanh(logits / softcap) (Gemma-2)
+    teacher_hidden: torch.Tensor | None = None   # distill only: [N, H_t], no grad
+    teacher_weight: torch.Tensor | None = None   # distill only: [V, H_t], no grad
 
     def params(self):
         return (self.hidden, self.weight)
@@ -65,8 +71,9 @@ class Inputs:
 
 def make_inputs(mode: str, N: int, H: int, V: int, dtype: torch.dtype, device: str,
                 seed: int = 0, pairs: int = 2, seq: int = 512,
-                softcap: float | None = None) -> Inputs:
-    """Random inputs with logits of O(1) spread (weight ~ N(0, 1/H)). dpo: N = 2*pairs*seq.
+                softcap: float | None = None, teacher_H: int = 1536) -> Inputs:
+    """Random inputs with logits of O(1) spread (weight ~ N(0, 1/H)). dpo: N = 2*pairs*seq;
+    distill: a teacher of width ``teacher_H``.
 
     Drawn on ``device`` (a GPU draws a 1 GB head in milliseconds; the CPU would take seconds),
     so a CUDA case's numbers differ from the same case's on the CPU."""
@@ -89,6 +96,9 @@ def make_inputs(mode: str, N: int, H: int, V: int, dtype: torch.dtype, device: s
                       softcap=softcap)
     hidden = randn(N, H).requires_grad_()
     upstream = torch.randn(N, generator=gen, device=device)
+    if mode == "distill":
+        return Inputs(hidden, weight, randint(N), upstream, teacher_hidden=randn(N, teacher_H),
+                      teacher_weight=randn(V, teacher_H, scale=teacher_H ** -0.5))
     return Inputs(hidden, weight, randint(N), upstream, softcap=softcap)
 
 
@@ -403,6 +413,65 @@ _CCE_CUDA = "cut-cross-entropy's Triton kernels need CUDA (they fail under the i
 _LIGER_CUDA = "Liger's Triton kernels need CUDA (they fail under the interpreter)"
 _TRL_NEEDS = ("trl.kernels.chunked_logprob", "trl.trainer.utils")
 
+
+# ---------------------------------------------------------------------------------------------
+# Distillation: token-mean generalised JSD (β = 0.5, τ = 1) of a teacher and a student head
+# ---------------------------------------------------------------------------------------------
+
+DISTILL_BETA = 0.5
+
+
+def _naive_distill(x: Inputs):
+    def forward():
+        log_q = torch.log_softmax((x.hidden @ x.weight.T).float(), dim=-1)
+        with torch.no_grad():
+            log_p = torch.log_softmax((x.teacher_hidden @ x.teacher_weight.T).float(), dim=-1)
+        log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - DISTILL_BETA),
+                                             log_p + math.log(DISTILL_BETA)]), dim=0)
+        jsd = DISTILL_BETA * F.kl_div(log_m, log_p, reduction="none", log_target=True) \
+            + (1 - DISTILL_BETA) * F.kl_div(log_m, log_q, reduction="none", log_target=True)
+        return jsd.sum() / x.targets.numel()
+    return forward
+
+
+def _liger_jsd(x: Inputs):
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    # compiled=True is its default; no hard loss, so the soft loss alone is timed
+    loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0,
+                                      beta=DISTILL_BETA, compiled=True)
+    return lambda: loss_fn(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, x.targets)
+
+
+def _trl_chunked(x: Inputs):
+    note = _trl_backward_context()  # chunked_divergence imports trl.trainer.utils too
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    # as trl.trainer.distillation_trainer._chunked_divergence_loss with every row valid
+    def forward():
+        divergence, _entropy = ChunkedDivergenceFunction.apply(
+            x.hidden, x.weight, None, x.teacher_hidden, x.teacher_weight, None, DISTILL_BETA,
+            1.0)
+        return divergence.sum() / x.targets.numel()
+    forward.note = note
+    return forward
+
+
+def _ours_distill(backend, **kwargs):
+    def build(x: Inputs):
+        import fused_losses
+
+        if not hasattr(fused_losses, "linear_divergence_loss"):
+            raise _Skip("fused_losses.linear_divergence_loss does not exist yet")
+        # distill_loss's own steps on aligned rows: the summed divergence over scored tokens
+        return lambda: fused_losses.linear_divergence_loss(
+            x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, x.targets,
+            divergence="jsd", beta=DISTILL_BETA, backend=backend, **kwargs)[0] \
+            / x.targets.numel()
+    return build
+
+
+
 PROVIDERS: list[Provider] = [
     # -- generic primitive ---------------------------------------------------------------------
     Provider("naive", "logprobs", _naive("logprobs"),
@@ -452,6 +521,25 @@ PROVIDERS: list[Provider] = [
              "LigerFusedLinearDPOLoss(compiled=True, use_ref_model=True)",
              needs=("liger_kernel.chunked_loss",)),
 ] + [p for backend in our_backends() for p in our_providers(backend)]
+PROVIDERS += [
+    # -- distillation --------------------------------------------------------------------------
+    Provider("naive", "distill", _naive_distill,
+             "materialised log_softmax of both models, TRL GKD's generalized_jsd_loss"),
+    Provider("liger_jsd", "distill", _liger_jsd,
+             "LigerFusedLinearJSDLoss(weight_hard_loss=0, compiled=True)",
+             needs=("liger_kernel.chunked_loss",)),
+    Provider("trl_chunked", "distill", _trl_chunked,
+             "trl.kernels.chunked_divergence.ChunkedDivergenceFunction (torch tiles on CPU)",
+             needs=("trl.kernels.chunked_divergence", "trl.trainer.utils")),
+    Provider("ours_torch", "distill", _ours_distill("torch"),
+             "fused_losses.linear_divergence_loss(backend='torch') (distill_loss's default: "
+             "gradients in forward, 4 GEMMs per chunk)"),
+    Provider("ours_torch_recompute", "distill", _ours_distill("torch", grad_in_forward=False),
+             "fused_losses.linear_divergence_loss(backend='torch', grad_in_forward=False)"),
+    Provider("ours_triton", "distill", _ours_distill("triton"),
+             "fused_losses.linear_divergence_loss(backend='triton')", cuda_only=_TRITON_CUDA,
+             interpretable=True),
+]
 
 
 def chunk_variant(mode: str, chunk_size: int) -> Provider:

@@ -5,6 +5,7 @@
     python benchmarks/run.py --preset sweep    # CPU: time/memory vs N and vs V (plots)
     python benchmarks/run.py --preset dpo      # DPO, 2 pairs x 512 tokens vs Liger
     python benchmarks/run.py --preset chunks   # ours_torch chunk_size sweep (investigation)
+    python benchmarks/run.py --preset distill --rounds 3   # distillation vs Liger JSD and TRL
 
 Writes ``benchmarks/results/<tag>.{csv,json}`` and ``<tag>_*.png`` (tag = device + preset),
 prints a table of medians with ratios to the naive row of the same mode and case, the roofline
@@ -43,6 +44,8 @@ GPU_LOGPROBS = ["naive", "naive_plain", "naive_compile", "torch_lce", "ours_torc
 GPU_CE = ["naive", "naive_compile", "torch_lce", "ours_torch_gif", "ours_torch_recompute",
           "ours_triton", "liger", "cce_exact", "cce"]
 DPO = ["naive", "liger_dpo", "ours_torch", "ours_torch_recompute", "ours_triton"]
+# no naive by default: it holds ~6 [N, V] fp32 tensors (3+ GB at the issue's size)
+DISTILL = ["liger_jsd", "trl_chunked", "ours_torch", "ours_torch_recompute", "ours_triton"]
 
 
 def _case(sweep, mode, N, H, V, dtype, **kw):
@@ -88,6 +91,10 @@ def preset_cases(name: str, cuda: bool) -> list[tuple[dict, list[str]]]:
                                                (128, 512, 1024, 4096)]))
         out.append((_case("chunk", "ce", 4096, 1024, 32000, "fp32"),
                     ["naive", "ours_torch_gif"] + [f"ours_torch_c{c}" for c in (1024, 4096)]))
+    elif name == "distill":
+        # issue 14: N = 4096, student H = 1024, teacher H = 1536, V = 32000, fp32
+        out.append((_case("point", "distill", 4096, 1024, 32000, "fp32", teacher_H=1536),
+                    DISTILL))
     elif name == "gpu_point":
         # The issue-4 targets only (one device call): Llama-3-8B's head and the Cut
         # Cross-Entropy paper's Gemma-2 case, and the DPO point.
@@ -132,6 +139,15 @@ CPU_TARGETS = [
      ("dpo", "liger_dpo"), 1.0),
     ("dpo: ours_torch peak mem <= 0.5x Liger DPO", ("dpo", "ours_torch"), "peak_mb",
      ("dpo", "liger_dpo"), 0.5),
+]
+# A reference given as a tuple of variants is the fastest of them present in the run (issue
+# 14: "the faster of Liger's JSD loss and TRL's chunked divergence", for time and memory).
+DISTILL_PEERS = ("distill", ("liger_jsd", "trl_chunked"))
+CPU_TARGETS += [
+    ("distill: ours_torch time <= 1.0x the faster of Liger JSD / TRL chunked",
+     ("distill", "ours_torch"), "fwdbwd_ms", DISTILL_PEERS, 1.0),
+    ("distill: ours_torch peak mem <= 0.5x the faster of Liger JSD / TRL chunked",
+     ("distill", "ours_torch"), "peak_mb", DISTILL_PEERS, 0.5),
 ]
 GPU_TARGETS = [
     ("generic: ours_triton time <= 0.8x CCE (exact)", ("logprobs", "ours_triton"),
@@ -229,6 +245,8 @@ def case_args(case: dict) -> list[str]:
            "--V", str(case["V"]), "--dtype", case["dtype"]]
     if case["mode"] == "dpo":
         out += ["--pairs", str(case["pairs"]), "--seq", str(case["seq"])]
+    if case["mode"] == "distill":
+        out += ["--teacher-H", str(case["teacher_H"])]
     return out
 
 
@@ -273,7 +291,8 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
     ap.add_argument("--preset", default=None,
-                    choices=["default", "quick", "sweep", "dpo", "chunks", "gpu_point", "gpu"],
+                    choices=["default", "quick", "sweep", "dpo", "chunks", "gpu_point", "gpu",
+                             "distill"],
                     help="default: 'gpu' when CUDA is available, else 'default'")
     ap.add_argument("--quick", action="store_true", help="same as --preset quick")
     ap.add_argument("--variants", default=None, help="comma list: only these variants")
@@ -374,6 +393,8 @@ def build_rows(plan, raw, skipped, rates) -> list[dict]:
         base = {k: case[k] for k in ("sweep", "mode", "N", "H", "V", "dtype")}
         if case["mode"] == "dpo":
             base.update(pairs=case["pairs"], seq=case["seq"])
+        if case["mode"] == "distill":
+            base.update(teacher_H=case["teacher_H"])
         naive = None
         for name in variants:
             key = (case["sweep"], case["mode"], case["N"], case["H"], case["V"], case["dtype"],
@@ -461,9 +482,11 @@ def evaluate_targets(rows, targets) -> list[dict]:
                 continue
             if ref is None:
                 value, ratio = row.get(metric), row.get(metric)
-                ref_value = None
+                ref_value = other = None
             else:
-                other = ok.get(case + ref)
+                other = ok.get(case + ref) if isinstance(ref[1], str) else min(
+                    (ok[case + (ref[0], name)] for name in ref[1] if case + (ref[0], name) in ok),
+                    key=lambda r: r["fwdbwd_ms"], default=None)
                 if other is None:
                     continue
                 value, ref_value = row[metric], other[metric]
@@ -472,6 +495,7 @@ def evaluate_targets(rows, targets) -> list[dict]:
                 continue
             verdict = dict(case=" ".join(map(str, case)), target=label, value=value,
                            reference=ref_value, ratio=ratio, bound=bound,
+                           reference_variant=None if other is None else other["variant"],
                            verdict="PASS" if ratio <= bound else "MISS")
             if metric == "fwdbwd_ms":  # the load-robust companions, shown beside the verdict
                 verdict["ratio_min"] = row["fwdbwd_min"] / other["fwdbwd_min"]

@@ -132,7 +132,8 @@ def measure(args) -> dict:
         _warm_cublas(args.device)
     leftover = torch.cuda.memory_allocated() if cuda else 0  # kept by earlier jobs
     x = providers.make_inputs(args.mode, args.N, args.H, args.V, dtype, args.device,
-                              pairs=args.pairs, seq=args.seq, softcap=args.softcap)
+                              pairs=args.pairs, seq=args.seq, softcap=args.softcap,
+                              teacher_H=args.teacher_H)
     _trim()
     meter = _Meter(args.device)
     rss_after_inputs = status_kib("VmRSS") * 1024
@@ -400,6 +401,7 @@ def main(argv=None):
     ap.add_argument("--V", type=int, default=32000)
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--teacher-H", type=int, default=1536, help="distill: the teacher's width")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--softcap", type=float, default=None)
     ap.add_argument("--device", default="cpu")

@@ -11,6 +11,9 @@ from .objectives import (LossOutput, cpo_loss, dil_loss, dpo_loss, ift_loss, orp
                          token_logprobs, token_rewards)
 from .modules import (FusedCPOLoss, FusedDILLoss, FusedDPOLoss, FusedIFTLoss, FusedLoss,
                       FusedORPOLoss, FusedReinforceLoss, FusedSFTLoss, FusedSimPOLoss)
+from .divergence import DivergenceOutput, linear_divergence, linear_divergence_loss
+from .objectives import distill_loss
+from .modules import FusedDistillLoss
 
 __all__ = ["LogProbs", "linear_logprobs", "linear_logprobs_loss", "linear_cross_entropy",
            "BACKENDS"]
@@ -19,6 +22,8 @@ __all__ += ["LossOutput", "sft_loss", "dpo_loss", "simpo_loss", "orpo_loss", "cp
             "render_token_rewards"]
 __all__ += ["FusedLoss", "FusedSFTLoss", "FusedDPOLoss", "FusedSimPOLoss", "FusedORPOLoss",
             "FusedCPOLoss", "FusedDILLoss", "FusedIFTLoss", "FusedReinforceLoss"]
+__all__ += ["linear_divergence", "linear_divergence_loss", "DivergenceOutput", "distill_loss",
+            "FusedDistillLoss"]
 __all__ += ["patch_causal_lm", "unpatch_causal_lm"]
 __version__ = "0.1.0"
 

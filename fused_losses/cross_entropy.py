@@ -6,8 +6,8 @@ from typing import Literal
 
 import torch
 
-from .primitive import (Backend, LogProbs, _is_real_number, gradients_in_forward_available,
-                        linear_logprobs, linear_logprobs_loss)
+from .primitive import (Backend, LogProbs, _is_real_number, check_ignore_index,
+                        gradients_in_forward_available, linear_logprobs, linear_logprobs_loss)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -100,6 +100,7 @@ def linear_cross_entropy(
         check_item_count("num_items_in_batch", num_items_in_batch)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    check_ignore_index(ignore_index)  # before it meets targets in a comparison
     if not isinstance(shift, bool):
         raise TypeError(f"shift must be a bool, got {shift!r}")
     if shift:

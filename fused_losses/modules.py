@@ -22,6 +22,7 @@ from .objectives import (LossOutput, cpo_loss, dil_loss, dpo_loss, ift_loss, orp
                          reinforce_loss, sft_loss, simpo_loss)
 from .objectives._common import PRIMITIVE_OPTIONS, own_options
 from .objectives.dpo import check_running_mean
+from .objectives import distill_loss
 
 
 class FusedLoss(nn.Module):
@@ -133,3 +134,21 @@ class FusedReinforceLoss(FusedLoss):
 
 __all__ = ["FusedLoss", "FusedSFTLoss", "FusedDPOLoss", "FusedSimPOLoss", "FusedORPOLoss",
            "FusedCPOLoss", "FusedDILLoss", "FusedIFTLoss", "FusedReinforceLoss"]
+
+
+class FusedDistillLoss(FusedLoss):
+    """:func:`distill_loss`; ``forward(hidden, weight, teacher_hidden, teacher_weight, labels,
+    **kw)``. Takes only ``distill_loss``'s own options (it has no softcap, no ``return_*``)."""
+
+    loss_fn = staticmethod(distill_loss)
+
+    def __init__(self, **options):
+        valid = set(own_options(distill_loss))
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise TypeError(f"FusedDistillLoss got unknown option(s) {unknown}; valid: "
+                            f"{sorted(valid)}")
+        super().__init__(**options)
+
+
+__all__ += ["FusedDistillLoss"]

@@ -44,6 +44,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -810,8 +811,18 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.gpus >= 1 and args.tp >= 1 and args.gpus % args.tp:
         problems.append(f"--gpus {args.gpus} is not a multiple of --tp {args.tp}")
+    for flag in ("gpu_mem", "reserve"):
+        if not math.isfinite(getattr(args, flag)):
+            problems.append(f"--{flag.replace('_', '-')} must be a finite number of GiB, got "
+                            f"{getattr(args, flag)}")
     if not args.gpu_mem > args.reserve >= 0:
         problems.append(f"--gpu-mem {args.gpu_mem} must exceed --reserve {args.reserve} >= 0")
+    if args.plot:
+        folder = Path(args.plot).parent
+        if Path(args.plot).is_dir():
+            problems.append(f"--plot {args.plot} is a directory; give a .png file name")
+        elif not folder.is_dir():
+            problems.append(f"--plot {args.plot}: folder {folder} does not exist")
     try:
         model = load_model(args.model)
     except ValueError as err:

@@ -90,6 +90,13 @@ def check_positive_finite(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
+def check_ignore_index(ignore_index) -> None:
+    """The target id of unscored positions: an int (not a bool)."""
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r} "
+                        f"({type(ignore_index).__name__})")
+
+
 def validate(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -108,9 +115,7 @@ def validate(
         if t.device.type == "meta":
             raise ValueError(f"{_describe(name, t)}: expected a tensor with data (cpu or "
                              "cuda); meta tensors have none to compute on")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r} "
-                        f"({type(ignore_index).__name__})")
+    check_ignore_index(ignore_index)
     if type(weight).__name__ == "DTensor":
         raise TypeError(
             f"weight is a DTensor shard (placements {weight.placements}), not the full [V, H] "

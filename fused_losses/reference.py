@@ -6,6 +6,8 @@ benchmarks and the unfused trainer path; nothing else in the package imports thi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -109,3 +111,58 @@ def linear_cross_entropy_reference(
         return total / num_items_in_batch
     # All-ignored input is a zero loss with zero gradient, not 0/0.
     return total / (targets != ignore_index).sum().clamp(min=1)
+
+
+def distill_loss_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    divergence: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """:func:`fused_losses.distill_loss` on both models' materialised logits (its ``loss``).
+
+    [B, T] Hugging Face labels, shifted here; the divergences as TRL GKD's
+    ``generalized_jsd_loss`` writes them (``F.kl_div`` on log-probs, the mixture's log by
+    ``logsumexp``, β = 0 / 1 as forward / reverse KL); the hard term is the cross-entropy at
+    temperature 1. The teacher gets no gradient.
+    """
+    def upcast(t):
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+    logits = upcast(reference_logits(hidden[:, :-1], weight, bias))
+    with torch.no_grad():
+        teacher = upcast(reference_logits(teacher_hidden[:, :-1], teacher_weight, teacher_bias))
+    log_q = torch.log_softmax(logits / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher.to(logits.dtype) / temperature, dim=-1)
+    if divergence == "jsd" and beta in (0, 1):
+        divergence = "forward_kl" if beta == 0 else "reverse_kl"
+    if divergence == "forward_kl":
+        per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    elif divergence == "reverse_kl":
+        per_token = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_q + math.log1p(-beta),
+                                             log_p + math.log(beta)]), dim=0)
+        per_token = (beta * F.kl_div(log_m, log_p, reduction="none", log_target=True)
+                     + (1 - beta) * F.kl_div(log_m, log_q, reduction="none",
+                                             log_target=True)).sum(-1)
+    targets = labels[:, 1:]
+    scored = targets != ignore_index
+    total = torch.where(scored, per_token, torch.zeros_like(per_token)).sum()
+    if hard_weight:
+        total = total + hard_weight * F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index,
+            reduction="sum")
+    if num_items_in_batch is not None:
+        return total / num_items_in_batch
+    return total / scored.sum().clamp(min=1)

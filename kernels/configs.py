@@ -61,6 +61,19 @@ _GPU = {
         "fp32": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, BLOCK_OUT=32, GROUP_N=8,
                      num_warps=8, num_stages=2),
     },
+    # Distillation (kernels/divergence.py): the statistics kernels hold two logit tiles
+    # (student and teacher), so the fp32 tiles are half the logprobs ones (larger fp32 tiles
+    # spill); the gradient kernel feeds the same dH/dW GEMM kernels as "bwd".
+    "divergence_fwd": {
+        "16bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+        "fp32": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, num_warps=4, num_stages=2),
+    },
+    "divergence_bwd": {
+        "16bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, BLOCK_OUT=128, GROUP_N=8,
+                      num_warps=8, num_stages=3),
+        "fp32": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, BLOCK_OUT=32, GROUP_N=8,
+                     num_warps=4, num_stages=2),
+    },
 }
 
 # The autotune space per kernel and dtype class: the default first, then tile shapes around it.
@@ -126,6 +139,9 @@ INTERPRETER = {
     "bwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, BLOCK_OUT=16, GROUP_N=2, num_warps=4,
                 num_stages=1),
     "epilogue": dict(BLOCK_N=8, BLOCK_V=32, num_warps=4, num_stages=1),
+    "divergence_fwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=1),
+    "divergence_bwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, BLOCK_OUT=16, GROUP_N=2,
+                           num_warps=4, num_stages=1),
 }
 
 # Ampere (sm_8x) keeps the smaller backward tile: with every flag on (entropy gradient,
@@ -199,7 +215,7 @@ def shared_memory(kernel: str, itemsize: int, cfg: dict) -> int:
     largest over the kernel family."""
     n, v, stages = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["num_stages"]
     per_stage = (n + v) * cfg["BLOCK_H"]                     # logit tile: hidden and weight
-    if kernel == "bwd":
+    if kernel in ("bwd", "divergence_bwd"):
         out = cfg["BLOCK_OUT"]
         per_stage = max(per_stage, n * v + v * out, v * n + n * out)  # dH and dW GEMMs
     return stages * per_stage * itemsize

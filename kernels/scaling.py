@@ -50,3 +50,27 @@ def grad_bound(grad_logprobs, grad_lse, grad_entropy, grad_logits_mean, entropy,
     if grad_logits_mean is not None:
         bound += grad_logits_mean.abs() / vocab
     return torch.where(bound == 0, 1.0, bound)
+
+
+def divergence_grad_bound(kind: str, beta: float, temperature: float, aux, grad_divergence,
+                          grad_logprobs) -> torch.Tensor:
+    """The distillation primitive's per-token bound on ``|dL/dz_v|`` (``fused_losses.
+    divergence``: ``dL/dz = g_D/τ · dD/ds + g_lp (onehot(y) − softmax(z))``); [n].
+
+    ``|dD/ds_v|`` is at most 1 for forward KL (``q − p``); ``2D + 1`` for reverse KL
+    (``q (log q − log p − D)``: each term ``q (log q − log p)`` is at least ``q − p ≥ −1`` and
+    the terms sum to D, so none exceeds ``D + 1``); ``2β`` for JSD (``(1−β) q (σ⁺(d) − S)``:
+    ``q σ⁺(d) = q log(1 + βp/((1−β)q)) ≤ βp/(1−β)``, and S sums those terms). ``aux`` is D
+    for reverse KL (unused otherwise). A row without any upstream gradient gets 1.
+    """
+    present = grad_divergence if grad_divergence is not None else grad_logprobs
+    bound = torch.zeros_like(present)
+    if grad_divergence is not None:
+        if kind == "reverse_kl":
+            slope = 2.0 * aux.abs() + 1.0
+        else:
+            slope = 1.0 if kind == "forward_kl" else 2.0 * beta
+        bound += grad_divergence.abs() * slope / temperature
+    if grad_logprobs is not None:
+        bound += grad_logprobs.abs()
+    return torch.where(bound == 0, 1.0, bound)

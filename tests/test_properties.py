@@ -88,11 +88,8 @@ BOOL = (1, 0, "yes", None)
 CHOICE = ("nope", None, 3)
 COUNT = (0, -5, INF, NAN, True, "7", torch.tensor([2, 3]), torch.tensor(0))
 
-# The primitive's options, as every function passes them through. Refusals the primitive does
-# not make yet (temperature=True or inf, softcap=inf, ignore_index=None in linear_logprobs;
-# bools for linear_cross_entropy's label_smoothing, lse_square_scale and grad_in_forward)
-# belong to the primitive's side of issue 15 item 9 and join these pools with it.
-TEMPERATURE = Opt("temperature", (1.0, 0.5, 2.0), (0.0, -1.0, NAN, "2"))
+# The primitive's options, as every function passes them through.
+TEMPERATURE = Opt("temperature", (1.0, 0.5, 2.0), (0.0, -1.0, NAN, INF, True, "2"))
 GRAD_PATH = Opt("grad_in_forward", (None, False), ("yes", 1))
 CHUNKS = Opt("chunk_size", (None, 3), (0, -2, 2.5))
 IGNORE_INDEX = Opt("ignore_index", (-100,), (None, "x", 1.5))
@@ -237,7 +234,7 @@ def _logprobs_reference(hidden, weight, targets, kwargs):
 
 LINEAR_LOGPROBS = PrimitiveContract(
     linear_logprobs,
-    [TEMPERATURE, Opt("softcap", (None, 2.0), (0.0, -1.0, NAN)), CHUNKS,
+    [TEMPERATURE, Opt("softcap", (None, 2.0), (0.0, -1.0, NAN, INF, True)), CHUNKS, IGNORE_INDEX,
      Opt("backend", ("torch",), ("cuda", None)), Opt("filter_eps", (None,), (-1.0,)),
      Opt("return_lse", (True,)), Opt("return_entropy", (True, False)),
      Opt("return_logits_mean", (True, False))],
@@ -254,10 +251,10 @@ def _cross_entropy_reference(hidden, weight, targets, kwargs):
 
 LINEAR_CROSS_ENTROPY = PrimitiveContract(
     linear_cross_entropy,
-    [TEMPERATURE, CHUNKS, Opt("grad_in_forward", (None, False, True)),
+    [TEMPERATURE, CHUNKS, IGNORE_INDEX, Opt("grad_in_forward", (None, False, True), ("yes", 1)),
      Opt("reduction", ("mean", "sum", "none"), CHOICE),
-     Opt("label_smoothing", (0.0, 0.2), (-0.1, 1.5, NAN)),
-     Opt("lse_square_scale", (0.0, 1e-2), (-1.0, NAN))],
+     Opt("label_smoothing", (0.0, 0.2), (-0.1, 1.5, NAN, True)),
+     Opt("lse_square_scale", (0.0, 1e-2), (-1.0, NAN, INF, True))],
     _cross_entropy_reference, lambda out, kwargs: [out])
 
 

@@ -1,6 +1,7 @@
 """Training objectives as functions of the primitive's per-token outputs (``objectives.md``)."""
 from ._common import LossOutput
 from .dil import DIL_LOSSES, dil_loss
+from .distill import distill_loss
 from .dpo import DPO_LOSSES, dpo_loss
 from .ift import ift_loss
 from .logprobs import token_logprobs
@@ -14,3 +15,4 @@ __all__ = [
     "ift_loss", "reinforce_loss", "token_rewards", "token_logprobs", "render_token_rewards",
     "phi_safe", "DIVERGENCES", "DPO_LOSSES", "DIL_LOSSES",
 ]
+__all__ += ["distill_loss"]

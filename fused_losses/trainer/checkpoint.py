@@ -8,14 +8,15 @@ steps (bco_pair's running δ; a sampler's state) and the run's fingerprint.
 from __future__ import annotations
 
 import json
-import os
 import random
+import sys
 from pathlib import Path
 
 import torch
 
 from .config import Config
 from .errors import TrainError
+from .fileio import write_atomically, write_text_atomically
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "fused-losses-trainer/1"
@@ -62,12 +63,8 @@ def save(path: Path, cfg: Config, core, optimizer, scheduler, step: int, is_main
                      else None},
              # The data order is a pure function of (seed, batch index): the position is `step`.
              "data_position": step}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new one, whole
+    # A kill or Ctrl-C leaves the old checkpoint or the new one, whole.
+    write_atomically(path, lambda tmp: torch.save(state, tmp), sync=True)
 
 
 def load(path: Path, cfg: Config) -> dict:
@@ -112,11 +109,22 @@ def restore(state: dict, core, optimizer, scheduler) -> int:
 
 
 def trim_metrics(path: Path, start: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
+    """On resume, drop log lines of steps after the checkpoint (they will be redone). A torn
+    last line (the process was killed while writing it) is dropped too, and said so."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= start]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise TrainError(f"{path}:{number} is not a JSON record; refusing to resume "
+                                 "(nothing was changed)") from None
+            print(f"fused-losses train: dropped the torn last line of {path} (line {number}: "
+                  "the run was killed while writing it)", file=sys.stderr)
+            continue
+        if record["step"] <= start:
+            keep.append(line)
+    write_text_atomically(path, "".join(line + "\n" for line in keep))

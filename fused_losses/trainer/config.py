@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .model import PRESETS
 from .recipes import RECIPES, options
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> Config:
+    """The ``Config`` of a command line, or ``SystemExit(2)`` after one line naming each bad
+    flag (argparse's usage error). Nothing is built or written first."""
     parser = build_parser()
     cfg = Config(**vars(parser.parse_args(argv)))
     problems = []
@@ -96,13 +101,21 @@ def parse_args(argv: list[str]) -> Config:
         problems.append("--objective is required")
     if cfg.output_dir is None:
         problems.append("--output-dir is required")
+    else:
+        problems += output_dir_problems(cfg.output_dir)
     for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_size"):
         if getattr(cfg, name) < 1:
             problems.append(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("lr", "grad_clip", "weight_decay", "save_every", "eval_every", "warmup_steps"):
+    for name in ("save_every", "eval_every", "warmup_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.batch_size % cfg.grad_accum:
+    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "beta"):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            problems.append(f"{flag(name)} must be a finite number >= 0, got {value}")
+    if cfg.threads is not None and cfg.threads < 1:
+        problems.append(f"--threads must be >= 1, got {cfg.threads}")
+    if cfg.grad_accum >= 1 and cfg.batch_size % cfg.grad_accum:
         problems.append(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum "
                         f"{cfg.grad_accum}")
     if cfg.objective is not None:
@@ -117,6 +130,22 @@ def parse_args(argv: list[str]) -> Config:
     return cfg
 
 
+def output_dir_problems(path: str) -> list[str]:
+    """Why ``path`` cannot be (or become) the run directory: a file, under a file, or in a
+    folder that cannot be written."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        return [f"--output-dir {path} is a file, not a directory"]
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                return [f"--output-dir {path} is under {folder}, which is a file"]
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return [f"--output-dir {path}: {folder} is not writable"]
+            return []
+    return []
+
+
 def to_argv(cfg: Config) -> list[str]:
     """The command line that gives back ``cfg`` (used by ``--compare`` for its two runs)."""
     argv = []
@@ -129,6 +158,10 @@ def to_argv(cfg: Config) -> list[str]:
     return argv
 
 
+def _no_constant(name: str):
+    raise json.JSONDecodeError(f"{name} is not a finite number", name, 0)
+
+
 def loss_options(cfg: Config) -> dict:
     """The objective's options the user gave, keyed by where they came from: the named flags
     (``"--beta"``), then the keys of --loss-kwargs. ``recipes.options`` checks and completes
@@ -137,7 +170,7 @@ def loss_options(cfg: Config) -> dict:
             if getattr(cfg, k) is not None}
     if cfg.loss_kwargs:
         try:
-            extra = json.loads(cfg.loss_kwargs)
+            extra = json.loads(cfg.loss_kwargs, parse_constant=_no_constant)
         except json.JSONDecodeError as err:
             raise ValueError(f"--loss-kwargs is not valid JSON ({err.msg})") from None
         if not isinstance(extra, dict):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -27,12 +28,21 @@ from . import data as D
 from . import distributed, recipes
 from .config import Config, loss_options, parse_args, to_argv
 from .errors import TrainError
+from .fileio import write_text_atomically
 from .model import (Memory, PolicyLoss, build_model, describe_model,
                     enable_activation_checkpointing, save_final_model)
 from .recipes import RECIPES
 from .step import Step, make_optimizer
 
 __all__ = ["Config", "main", "parse_args", "to_argv", "train", "compare"]
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: where the run stands, for the one line ``main`` prints."""
+
+    def __init__(self, step: int, max_steps: int, saved: int | None, path: Path):
+        super().__init__(step, max_steps, saved, path)
+        self.step, self.max_steps, self.saved, self.path = step, max_steps, saved, path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,9 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, D.DataError) as err:
         print(f"fused-losses train: error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:  # the objectives name the bad option (e.g. --loss-type)
+    except (TypeError, ValueError) as err:  # the objectives name a bad option's value
         print(f"fused-losses train: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        if stop.saved is None:
+            where = "no checkpoint was written yet: run the same command to start over"
+        else:
+            resume = argv if "--resume" in argv else [*argv, "--resume"]
+            where = (f"{stop.path} holds step {stop.saved}; continue with: "
+                     f"{shlex.join(['fused-losses', 'train', *resume])}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"fused-losses train: interrupted after {stop.step} of {stop.max_steps} steps; "
+                  f"{where}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the first step: nothing of this run was written
+        print("fused-losses train: interrupted before training started", file=sys.stderr)
+        return 130
 
 
 def train(cfg: Config) -> dict:
@@ -134,46 +158,54 @@ def train(cfg: Config) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (procs.is_main and cfg.progress),
                dynamic_ncols=True, desc=f"{cfg.objective}/{cfg.impl}")
     timed_tokens, timed_seconds = 0, 0.0
-    for step in range(start, cfg.max_steps):
-        t0 = time.perf_counter()
-        batch = source.batch(step)
-        # One sum over processes gives the step's item count (the loss divisor) and tokens.
-        counts = torch.tensor([recipe.items(batch, opts), int(batch["attention_mask"].sum())])
-        num_items, tokens = distributed.sum_over_processes(counts, procs).tolist()
-        record = {"step": step + 1, **step_once(batch, num_items)}
-        seconds = time.perf_counter() - t0
-        if step > start:  # the first step pays one-off costs (allocations, thread start-up)
-            timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
-        record.update(tokens=tokens, tokens_per_s=tokens / seconds,
-                      peak_memory_mb=memory.peak_mb())
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            record.update(evaluate())
-        if procs.is_main:
-            with open(out / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}",
-                        mem=f"{record['peak_memory_mb']:.0f}MB")
-        bar.update(1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
-            save(step + 1)
-    bar.close()
+    saved, step = (start if resumed else None), start  # the step checkpoint.pt holds
+    try:
+        for step in range(start, cfg.max_steps):
+            t0 = time.perf_counter()
+            batch = source.batch(step)
+            # One sum over processes gives the step's item count (the loss divisor) and tokens.
+            counts = torch.tensor([recipe.items(batch, opts), int(batch["attention_mask"].sum())])
+            num_items, tokens = distributed.sum_over_processes(counts, procs).tolist()
+            record = {"step": step + 1, **step_once(batch, num_items)}
+            seconds = time.perf_counter() - t0
+            if step > start:  # the first step pays one-off costs (allocations, threads)
+                timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
+            record.update(tokens=tokens, tokens_per_s=tokens / seconds,
+                          peak_memory_mb=memory.peak_mb())
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
+                record.update(evaluate())
+            if procs.is_main:  # one line per step: a kill can tear only the last one
+                with open(out / "metrics.jsonl", "a") as log:
+                    log.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}",
+                            mem=f"{record['peak_memory_mb']:.0f}MB")
+            bar.update(1)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+                save(step + 1)
+                saved = step + 1
 
-    # --- eval and save ------------------------------------------------------------------------
-    final_eval = evaluate()
-    save(cfg.max_steps)
-    summary = {"objective": cfg.objective, "impl": cfg.impl, "device": str(procs.device),
-               "world_size": procs.world, "fsdp": cfg.fsdp, "steps": cfg.max_steps,
-               "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-               "model": describe_model(lm), "data": {"train": train_set.counts,
-                                                     "eval": eval_set.counts},
-               "peak_memory_mb": memory.peak_mb(),
-               "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else None,
-               "torch_threads": torch.get_num_threads(), **final_eval}
-    if procs.is_main:
-        save_final_model(lm, out / "final", sharded=cfg.fsdp and procs.world > 1)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(json.dumps({k: summary[k] for k in ("objective", "impl", "peak_memory_mb",
-                                                   "tokens_per_s")} | final_eval), flush=True)
+        # --- eval and save --------------------------------------------------------------------
+        step = cfg.max_steps
+        final_eval = evaluate()
+        save(cfg.max_steps)
+        saved = cfg.max_steps
+        summary = {"objective": cfg.objective, "impl": cfg.impl, "device": str(procs.device),
+                   "world_size": procs.world, "fsdp": cfg.fsdp, "steps": cfg.max_steps,
+                   "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                   "model": describe_model(lm), "data": {"train": train_set.counts,
+                                                         "eval": eval_set.counts},
+                   "peak_memory_mb": memory.peak_mb(),
+                   "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else None,
+                   "torch_threads": torch.get_num_threads(), **final_eval}
+        if procs.is_main:
+            save_final_model(lm, out / "final", sharded=cfg.fsdp and procs.world > 1)
+            write_text_atomically(out / "summary.json", json.dumps(summary, indent=2))
+            print(json.dumps({k: summary[k] for k in ("objective", "impl", "peak_memory_mb",
+                                                       "tokens_per_s")} | final_eval), flush=True)
+    except KeyboardInterrupt:  # every file is written whole or not at all: say where it stands
+        raise Interrupted(step, cfg.max_steps, saved, out / checkpoint.CHECKPOINT) from None
+    finally:
+        bar.close()
     distributed.barrier(procs)
     return summary
 
@@ -187,9 +219,18 @@ def compare(cfg: Config) -> int:
         raise TrainError("--compare runs its two trainings itself; start it without torchrun")
     out = Path(cfg.output_dir)
     for impl in ("fused", "unfused"):
-        run = dataclasses.replace(cfg, compare=False, impl=impl, output_dir=str(out / impl))
+        run = dataclasses.replace(cfg, compare=False, impl=impl, output_dir=str(out / impl),
+                                  resume=cfg.resume and (out / impl / checkpoint.CHECKPOINT)
+                                  .exists())
         print(f"== {impl} ==", flush=True)
-        code = subprocess.call([sys.executable, "-m", "fused_losses.train", *to_argv(run)])
+        child = subprocess.Popen([sys.executable, "-m", "fused_losses.train", *to_argv(run)])
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the run too: it says where it stands
+            child.wait()
+            print(f"fused-losses train: --compare interrupted during the {impl} run; the same "
+                  "command with --resume continues it", file=sys.stderr)
+            return 130
         if code:
             print(f"fused-losses train: the {impl} run failed (exit {code})", file=sys.stderr)
             return code

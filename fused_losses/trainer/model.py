@@ -13,6 +13,7 @@ import torch
 
 from .._memory import reset_peak_rss, status_kib
 from .errors import TrainError
+from .fileio import write_atomically
 
 
 PRESETS = {
@@ -34,6 +35,7 @@ def build_model(model: str, model_config: str | None, seed: int):
     or a preset (seeded, so both implementations start from the same weights), else the local
     directory ``model`` (which may bring its tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     torch.manual_seed(seed)
     if model_config or model in PRESETS:
@@ -41,20 +43,26 @@ def build_model(model: str, model_config: str | None, seed: int):
         if model_config:
             text = model_config
             try:
-                spec = json.loads(text if text.lstrip().startswith("{")
+                spec = json.loads(text if text.lstrip()[:1] in ("{", "[")
                                   else Path(text).read_text())
             except (OSError, json.JSONDecodeError) as err:
                 raise TrainError(f"--model-config {text!r}: not a readable JSON file or "
                                  f"inline JSON ({err})") from None
-        if "model_type" not in spec:
-            raise TrainError("--model-config needs a 'model_type' (e.g. \"llama\", \"qwen2\")")
+        if not isinstance(spec, dict) or "model_type" not in spec:
+            raise TrainError("--model-config needs a JSON object with a 'model_type' (e.g. "
+                             "\"llama\", \"qwen2\")")
         spec = dict(spec)
         model_type = spec.pop("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise TrainError(f"--model-config: unknown model_type {model_type!r} (e.g. "
+                             "\"llama\", \"qwen2\", \"mistral\", \"gemma2\")")
         try:
             config = AutoConfig.for_model(model_type, **spec)
-        except ValueError as err:
-            raise TrainError(f"--model-config: {err}") from None
-        return AutoModelForCausalLM.from_config(config, attn_implementation="eager"), None
+            return AutoModelForCausalLM.from_config(config, attn_implementation="eager"), None
+        except Exception as err:  # noqa: BLE001 - any failure here is the config's
+            reason = " ".join(str(err).split())  # transformers' messages span lines
+            raise TrainError(f"--model-config: transformers cannot build this model "
+                             f"({type(err).__name__}: {reason[:300]})") from None
     if Path(model).is_dir():
         lm = AutoModelForCausalLM.from_pretrained(model, local_files_only=True)
         return lm, _local_tokenizer(model)
@@ -125,4 +133,4 @@ def save_final_model(lm, path: Path, sharded: bool) -> None:
     ``save_pretrained`` needs local tensors."""
     if sharded:
         return
-    lm.save_pretrained(path)
+    write_atomically(path, lm.save_pretrained)

@@ -33,7 +33,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fused_losses.kernels import configs, epilogue, logprobs_bwd, logprobs_fwd, products
+from fused_losses.kernels import configs, divergence, epilogue, logprobs_bwd, logprobs_fwd, products
 
 # config table entry -> the kernels launched with it
 KERNELS = {
@@ -41,17 +41,25 @@ KERNELS = {
     "bwd": [logprobs_bwd._grad_logits_kernel, logprobs_bwd._grad_hidden_kernel,
             logprobs_bwd._grad_weight_kernel, products._products_kernel],
     "epilogue": [epilogue._fold_kernel, epilogue._grad_kernel],
+    "divergence_fwd": [divergence._divergence_stats_kernel, divergence._mixture_stats_kernel],
+    "divergence_bwd": [divergence._divergence_grad_kernel, logprobs_bwd._grad_hidden_kernel,
+                       logprobs_bwd._grad_weight_kernel],
 }
 # the kernels with a tl.dot K loop: pipelined (cp.async) and, 16-bit on sm_90, wgmma
-GEMMS = {fn.__name__ for entry in ("fwd", "bwd") for fn in KERNELS[entry]}
+GEMMS = {fn.__name__ for entry in ("fwd", "bwd", "divergence_fwd", "divergence_bwd")
+         for fn in KERNELS[entry]}
 DTYPES = {"16bit": ["bf16", "fp16"], "fp32": ["fp32"]}
 # pointers in the input dtype (the gradient chunks and dW are kept in the weight's dtype)
 INPUT_POINTERS = {"hidden_ptr", "weight_ptr", "bias_ptr", "grad_chunk_ptr", "grad_weight_ptr",
-                  "grad_ptr"}
+                  "grad_ptr", "teacher_hidden_ptr", "teacher_weight_ptr", "teacher_bias_ptr"}
 INT8_POINTERS = {"keep_ptr"}
 INT64_POINTERS = {"rows_ptr", "targets_ptr", "argmax_ptr"}
-FLOAT_SCALARS = {"inv_temperature", "softcap", "inv_vocab", "filter_eps"}
-UNIT_STRIDES = {"stride_hh", "stride_wh"}
+FLOAT_SCALARS = {"inv_temperature", "softcap", "inv_vocab", "filter_eps", "log_ratio",
+                 "one_minus_beta"}
+UNIT_STRIDES = {"stride_hh", "stride_wh", "stride_thh", "stride_twh"}
+# integer constexprs that select a code path: (value with every flag off, with every flag on);
+# the divergence kernels' KIND: forward KL (0, the simplest) and JSD (2, the largest)
+EXTREMES = {"KIND": (0, 2)}
 
 
 def signature(fn, dtype: str, meta: dict):
@@ -105,14 +113,16 @@ def flag_sets(fn):
 
 def compile_one(fn, entry: str, dtype: str, flags: dict, cfg: dict, arch: int) -> dict:
     meta = {k: v for k, v in cfg.items() if k in fn.arg_names}
-    meta.update(flags, DOT_FP32=False, DOT_PRECISION="ieee")
+    every = any(flags.values())  # a flag set is all on or all off (or empty: none)
+    meta.update(flags, DOT_FP32=False, TEACHER_DOT_FP32=False, DOT_PRECISION="ieee")
+    meta.update({name: ends[every] for name, ends in EXTREMES.items() if name in fn.arg_names})
     sig, constexprs, aligned = signature(fn, dtype, meta)
     compiled = triton.compile(
         ASTSource(fn, sig, constexprs, aligned), target=GPUTarget("cuda", arch, 32),
         options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return dict(
         entry=entry, kernel=fn.__name__, dtype=dtype,
-        flags="none" if not any(flags.values()) else "all", arch=arch, config=cfg,
+        flags="all" if every else "none", arch=arch, config=cfg,
         shared=compiled.metadata.shared, limit=configs.SHARED_MEMORY_LIMIT[arch],
         # what tuning assumes a config takes (None: no K loop); members over a device's
         # limit by this estimate are never launched there

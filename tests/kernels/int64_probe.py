@@ -20,14 +20,16 @@ from triton.compiler.compiler import make_backend
 
 from fused_losses.kernels import configs
 try:
-    from tests.kernels.compile_probe import KERNELS, flag_sets, signature
+    from tests.kernels.compile_probe import EXTREMES, KERNELS, flag_sets, signature
 except ModuleNotFoundError:  # run as a script: this folder is on sys.path
-    from compile_probe import KERNELS, flag_sets, signature
+    from compile_probe import EXTREMES, KERNELS, flag_sets, signature
 
 
 def triton_ir(fn, cfg: dict, flags: dict) -> str:
     meta = {k: v for k, v in cfg.items() if k in fn.arg_names}
-    meta.update(flags, DOT_FP32=False, DOT_PRECISION="ieee")
+    meta.update(flags, DOT_FP32=False, TEACHER_DOT_FP32=False, DOT_PRECISION="ieee")
+    every = any(flags.values())
+    meta.update({name: ends[every] for name, ends in EXTREMES.items() if name in fn.arg_names})
     sig, constexprs, aligned = signature(fn, "bf16", meta)
     for name in fn.arg_names:
         if name.startswith("stride_"):  # the general case, not the unit-stride launch

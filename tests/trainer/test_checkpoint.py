@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import torch
 
 from fused_losses.trainer import loop
 
-from .trainer_helpers import losses, tiny_args
+from .trainer_helpers import losses, tiny_args, train_until_first_checkpoint
 
 # Large enough that a step takes a noticeable time, so the kill lands mid-run.
 SLOW = dict(max_steps=40, save_every=4, batch_size=8, max_length=200)
@@ -72,3 +71,18 @@ def test_incompatible_checkpoint_is_refused(tmp_path, tok_cache, capsys):
     assert loop.main(tiny_args(out, "sft", max_steps=4)) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_carries_the_objectives_state(tmp_path, tok_cache, monkeypatch):
+    """bco_pair's running delta is in the checkpoint: a run stopped after step 2 and resumed
+    gives the uninterrupted run's losses and deltas."""
+    flags = dict(loss_type="bco_pair", max_steps=4, save_every=2)
+    loop.train(loop.parse_args(tiny_args(tmp_path / "whole", "dpo", **flags)))
+
+    train_until_first_checkpoint(tiny_args(tmp_path / "stopped", "dpo", **flags), monkeypatch)
+    loop.train(loop.parse_args(tiny_args(tmp_path / "stopped", "dpo", resume=True, **flags)))
+    for key in ("loss", "bco/delta", "bco/count"):
+        a, b = (torch.tensor([json.loads(x)[key] for x in
+                              (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+                for run in ("stopped", "whole"))
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -16,9 +16,13 @@ from fused_losses.trainer import loop
 from .trainer_helpers import losses, tiny_args
 
 
-@pytest.mark.parametrize("engine,objective", [("ddp", "sft"), ("fsdp", "dpo")])
-def test_two_processes_match_one(tmp_path, tok_cache, engine, objective):
-    flags = dict(max_steps=3, batch_size=4, grad_accum=1, fsdp=engine == "fsdp")
+@pytest.mark.parametrize("engine,objective,extra", [
+    ("ddp", "sft", {}), ("fsdp", "dpo", {}),
+    # bco_pair's delta folds in every rank's batch mean (TRL gathers them): the same as one
+    # process's mean over the whole batch. Each rank's own mean would differ.
+    pytest.param("ddp", "dpo", {"loss_type": "bco_pair"}, marks=pytest.mark.slow)])
+def test_two_processes_match_one(tmp_path, tok_cache, engine, objective, extra):
+    flags = dict(max_steps=3, batch_size=4, grad_accum=1, fsdp=engine == "fsdp", **extra)
     loop.train(loop.parse_args(tiny_args(tmp_path / "one", objective, **flags)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fused_losses.train", *tiny_args(tmp_path / "two", objective, **flags)]

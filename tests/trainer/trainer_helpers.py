@@ -32,3 +32,32 @@ def tiny_args(out: Path, objective: str, arch: str = "llama", **flags) -> list[s
 
 def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    """The tiny random model the runs above train, built in-process."""
+    from fused_losses.trainer.model import build_model
+
+    return build_model("", json.dumps(TINY[arch]), seed)[0]
+
+
+def train_until_first_checkpoint(argv: list[str], monkeypatch) -> None:
+    """Run ``argv`` in-process and stop it right after its first checkpoint is written, as a
+    kill would (the resume tests' interrupted run, without a subprocess)."""
+    import pytest
+
+    from fused_losses.trainer import checkpoint, loop
+
+    class Stop(Exception):
+        pass
+
+    save = checkpoint.save
+
+    def save_then_stop(*args):
+        save(*args)
+        raise Stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save", save_then_stop)
+        with pytest.raises(Stop):
+            loop.train(loop.parse_args(argv))

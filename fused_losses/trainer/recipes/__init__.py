@@ -49,12 +49,16 @@ def options(recipe: Recipe, given: dict[str, object], impl: str) -> dict:
     defaults = keyword_defaults(recipe)
     chosen, unknown = {}, []
     for source, value in given.items():
-        name = source.lstrip("-").replace("-", "_") if source.startswith("--") else source
+        flag = source.startswith("--")
+        label = source if flag else f"--loss-kwargs {source!r}"
+        name = source[2:].replace("-", "_") if flag else source
         name = recipe.renames.get(name, name)
+        if name in chosen:
+            raise ValueError(f"{label} sets {name} a second time")
         if name in defaults or name in PRIMITIVE_OPTIONS:
             chosen[name] = value
         else:
-            unknown.append(source)
+            unknown.append(label)
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not an option of {recipe.objective.__name__} "
                          f"(it takes {sorted(defaults)} and the primitive's "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Protocol
@@ -26,6 +25,7 @@ from fused_losses.reference import reference_logits
 from .. import data as D
 from ..distributed import Processes, barrier
 from ..errors import TrainError
+from ..fileio import write_atomically
 from ..sampling import BatchSource, dataset_batches
 
 
@@ -205,9 +205,7 @@ def precompute_reference(ref_lm, datasets, out: Path, impl: str, pad_id: int,
         data.ref = refs
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save([data.ref for data in datasets], tmp)
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: torch.save([data.ref for data in datasets], tmp))
     barrier(procs)
 
 

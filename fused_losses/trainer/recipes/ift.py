@@ -1,5 +1,6 @@
 """IFT, Intuitive Fine-Tuning (``objectives.md`` §4): two passes of the model, mixed input
-embeddings, a loss weighted by discounted suffix sums of the NLL.
+embeddings (from a frozen table by default, as the official code), a loss weighted by
+discounted suffix sums of the NLL.
 
 Items: sequences with a scored token (``ift_loss`` averages over those), so gradient
 accumulation weights every such sequence equally.
@@ -24,6 +25,7 @@ def fused(opts):
 
 def unfused(opts):
     lam, gamma, eps = opts["lam"], opts["gamma"], opts["eps"]
+    train_embeddings = opts["train_embeddings"]
 
     def step(lm, batch, ctx):
         ids, labels = batch["input_ids"], batch["labels"]
@@ -36,7 +38,10 @@ def unfused(opts):
         predicted = torch.cat((ids[:, :1], greedy[:, :-1]), dim=1)
         mixed_ids = torch.where(labels == IGNORE, ids, predicted)
         embed = lm.get_input_embeddings()
-        hidden = decode(lm, batch, inputs_embeds=(1 - lam) * embed(ids) + lam * embed(mixed_ids))
+        mixed = (1 - lam) * embed(ids) + lam * embed(mixed_ids)
+        if not train_embeddings:  # the official code embeds through a frozen table
+            mixed = mixed.detach()
+        hidden = decode(lm, batch, inputs_embeds=mixed)
         stats = materialise(hidden, head_weight(lm, hidden), labels)
         mask = stats.mask
         nll = -stats.logp * mask
@@ -60,5 +65,6 @@ def items(batch, opts) -> int:
 
 
 RECIPE = Recipe(objective=fused_losses.ift_loss, data="sft", fused=fused, unfused=unfused,
-                unfused_options=frozenset({"lam", "gamma", "detach_weights", "eps"}),
+                unfused_options=frozenset({"lam", "gamma", "detach_weights", "eps",
+                                           "train_embeddings"}),
                 items=items, provided=frozenset({"attention_mask"}))

@@ -118,7 +118,8 @@ class RunningDelta:
         return {"delta": float(self.delta), "count": float(self.count)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.delta, self.count = torch.tensor(state["delta"]), torch.tensor(state["count"])
+        if state:  # (a checkpoint written before δ was carried starts it afresh)
+            self.delta, self.count = torch.tensor(state["delta"]), torch.tensor(state["count"])
 
 
 def running_delta(rewards, delta, count, group):
@@ -222,11 +223,12 @@ def cpo_pairs(stats, ctx, opts):
 
 SIMPO = Recipe(objective=fused_losses.simpo_loss, data="preference", fused=fused("simpo"),
                unfused=unfused(simpo_pairs),
-               unfused_options=frozenset({"beta", "gamma", "label_smoothing"}), items=pairs)
+               unfused_options=frozenset({"beta", "gamma", "label_smoothing"}), items=pairs,
+               renames={"simpo_gamma": "gamma"})  # TRL's names for them
 ORPO = Recipe(objective=fused_losses.orpo_loss, data="preference", fused=fused("orpo"),
               unfused=unfused(orpo_pairs), unfused_options=frozenset({"lam"}), items=pairs,
-              renames={"beta": "lam"})
+              renames={"beta": "lam"})  # --beta, and TRL's name
 CPO = Recipe(objective=fused_losses.cpo_loss, data="preference", fused=fused("cpo"),
              unfused=unfused(cpo_pairs),
              unfused_options=frozenset({"beta", "alpha", "label_smoothing", "average_log_prob"}),
-             items=pairs)
+             items=pairs, renames={"cpo_alpha": "alpha"})

@@ -6,8 +6,6 @@ Items: sequences (the loss is ``−(1/B) Σ_i Σ_t m_t logp_t G_t``).
 """
 from __future__ import annotations
 
-import torch
-
 import fused_losses
 
 from ._common import (Recipe, decode, frozen_copy, frozen_logprobs, head_weight, load_frozen,

@@ -1,0 +1,246 @@
+"""Chunked PyTorch twin of the distillation kernels, for any device.
+
+Scored rows are taken ``chunk_size`` at a time. A chunk's two ``[chunk, V]`` logit buffers
+(student and teacher, about 64 MiB each in fp32 by default) and two scratch buffers of half
+that are the largest temporaries; the elementwise work runs over row blocks
+(:func:`_rows`) that see whole rows of both models, so every per-token statistic is exact
+in one pass and the student's logit gradient lands in the student buffer, ready for the dH
+and dW GEMMs. Nothing ``[N, V]`` is ever held. Same argument names and outputs as
+``triton_fused``; logits are formed and reduced in fp32 (float64 inputs stay float64, so
+``gradcheck`` runs here).
+
+Per token, with ``s = z_student / τ``, ``t = z_teacher / τ``, ``log q = s − lse(s)``,
+``log p = t − lse(t)`` and ``δ = log p − log q`` (P teacher, Q student)::
+
+    forward_kl  D = Σ p δ                                    dD/ds = q − p
+    reverse_kl  D = −Σ q δ                                   dD/ds = −q (δ + D)
+    jsd         d = δ + log(β/(1−β)), σ⁺ = softplus
+                D = H(β) − β Σ p σ⁺(−d) − (1−β) Σ q σ⁺(d)     dD/ds = −(1−β) q (σ⁺(d) − S),
+                S = Σ q σ⁺(d),  H(β) = −β log β − (1−β) log(1−β)
+
+(derived in ``fused_losses/divergence/__init__.py``). The hard term's log-prob of the target
+is taken at temperature 1: ``z_y − lse(z)``, gradient ``onehot(y) − softmax(z)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..backends.torch_chunked import _Accumulator, _Workspace, _acc_dtype, _chunks, _logits
+from ..kernels import scaling
+
+# The elementwise work runs over row blocks whose two temporaries take about this much each:
+# half a default chunk. Each block costs ~20 ATen calls, and on 2 loaded CPU cores a call's
+# fixed cost dominates small blocks: for 512 rows at V = 32000, JSD's statistics and
+# gradient took 0.25 s of CPU in 32-64 MiB blocks, 0.3-0.5 s in 16 MiB, 1-1.7 s in 4 MiB
+# and 2-4 s in 0.25-1 MiB blocks (interleaved, load ~10).
+ROW_BLOCK_BYTES = 32 << 20
+
+
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """In place (ATen's fused row kernel: one pass over memory). Row blocks are contiguous;
+    the fused kernel is wrong in place on a strided view, hence the check."""
+    if not x.is_contiguous():
+        raise RuntimeError("internal: row blocks must be contiguous")
+    return torch._log_softmax(x, 1, False, out=x)
+
+
+def _row_dot(x: torch.Tensor, y: torch.Tensor, product: torch.Tensor, ones: torch.Tensor):
+    """Σ_v x·y per row: one product pass into ``product``, then a GEMV against ones (fast,
+    unlike a row ``sum`` over few long rows)."""
+    return torch.mv(torch.mul(x, y, out=product), ones)
+
+
+def _rows(student, teacher, targets, scratch, ones, kind, beta, temperature, with_logprobs,
+          grad_divergence=None, grad_logprobs=None):
+    """Per-token statistics of a row block; with upstream grads, its logit gradient.
+
+    ``student`` [r, V]: raw logits z; ``teacher`` [r, V]: t = z_teacher / τ; both contiguous
+    and consumed. ``scratch``: two [r, V] buffers; ``ones`` [V]. Returns (divergence,
+    logprobs, lse, teacher_lse, raw_lse, aux) [r] each (see ``forward``); when
+    ``grad_divergence`` or ``grad_logprobs`` [r] is given, ``student`` ends holding dL/dz.
+    Everything comes from two fused log-softmaxes and about ten elementwise passes with no
+    [r, V] temporary beyond ``scratch``: on a CPU each pass costs a noticeable fraction of
+    the GEMMs, so the formulas are arranged to need few.
+    """
+    first, second = scratch
+    want_grad = grad_divergence is not None or grad_logprobs is not None
+    if want_grad:  # g_D / τ per row: dL/dz = coef · dD/ds + the hard term
+        coef = torch.zeros_like(student[:, :1]) if grad_divergence is None \
+            else (grad_divergence / temperature).unsqueeze(1)
+    raw_log = None  # log softmax(z) at temperature 1, when it differs from log q
+    if with_logprobs and temperature != 1.0:
+        raw_log = torch.log_softmax(student, dim=1)  # a block-sized temporary; rare path
+    if temperature != 1.0:
+        student.mul_(1.0 / temperature)
+    # lse from one column: z_0 − log q_0 (exact to rounding; no extra pass)
+    lse, teacher_lse = student[:, 0].clone(), teacher[:, 0].clone()
+    log_q, log_p = _log_softmax_(student), _log_softmax_(teacher)
+    lse -= log_q[:, 0]
+    teacher_lse -= log_p[:, 0]
+    raw_lse, logprobs = None, None
+    if with_logprobs:
+        source = log_q if raw_log is None else raw_log
+        logprobs = source.gather(1, targets.unsqueeze(1)).squeeze(1)
+        if raw_log is not None:
+            raw_lse = lse * temperature + (log_q[:, 0] * temperature - raw_log[:, 0])
+
+    aux = None
+    if kind == "forward_kl":                                          # D = Σ p (log p − log q)
+        p = torch.exp(log_p, out=second)
+        divergence = _row_dot(p, log_p, first, ones) - _row_dot(p, log_q, first, ones)
+        if want_grad:
+            q = torch.exp(log_q, out=first)
+            slope = torch.sub(q, p, out=student).mul_(coef)           # q − p
+    elif kind == "reverse_kl":                                        # D = Σ q (log q − log p)
+        q = torch.exp(log_q, out=first)
+        divergence = aux = _row_dot(q, log_q, second, ones) - _row_dot(q, log_p, second, ones)
+        if want_grad:                                                 # q (log q − log p − D)
+            slope = log_q.sub_(log_p).sub_(divergence.unsqueeze(1)).mul_(q).mul_(coef)
+    else:
+        # σ⁺(d) = L + c with L = logaddexp(δ, −c), c = log(β/(1−β)), and σ⁺(−d) = L − δ:
+        # the shift never touches an element. S = Σ q σ⁺(d) = Σ q L + c.
+        shift = math.log(beta) - math.log1p(-beta)
+        q, p = torch.exp(log_q, out=first), torch.exp(log_p, out=second)
+        delta = log_p.sub_(log_q)
+        tail = torch.logaddexp(delta, torch.full((), -shift, dtype=delta.dtype), out=log_q)
+        softplus_neg = torch.sub(tail, delta, out=delta)              # σ⁺(−d), exact per element
+        p_term = _row_dot(p, softplus_neg, p, ones)                   # R = Σ p σ⁺(−d)
+        q_tail = torch.mul(q, tail, out=second)
+        aux = torch.mv(q_tail, ones) + shift                          # S
+        entropy = -beta * math.log(beta) - (1 - beta) * math.log1p(-beta)
+        divergence = entropy - beta * p_term - (1 - beta) * aux
+        if want_grad:                                                 # −(1−β) q (σ⁺(d) − S)
+            slope = torch.mul(q_tail.addcmul_(q, (shift - aux).unsqueeze(1)),
+                              coef * (beta - 1), out=student)
+    if want_grad and grad_logprobs is not None:  # + g_lp · (onehot(y) − softmax(z))
+        g = grad_logprobs.unsqueeze(1)
+        slope.addcmul_(q if raw_log is None else raw_log.exp_(), g, value=-1)
+        slope.scatter_add_(1, targets.unsqueeze(1), g)
+    return divergence, logprobs, lse, teacher_lse, raw_lse, aux
+
+
+class _Chunk:
+    """Both models' logits for a chunk of scored rows, in two reused [rows, V] buffers."""
+
+    def __init__(self, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+                 temperature):
+        vocab, device = weight.shape[0], hidden.device
+        self.student_ws, self.teacher_ws = _Workspace(vocab, device), _Workspace(vocab, device)
+        self.inputs = (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
+        self.temperature = temperature
+        acc = _acc_dtype(hidden.dtype)
+        rows_per_block = max(1, ROW_BLOCK_BYTES // (acc.itemsize * vocab))
+        self.scratch = tuple(torch.empty(rows_per_block, vocab, dtype=acc, device=device)
+                             for _ in range(2))
+        self.ones = torch.ones(vocab, dtype=acc, device=device)
+
+    def logits(self, rows: torch.Tensor):
+        """(hidden rows [n, H], raw student logits [n, V], teacher logits / τ [n, V])."""
+        hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias = self.inputs
+        hidden_chunk = hidden.index_select(0, rows)
+        student = _logits(hidden_chunk, weight, bias, 1.0, None, self.student_ws)
+        teacher = _logits(teacher_hidden.index_select(0, rows), teacher_weight, teacher_bias,
+                          self.temperature, None, self.teacher_ws)
+        if teacher.dtype != student.dtype:  # a float64 student with a lower-precision teacher
+            teacher = teacher.to(student.dtype)
+        return hidden_chunk, student, teacher
+
+    def blocks(self, size: int):
+        step = self.scratch[0].shape[0]
+        for start in range(0, size, step):
+            stop = min(start + step, size)
+            yield slice(start, stop), tuple(s[:stop - start] for s in self.scratch)
+
+
+def _run(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets, *,
+         kind, beta, temperature, with_logprobs, chunk_size, grads=None, accumulator=None):
+    """Walk the chunks; per row block, statistics and (with ``grads``) the logit gradient."""
+    chunk = _Chunk(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+                   temperature)
+    parts = []
+    for piece in _chunks(rows.numel(), weight.shape[0], chunk_size):
+        hidden_chunk, student, teacher = chunk.logits(rows[piece])
+        chunk_targets = targets[piece]
+        upstream = [None if g is None else g[piece] for g in grads or (None, None)]
+        first = len(parts)
+        for block, scratch in chunk.blocks(student.shape[0]):
+            block_grads = {} if grads is None else dict(
+                grad_divergence=None if upstream[0] is None else upstream[0][block],
+                grad_logprobs=None if upstream[1] is None else upstream[1][block])
+            parts.append(_rows(student[block], teacher[block], chunk_targets[block], scratch,
+                               chunk.ones, kind, beta, temperature, with_logprobs, **block_grads))
+        if accumulator is not None:
+            bound = None
+            if scaling.needs_row_scale(weight.dtype):  # fp16 chunks: kernels/scaling.py
+                aux = None if kind != "reverse_kl" else torch.cat(
+                    [part[5] for part in parts[first:]])
+                bound = scaling.divergence_grad_bound(kind, beta, temperature, aux, *upstream)
+            accumulator.add(student, rows[piece], hidden_chunk, chunk.student_ws, bound)
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=_acc_dtype(hidden.dtype))
+        return (empty, empty if with_logprobs else None, empty, empty,
+                empty if with_logprobs and temperature != 1.0 else None,
+                None if kind == "forward_kl" else empty)
+    return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts))
+
+
+@torch.no_grad()
+def forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets,
+            *, kind, beta, temperature, with_logprobs, chunk_size=None):
+    """Per-token statistics of the scored ``rows``.
+
+    hidden [M, H], weight [V, H], bias [V] | None, teacher_hidden [M, H_t], teacher_weight
+    [V, H_t], teacher_bias [V] | None, rows [N] int64, targets [N] ->
+    (divergence, logprobs | None, lse, teacher_lse, raw_lse | None, aux | None), [N] each:
+    the divergence, the target's log-prob at temperature 1 (``with_logprobs``), both models'
+    log-sum-exp at temperature τ, the student's at temperature 1 (only when τ ≠ 1 and
+    ``with_logprobs``), and ``aux``: D itself for ``reverse_kl``, S for ``jsd``.
+    """
+    return _run(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows,
+                targets, kind=kind, beta=beta, temperature=temperature,
+                with_logprobs=with_logprobs, chunk_size=chunk_size)
+
+
+@torch.no_grad()
+def backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets,
+             stats, grad_divergence, grad_logprobs, *, kind, beta, temperature, with_logprobs,
+             need_hidden=True, need_weight=True, need_bias=True, chunk_size=None):
+    """Recompute both models' logits chunk by chunk; return (dH [M, H], dW [V, H], dBias [V]).
+
+    ``stats`` (the forward's outputs) are not read: a chunk's row blocks hold whole rows, so
+    their statistics are recomputed exactly on data already in cache.
+    """
+    accumulator = _Accumulator(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    _run(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets,
+         kind=kind, beta=beta, temperature=temperature, with_logprobs=with_logprobs,
+         chunk_size=chunk_size, grads=(grad_divergence, grad_logprobs), accumulator=accumulator)
+    return accumulator.result()
+
+
+@torch.no_grad()
+def forward_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows,
+                     targets, *, divergence_weight, logprob_weight, kind, beta, temperature,
+                     with_logprobs, need_hidden=True, need_weight=True, need_bias=True,
+                     chunk_size=None):
+    """One pass for ``loss = Σ_rows divergence_weight·D + logprob_weight·logprobs``.
+
+    Each chunk's logits are formed once, for the statistics and the gradient: the student's
+    and the teacher's GEMM plus dH and dW, 4 matmuls instead of 6. Returns
+    (loss, stats as in ``forward``, dH, dW, dBias).
+    """
+    accumulator = _Accumulator(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    acc = _acc_dtype(hidden.dtype)
+    num_rows = rows.numel()
+    grads = (torch.full((num_rows,), divergence_weight, dtype=acc, device=hidden.device),
+             torch.full((num_rows,), logprob_weight, dtype=acc, device=hidden.device)
+             if with_logprobs else None)
+    stats = _run(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows,
+                 targets, kind=kind, beta=beta, temperature=temperature,
+                 with_logprobs=with_logprobs, chunk_size=chunk_size, grads=grads,
+                 accumulator=accumulator)
+    loss = divergence_weight * stats[0].sum()
+    if with_logprobs:
+        loss = loss + logprob_weight * stats[1].sum()
+    return (loss, stats, *accumulator.result())
