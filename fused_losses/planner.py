@@ -200,10 +200,14 @@ class Chunking:
         return kernel_configs.config_for("bwd", getattr(torch, dtype),
                                          interpreting=self.interpreting)["BLOCK_V"]
 
+    def one_pass_budget(self, backend: str) -> int:
+        """The largest group's fp32 logits the backend's one pass takes (its module's
+        ``ONE_PASS_BYTES``: torch's own, ``configs.ONE_PASS_BYTES`` for cublas and triton)."""
+        return self.torch_one_pass_bytes if backend == "torch" else self.one_pass_bytes
+
     def one_pass_fits(self, backend: str, group: int | None, vocab: int) -> bool:
         """Whether one group's fp32 logits fit the backend's one-pass budget."""
-        budget = self.torch_one_pass_bytes if backend == "torch" else self.one_pass_bytes
-        return (group or 1) * vocab * 4 <= budget
+        return (group or 1) * vocab * 4 <= self.one_pass_budget(backend)
 
 
 GPU_CHUNKING = Chunking()
@@ -329,6 +333,7 @@ def resolve_backend_name(backend: str) -> str:
 
 
 def check_path(path: str) -> None:
+    """``path`` is one of :data:`PATHS`, else a ValueError naming the choices."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
 
@@ -634,8 +639,7 @@ def head_assumption(model: ModelDims, setup: Setup) -> list[str]:
         line += f"; vocabulary-parallel (tp {setup.tp}) heads recompute in backward"
     elif taken != setup.path:
         kind = "pair" if OBJECTIVES[setup.objective][0] == 2 else "sequence"
-        fits_rows = GPU_CHUNKING.one_pass_bytes // (4 * call["vocab"]) if backend != "torch" \
-            else GPU_CHUNKING.torch_one_pass_bytes // (4 * call["vocab"])
+        fits_rows = GPU_CHUNKING.one_pass_budget(backend) // (4 * call["vocab"])
         line += (f"; a {kind} ({call['group']:,} rows) is longer than {backend}'s one pass "
                  f"takes ({fits_rows:,} rows of fp32 logits at V={call['vocab']:,}): the "
                  "library forms it by forward + backward inside the forward, the recompute "

@@ -28,13 +28,16 @@ memory is the peak of what the step allocates above the inputs, dW and dH includ
   Python's reference cycles after each launch (the interpreter's frames keep a launch's
   arguments alive until the cyclic collector runs, which a GPU launch does not): the same
   bytes (``tests/test_planner.py`` checks it on one case).
-* on a GPU (``--cuda``), ``torch.cuda.max_memory_allocated``
-  above ``memory_allocated`` before the step, real kernels, the GPU's chunk budgets.
+* on a GPU (``--cuda``), ``torch.cuda.max_memory_allocated`` above ``memory_allocated``
+  before the step (after a warm-up step), real kernels, the GPU's chunk budgets.
+
+Exit status 1 when any case is off by more than 5%.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -110,7 +113,7 @@ def chunking_of(case: dict) -> Chunking:
     if "one_pass_bytes" in case:
         overrides.update(one_pass_bytes=case["one_pass_bytes"],
                          torch_one_pass_bytes=case["one_pass_bytes"])
-    return Chunking(**dict(vars(base), **overrides))
+    return dataclasses.replace(base, **overrides)
 
 
 def scored_rows(case: dict) -> int:
