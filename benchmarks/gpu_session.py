@@ -744,7 +744,8 @@ def markdown(doc: dict) -> str:
         out += ["", "## Planner head term (`planner.head_bytes`) against measured memory", "",
                 "| case | mode / path | variant | predicted MiB | measured MiB | error |",
                 "|---|---|---|---:|---:|---:|"]
-        out += [f"| {p['case']} | {p['mode']} | {p['variant']} | {p['predicted_mb']:.1f} | "
+        out += [f"| {p['case']} | {p['mode']}" + (f" / {p['path']}" if "path" in p else "")
+                + f" | {p['variant']} | {p['predicted_mb']:.1f} | "
                 f"{p['measured_mb']:.1f} | {p['error']:+.1%} |" for p in pairs]
     if doc["problems"]:
         out += ["", "## Problems", ""] + [f"- {p}" for p in doc["problems"]]
