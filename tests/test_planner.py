@@ -116,8 +116,9 @@ def test_live_tensor_peak_counts_new_storages_alive_at_once():
     del b, c, e
 
 
+# Budgets that cut every path into a few chunks (2-6) at this size.
 TINY = dict(rows=96, hidden=48, vocab=1001, dtype="float32", scored=0.75,
-            chunk_bytes=32 << 10, torch_chunk_bytes=96 << 10)
+            chunk_bytes=64 << 10, torch_chunk_bytes=192 << 10)
 
 
 def _fused(backend, path, **extra):
@@ -143,8 +144,8 @@ def test_head_term_matches_the_measured_live_tensor_peak(case):
 def test_skipped_kernels_allocate_what_run_kernels_allocate():
     # The validation skips the Triton launches (kernels write into tensors allocated before
     # them); running them in the interpreter measures the same bytes.
-    case = dict(TINY, rows=32, hidden=16, vocab=301, chunk_bytes=8 << 10, impl="fused",
-                backend="cublas", path="one-pass", api="ce")
+    case = dict(TINY, rows=32, hidden=16, vocab=301, chunk_bytes=24 << 10, impl="fused",
+                backend="cublas", path="one-pass", api="ce")  # two chunks of 20 and 4 rows
     assert planner_validate.measure(case) == planner_validate.measure(case, run_kernels=True)
 
 
