@@ -33,9 +33,10 @@ step (reference forward, policy forward + head backward, decoder backward)::
   ``--tp`` the head is vocabulary-parallel: each GPU holds ``V / tp`` columns, recomputed.
 
 Preference objectives (dpo, simpo, orpo, cpo, dil) run chosen and rejected sequences in one
-forward, so a micro-batch of ``b`` pairs is ``2 b`` sequences of ``--seq-len`` tokens. DPO
-and DIL hold a frozen bf16 reference model unless ``--ref precomputed``. Every token is
-assumed scored (the fused head skips unscored tokens; the unfused head cannot).
+forward, so a micro-batch of ``b`` pairs is ``2 b`` sequences of ``--seq-len`` tokens. DPO,
+DIL, REINFORCE, KTO and GRPO hold a frozen bf16 reference model unless ``--ref precomputed``.
+Every token is assumed scored (the fused head skips unscored tokens; the unfused head
+cannot).
 """
 from __future__ import annotations
 
@@ -421,14 +422,14 @@ def head_forward_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab:
 # ---------------------------------------------------------------------------------------------
 
 OBJECTIVES = {  # sequences per example, holds a frozen reference model
-    "sft": (1, False), "ift": (1, False), "reinforce": (1, True),
-    "dpo": (2, True), "dil": (2, True), "simpo": (2, False), "orpo": (2, False),
-    "cpo": (2, False), "ce": (1, False),
+    "sft": (1, False), "ift": (1, False), "reinforce": (1, True), "kto": (1, True),
+    "grpo": (1, True), "dpo": (2, True), "dil": (2, True), "simpo": (2, False),
+    "orpo": (2, False), "cpo": (2, False), "ce": (1, False),
 }
 # The objectives' one pass runs over chunks of whole groups (objectives/_common.py,
-# fused_objective): a sequence, or a chosen + rejected pair. "ce" is
-# linear_cross_entropy(reduction="mean"), whose every token is its own group.
-TOKEN_LEVEL = ("ce",)
+# fused_objective): a sequence, or a chosen + rejected pair; GRPO's token-level ratios make
+# each token its own group, and so does "ce", linear_cross_entropy(reduction="mean").
+TOKEN_LEVEL = ("ce", "grpo")
 
 
 def group_rows(objective: str, seq_len: int) -> int | None:
@@ -762,8 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "grads and moments (8 B/param)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw-8bit", "sgd"))
     p.add_argument("--ref", default="resident", choices=("resident", "precomputed"),
-                   help="DPO/DIL reference: a frozen bf16 model in memory, or log-probs "
-                        "computed beforehand")
+                   help="reference model (dpo, dil, reinforce, kto, grpo): a frozen bf16 "
+                        "model in memory, or log-probs computed beforehand")
     p.add_argument("--backend", default=CUDA_DEFAULT, choices=BACKENDS,
                    help="fused head implementation whose memory is modelled (default: "
                         f"{CUDA_DEFAULT}, what 'auto' picks on CUDA)")

@@ -74,6 +74,8 @@ def test_groups_beyond_the_one_pass_budget_take_the_recompute_memory():
     model = PRESETS["llama3-8b"]
     assert planner.head_call(model, Setup(objective="dpo", seq_len=1024))["group"] == 2048
     assert planner.head_call(model, Setup(objective="ce"))["group"] is None
+    assert planner.head_call(model, Setup(objective="grpo"))["group"] is None  # token ratios
+    assert planner.head_call(model, Setup(objective="kto", seq_len=512))["group"] == 512
     assert planner.head_call(model, Setup(tp=2, gpus=8))["path"] == "recompute"
 
 
