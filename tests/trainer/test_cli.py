@@ -125,9 +125,12 @@ def test_ctrl_c_leaves_whole_files_and_says_how_to_resume(tmp_path, tok_cache):
     # far more steps than run before the signal: on a loaded machine this process may be
     # descheduled for seconds after the 6th line, and 16 steps were then done (exit 0)
     flags = dict(max_steps=10_000, save_every=4, max_length=200)
+    # SIGINT's default action in the run even where this suite runs with it ignored (a
+    # background job: the run would inherit SIG_IGN and never see the Ctrl-C)
     proc = subprocess.Popen([sys.executable, "-m", "fused_losses.train",
                              *tiny_args(out, "dpo", **flags)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics, deadline = out / "metrics.jsonl", time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # past the first checkpoint
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
