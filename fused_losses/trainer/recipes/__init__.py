@@ -12,7 +12,7 @@ import inspect
 
 from fused_losses import linear_logprobs
 
-from . import ift, preference, reinforce, sft
+from . import distill, ift, preference, reinforce, sft
 from ._common import IGNORE, LossStep, ObjectiveState, Recipe, Stateless, precompute_reference
 
 RECIPES: dict[str, Recipe] = {
@@ -24,6 +24,7 @@ RECIPES: dict[str, Recipe] = {
     "dil": preference.DIL,
     "ift": ift.RECIPE,
     "reinforce": reinforce.RECIPE,
+    "distill": distill.RECIPE,
 }
 
 # Options of the primitive every objective passes on (bias, backend, temperature, ...).
@@ -44,7 +45,8 @@ def options(recipe: Recipe, given: dict[str, object], impl: str) -> dict:
     objective's arguments and completed with its defaults.
 
     Raises ``ValueError`` naming the flag or key for one the objective does not take, or, for
-    ``impl == "unfused"``, one the materialised step does not implement.
+    ``impl == "unfused"``, one the materialised step does not implement; or naming the
+    options whose values the recipe's ``check_options`` refuses.
     """
     defaults = keyword_defaults(recipe)
     chosen, unknown = {}, []
@@ -68,7 +70,11 @@ def options(recipe: Recipe, given: dict[str, object], impl: str) -> dict:
                          f"{sorted(set(chosen) - recipe.unfused_options)} for "
                          f"{recipe.objective.__name__}; it supports "
                          f"{sorted(recipe.unfused_options)}")
-    return {**defaults, **chosen}
+    opts = {**defaults, **chosen}
+    problems = recipe.check_options(opts)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return opts
 
 
 __all__ = ["IGNORE", "LossStep", "ObjectiveState", "PRIMITIVE_OPTIONS", "RECIPES", "Recipe",
