@@ -110,6 +110,7 @@ class Recipe:
     check_options: Callable[[dict], list[str]] = _no_option_problems
     renames: Mapping[str, str] = field(default_factory=dict)  # flag -> argument (ORPO: beta -> lam)
     provided: frozenset[str] = frozenset()  # arguments the recipe passes itself
+    flags: tuple[str, ...] = ()  # Config fields that are also options (grpo: max_completion_length)
 
 
 # ---------------------------------------------------------------------------------------------
