@@ -1,12 +1,9 @@
-"""Distillation in the trainer: fused and unfused agree step by step, a resume after SIGKILL
-is exact, a preset teacher is its own seeded model, and mistakes are one line and exit 2."""
+"""Distillation in the trainer: fused and unfused agree step by step, a preset teacher is its
+own seeded model, and mistakes are one line and exit 2. (Its resume after SIGKILL is in
+``test_checkpoint.py``.)"""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -17,30 +14,7 @@ from fused_losses.trainer.recipes import distill
 
 from .rounding import step_tolerances
 from .test_cli import no_model, one_line_error  # noqa: F401 (no_model is a fixture)
-from .trainer_helpers import TINY, losses, tiny_args
-
-# Wider than the student (H = 48 vs 32), the same vocabulary; its head scaled so that its
-# distributions are peaked (random init gives nearly uniform ones, and a near-zero loss).
-TEACHER = dict(TINY["llama"], hidden_size=48, intermediate_size=96)
-TEACHER_HEAD_SCALE = 30.0
-
-
-def save_tiny(path, spec: dict, seed: int, head_scale: float = 1.0) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = dict(spec)
-    torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
-    with torch.no_grad():
-        lm.get_output_embeddings().weight.mul_(head_scale)
-    lm.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> str:
-    return save_tiny(tmp_path_factory.mktemp("teacher"), TEACHER, seed=1,
-                     head_scale=TEACHER_HEAD_SCALE)
+from .trainer_helpers import TEACHER, TINY, save_tiny, tiny_args
 
 
 def records(out) -> list[dict]:
@@ -53,13 +27,13 @@ CASES = [{"beta": 0.3}, {"divergence": "forward_kl", "temperature": 2.0, "hard_w
 
 
 @pytest.mark.parametrize("flags", CASES, ids=["jsd-0.3", "forward_kl-t2-hard", "reverse_kl"])
-def test_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache, teacher, flags):
+def test_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache, tiny_teacher, flags):
     """distill_loss on the two heads vs distill_loss_reference on both models' materialised
     logits: the same losses within the bound ``rounding.py`` derives, the same metrics."""
-    argv = tiny_args(tmp_path / "f", "distill", impl="fused", teacher=teacher, **flags)
+    argv = tiny_args(tmp_path / "f", "distill", impl="fused", teacher=tiny_teacher, **flags)
     fused = loop.train(loop.parse_args(argv))
     unfused = loop.train(loop.parse_args(
-        tiny_args(tmp_path / "u", "distill", impl="unfused", teacher=teacher, **flags)))
+        tiny_args(tmp_path / "u", "distill", impl="unfused", teacher=tiny_teacher, **flags)))
     a, b = records(tmp_path / "f"), records(tmp_path / "u")
     assert len(a) == len(b) == 3
     bounds = step_tolerances(argv, steps=4)
@@ -71,36 +45,6 @@ def test_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache, teacher, flag
     assert fused.keys() == unfused.keys()
     assert ("eval/nll_loss" in fused) == ("hard_weight" in flags)
     assert a[0]["divergence"] > 0.05  # a peaked teacher: not the near-zero loss of two uniforms
-
-
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tok_cache, teacher):
-    # The teacher is not in the checkpoint: the resumed run loads it again from --teacher.
-    flags = dict(teacher=teacher, max_steps=24, save_every=4, batch_size=8)
-    whole = tmp_path / "whole"
-    loop.train(loop.parse_args(tiny_args(whole, "distill", **flags)))
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fused_losses.train",
-                             *tiny_args(killed, "distill", **flags)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics, deadline = killed / "metrics.jsonl", time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # past the first checkpoint
-        if (killed / "checkpoint.pt").exists() and metrics.exists() \
-                and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed: " + \
-        proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
-    assert 4 <= saved < flags["max_steps"]
-
-    loop.train(loop.parse_args(tiny_args(killed, "distill", resume=True, **flags)))
-    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == \
-        list(range(1, flags["max_steps"] + 1))
-    torch.testing.assert_close(torch.tensor(losses(killed)), torch.tensor(losses(whole)),
-                               rtol=0, atol=0)
 
 
 def test_a_preset_teacher_is_its_own_seeded_model(monkeypatch):
@@ -130,8 +74,10 @@ def test_a_preset_teacher_is_its_own_seeded_model(monkeypatch):
     ({"teacher": "tiny-llama", "beta": 1.5}, "beta must be a number in [0, 1] for distill"),
     ({"teacher": "tiny-llama", "temperature": 0}, "temperature must be a finite number > 0"),
     ({"teacher": "tiny-llama", "hard_weight": "inf"}, "--hard-weight must be a finite number"),
-    ({"teacher": "tiny-llama", "loss_kwargs": '{"softcap": 30}', "impl": "unfused"},
-     "--impl unfused does not implement ['softcap']"),
+    ({"teacher": "tiny-llama", "loss_kwargs": '{"softcap": 30}'},  # distill_loss has none
+     "--loss-kwargs 'softcap': not an option of distill_loss"),
+    ({"teacher": "tiny-llama", "loss_kwargs": '{"backend": "torch"}', "impl": "unfused"},
+     "--impl unfused does not implement ['backend']"),
 ])
 def test_mistakes_are_one_line_before_anything_is_built(tmp_path, capsys, no_model, flags,
                                                         message):
