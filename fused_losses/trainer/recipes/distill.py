@@ -74,7 +74,8 @@ def load_teacher(cfg, lm):
     """The frozen teacher on the student's device: a preset (random weights, its own seed,
     the caller's random state untouched) or a local directory."""
     if cfg.teacher in PRESETS:
-        with torch.random.fork_rng(devices=[]):
+        # build_model seeds every device's generator: fork the student's device's too.
+        with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
             teacher, _ = build_model(cfg.teacher, None, cfg.seed + TEACHER_SEED_OFFSET)
         return teacher.eval().requires_grad_(False).to(lm.device)
     return load_frozen(cfg.teacher, lm, "--teacher")
