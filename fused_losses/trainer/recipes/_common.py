@@ -82,6 +82,10 @@ def _no_problems(cfg) -> list[str]:
     return []
 
 
+def _no_option_problems(opts) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything the trainer knows about one objective: a table of small functions.
@@ -104,6 +108,9 @@ class Recipe:
     check: Callable[..., list[str]] = _no_problems  # (cfg) -> problems with flags it reads
     own_flags: frozenset[str] = frozenset()  # Config fields only this objective reads: set
     # for another objective they are an error, not silently ignored
+    # (options, defaults filled in) -> problems with their values that neither implementation
+    # would report before work is done (the materialised twin may not check them at all)
+    check_options: Callable[[dict], list[str]] = _no_option_problems
     renames: Mapping[str, str] = field(default_factory=dict)  # flag -> argument (ORPO: beta -> lam)
     provided: frozenset[str] = frozenset()  # arguments the recipe passes itself
     flags: tuple[str, ...] = ()  # Config fields that are also options (grpo: max_completion_length)
