@@ -31,6 +31,20 @@ divergence) and ``g_lp`` (of ``logprobs``, the student's log-prob of the target 
 temperature 1, for the hard cross-entropy term) make the raw-logit gradient
 
     dL/dz = (g_D/τ)·dD/ds + g_lp·(onehot(y) − softmax(z)).
+
+Non-finite logits, as for the log-prob primitive (``fused_losses.backends``), the same on
+every implementation:
+
+* A ``-inf`` logit (a vocabulary mask, e.g. a bias of ``-inf`` on padded rows) has
+  probability 0: its terms are 0 (0·log 0 = 0, in the mixture's too) and its gradient is 0.
+  Both models may mask, the same tokens or different ones.
+* Where one model has mass on a token the other masks, the KL that integrates against the
+  first is +inf: forward KL when the student masks a token the teacher supports, reverse KL
+  the other way round. The JSD stays finite (M > 0 wherever P or Q is). An infinite
+  divergence has no derivative: its row's gradient is NaN (so dW and dBias are NaN, as with
+  a NaN row), which a loss scaler skips like any overflow.
+* A NaN or ``+inf`` logit, or a row whose logits are all ``-inf``, in either model makes the
+  row's divergence, statistics and gradient row NaN. Ignored rows are never read.
 """
 from __future__ import annotations
 
@@ -242,8 +256,8 @@ class LinearDivergenceFunction(torch.autograd.Function):
         stats = Stats(*impl.forward(hidden, weight, bias, teacher_hidden, teacher_weight,
                                     teacher_bias, rows, targets, **opts.kwargs()))
         ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight,
-                              teacher_bias, rows, targets, stats.lse, stats.teacher_lse,
-                              stats.raw_lse, stats.aux)
+                              teacher_bias, rows, targets, stats.divergence, stats.lse,
+                              stats.teacher_lse, stats.raw_lse, stats.aux)
         ctx.impl, ctx.opts = impl, opts
         ctx.set_materialize_grads(False)
         size = hidden.shape[0]
@@ -253,10 +267,12 @@ class LinearDivergenceFunction(torch.autograd.Function):
     @first_order_only
     def backward(ctx, grad_divergence, grad_logprobs):
         (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets,
-         lse, teacher_lse, raw_lse, aux) = ctx.saved_tensors
+         divergence, lse, teacher_lse, raw_lse, aux) = ctx.saved_tensors
         # Upstream grads of any strides (an expanded sum's are stride 0) become [N] rows.
         grads = [None if g is None else g.index_select(0, rows).to(lse.dtype).contiguous()
                  for g in (grad_divergence, grad_logprobs)]
+        if grads[0] is not None:  # an infinite divergence's row has a NaN gradient
+            grads[0] = torch_chunked.finite_or_nan(grads[0], divergence)
         nothing = (None,) * 7
         if all(g is None for g in grads) or rows.numel() == 0:
             return _zero_grads(hidden, weight, bias, ctx.needs_input_grad) + nothing

@@ -264,3 +264,90 @@ def test_fp16_keeps_tiny_per_token_gradients(backend, dtype):
                                   t_weight.half().double(), targets, kind="forward_kl")
     want = torch.autograd.grad(want_div.sum() / 65536, ref[0])[0]
     assert_grad_close(got, want, torch.float16, name="dH")
+
+
+# A vocabulary mask is a bias of -inf (``fused_losses.backends``: probability 0). Columns
+# masked by both heads (padded rows, column 0 among them: an edge the lse trick must not
+# trip on), by the teacher only, by the student only; V = 101.
+SHARED_MASK, TEACHER_MASK, STUDENT_MASK = [0, 40, 96, 97, 98, 99, 100], [7, 64], [13, 77]
+# Which masks each divergence keeps finite: KL(P‖Q) needs Q > 0 wherever P > 0 and
+# KL(Q‖P) the reverse; the JSD's mixture is positive wherever either is.
+FINITE_MASKS = {"forward_kl": (TEACHER_MASK, []), "reverse_kl": ([], STUDENT_MASK),
+                "jsd": (TEACHER_MASK, STUDENT_MASK)}
+
+
+def masked(tensors, teacher_only, student_only):
+    """``heads()`` with -inf biases on the masked columns; no target on a masked column."""
+    hidden, weight, bias, t_hidden, t_weight, t_bias, targets = tensors
+    bias, t_bias = bias.clone(), t_bias.clone()
+    bias[SHARED_MASK + student_only] = -float("inf")
+    t_bias[SHARED_MASK + teacher_only] = -float("inf")
+    hit = torch.isin(targets, torch.tensor(SHARED_MASK + teacher_only + student_only))
+    targets = torch.where(hit, 3, targets)
+    return hidden, weight, bias, t_hidden, t_weight, t_bias, targets
+
+
+@pytest.mark.parametrize("backend,dtype", IMPLS)
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_vocabulary_mask(backend, dtype, kind):
+    """-inf logits weigh 0 (0·log 0 = 0) wherever the divergence stays finite: values and
+    gradients against the reference, and no gradient at all on the student's masked rows."""
+    tensors = masked(heads(n=9, ignored=(4,)), *FINITE_MASKS[kind])
+    check(backend, dtype, kind, 0.35, 1.3, tensors)
+    # the loss's own path (gradients formed in forward where the implementation has it)
+    hidden, weight, bias, t_hidden, t_weight, t_bias, targets = tensors
+    ours, ref = leaves((hidden, weight, bias), dtype), leaves((hidden, weight, bias), F64)
+    loss, _ = linear_divergence_loss(ours[0], ours[1], t_hidden.to(dtype), t_weight.to(dtype),
+                                     targets, bias=ours[2], teacher_bias=t_bias.to(dtype),
+                                     divergence=kind, beta=0.35, hard_weight=0.5,
+                                     backend=backend)
+    loss.backward()
+    want_div, want_lp = naive.per_token(*ref[:2], t_hidden, t_weight, targets, bias=ref[2],
+                                        teacher_bias=t_bias, kind=kind, beta=0.35)
+    (want_div.sum() - 0.5 * want_lp.sum()).backward()
+    for name, got, want in zip(("dH", "dW", "dBias"), ours, ref):
+        assert_close(got.grad, want.grad, dtype, name=name)
+    student_masked = bias == -float("inf")
+    assert not ours[1].grad[student_masked].any() and not ours[2].grad[student_masked].any()
+
+
+@pytest.mark.parametrize("backend,dtype", IMPLS)
+def test_infinite_divergence_and_nan_rows(backend, dtype):
+    """Decided per the contract: a KL is +inf where one model has mass on a token the other
+    masks, and an infinite divergence has no derivative, so its rows' gradients are NaN
+    (reaching every entry of dW, as a NaN row does); a NaN logit makes its row NaN, and
+    leaves the other rows exact."""
+    for kind, (teacher_only, student_only) in (("forward_kl", ([], STUDENT_MASK)),
+                                               ("reverse_kl", (TEACHER_MASK, []))):
+        hidden, weight, bias, t_hidden, t_weight, t_bias, targets = masked(
+            heads(n=5, ignored=(1,)), teacher_only, student_only)
+        h, w = leaves((hidden, weight), dtype)
+        out = linear_divergence(h, w, t_hidden.to(dtype), t_weight.to(dtype), targets,
+                                bias=bias.to(dtype), teacher_bias=t_bias.to(dtype),
+                                divergence=kind, backend=backend)
+        scored = targets != -100
+        assert torch.equal(out.divergence[scored], torch.full((4,), float("inf"), dtype=F32)
+                           .to(out.divergence.dtype)) and out.divergence[1] == 0
+        out.divergence.sum().backward()
+        assert h.grad[scored].isnan().all() and not h.grad[~scored].any(), kind
+        assert w.grad.isnan().all(), kind
+        h, w = leaves((hidden, weight), dtype)  # the loss's own path
+        loss, _ = linear_divergence_loss(h, w, t_hidden.to(dtype), t_weight.to(dtype), targets,
+                                         bias=bias.to(dtype), teacher_bias=t_bias.to(dtype),
+                                         divergence=kind, backend=backend)
+        loss.backward()
+        assert loss == float("inf") and h.grad[scored].isnan().all() and w.grad.isnan().all()
+    hidden, weight, bias, t_hidden, t_weight, t_bias, targets = masked(
+        heads(n=5, ignored=(1,)), *FINITE_MASKS["jsd"])
+    t_hidden = t_hidden.clone()
+    t_hidden[3, 5] = float("nan")
+    h, w = leaves((hidden, weight), dtype)
+    out = linear_divergence(h, w, t_hidden.to(dtype), t_weight.to(dtype), targets,
+                            bias=bias.to(dtype), teacher_bias=t_bias.to(dtype), beta=0.4,
+                            backend=backend)
+    want, _ = naive.per_token(hidden, weight, t_hidden, t_weight, targets, bias=bias,
+                              teacher_bias=t_bias, beta=0.4)
+    assert out.divergence[3].isnan() and not out.divergence[[0, 1, 2, 4]].isnan().any()
+    assert_close(out.divergence[[0, 1, 2, 4]], want[[0, 1, 2, 4]], dtype, name="other rows")
+    out.divergence.sum().backward()
+    assert h.grad[3].isnan().all() and torch.isfinite(h.grad[[0, 1, 2, 4]]).all()
