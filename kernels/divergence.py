@@ -160,10 +160,10 @@ def _mixture_update(raw, teacher, valid, lse, teacher_lse, inv_temperature, log_
     log_q = raw * inv_temperature - lse[:, None]
     log_p = teacher - teacher_lse[:, None]
     d = log_p - log_q + log_ratio
-    tail = tl.log(1.0 + tl.exp(-tl.abs(d)))
     # where, not a product with a mask: junk rows may overflow exp
     q = tl.where(valid, tl.exp(log_q), 0.0)
     p = tl.where(valid, tl.exp(log_p), 0.0)
+    tail = tl.log(1.0 + tl.exp(-tl.abs(d)))
     q_softplus += _weighted_sum(q, tl.maximum(d, 0.0) + tail)
     p_softplus += _weighted_sum(p, tl.maximum(-d, 0.0) + tail)
     return q_softplus, p_softplus
@@ -174,24 +174,28 @@ def _grad_tile(
     raw, teacher, offs_v, valid, targets,                    # tiles; [BLOCK_N] int64
     lse, teacher_lse, raw_lse, aux, grad_divergence, grad_logprobs,  # [BLOCK_N] fp32 each
     inv_temperature, log_ratio, one_minus_beta,
-    KIND: tl.constexpr, WITH_LOGPROB_GRAD: tl.constexpr, WITH_RAW_LSE: tl.constexpr,
+    KIND: tl.constexpr, WITH_DIVERGENCE_GRAD: tl.constexpr, WITH_LOGPROB_GRAD: tl.constexpr,
+    WITH_RAW_LSE: tl.constexpr,
 ):
     """dL/dz of one tile, fp32, 0 outside ``valid`` (the module docstring's backward):
-    ``g_D/τ · dD/ds + g_lp (onehot(y) − softmax(z))``. A masked student logit (q = 0) gets
-    0, not 0·inf; a NaN ``g_D`` (the dispatcher's mark of an infinite divergence) or
-    statistic makes the row NaN."""
+    ``g_D/τ · dD/ds + g_lp (onehot(y) − softmax(z))``, each term only with its flag (an
+    absent upstream gradient adds nothing, even to an infinite divergence's row). A masked
+    student logit (q = 0) gets 0, not 0·inf; a NaN ``g_D`` (the dispatcher's mark of an
+    infinite divergence) or statistic makes the row NaN."""
     log_q = raw * inv_temperature - lse[:, None]
-    log_p = teacher - teacher_lse[:, None]
     q = tl.exp(log_q)
-    if KIND == 0:
-        slope = q - tl.exp(log_p)
-    elif KIND == 1:
-        slope = tl.where(q == 0.0, 0.0, -q * (log_p - log_q + aux[:, None]))
-    else:
-        slope = tl.where(q == 0.0, 0.0,
-                         -one_minus_beta * q * (_softplus(log_p - log_q + log_ratio)
-                                                - aux[:, None]))
-    grad = slope * (grad_divergence * inv_temperature)[:, None]
+    grad = tl.zeros_like(q)
+    if WITH_DIVERGENCE_GRAD:
+        log_p = teacher - teacher_lse[:, None]
+        if KIND == 0:
+            slope = q - tl.exp(log_p)
+        elif KIND == 1:
+            slope = tl.where(q == 0.0, 0.0, -q * (log_p - log_q + aux[:, None]))
+        else:
+            slope = tl.where(q == 0.0, 0.0,
+                             -one_minus_beta * q * (_softplus(log_p - log_q + log_ratio)
+                                                    - aux[:, None]))
+        grad = slope * (grad_divergence * inv_temperature)[:, None]
     if WITH_LOGPROB_GRAD:
         probs = q
         if WITH_RAW_LSE:
@@ -316,8 +320,8 @@ def _divergence_grad_kernel(
     inv_temperature, log_ratio, one_minus_beta,
     KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr, WITH_LOGPROB_GRAD: tl.constexpr, WITH_RAW_LSE: tl.constexpr,
-    NEED_BIAS_GRAD: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr, WITH_DIVERGENCE_GRAD: tl.constexpr,
+    WITH_LOGPROB_GRAD: tl.constexpr, WITH_RAW_LSE: tl.constexpr, NEED_BIAS_GRAD: tl.constexpr,
     DOT_FP32: tl.constexpr, TEACHER_DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N),
@@ -345,7 +349,8 @@ def _divergence_grad_kernel(
     valid = mask_n[:, None] & mask_c[None, :]
     grad = _grad_tile(raw, teacher, offs_v, valid, targets, lse, teacher_lse, raw_lse, aux,
                       grad_divergence, grad_logprobs, inv_temperature, log_ratio,
-                      one_minus_beta, KIND, WITH_LOGPROB_GRAD, WITH_RAW_LSE)
+                      one_minus_beta, KIND, WITH_DIVERGENCE_GRAD, WITH_LOGPROB_GRAD,
+                      WITH_RAW_LSE)
     stored = grad
     if HAS_ROW_SCALE:  # fp16: rows divided by their bounds (scaling.py) cannot underflow
         stored = grad * tl.load(inv_bound_ptr + offs_n, mask=mask_n, other=1.0)[:, None]
@@ -426,8 +431,9 @@ def _nan_rows(divergence: torch.Tensor, lse: torch.Tensor, teacher_lse: torch.Te
 
 
 def pair_statistics(kind: str, state: PairState):
-    """Merge the slots: (divergence, logprobs | None, lse, teacher_lse, raw_lse | None), [N]
-    each; the divergence is None for JSD (its second pass, :func:`mixture_statistics`)."""
+    """Merge the slots: ``forward``'s six outputs (divergence, logprobs | None, lse,
+    teacher_lse, raw_lse | None, aux | None), [N] each; for JSD the divergence and ``aux``
+    are None until its second pass (:func:`mixture_statistics`)."""
     lse, s_weights, s_total = _merge(state.s_max, state.s_sum)
     teacher_lse, t_weights, t_total = _merge(state.t_max, state.t_sum)
     raw_lse = None if state.raw_max is None else _merge(state.raw_max, state.raw_sum)[0]
@@ -441,16 +447,19 @@ def pair_statistics(kind: str, state: PairState):
         divergence = (state.gap * s_weights).sum(0) / s_total - lse + teacher_lse
     if divergence is not None:
         divergence = _nan_rows(divergence, lse, teacher_lse)
-    return divergence, logprobs, lse, teacher_lse, raw_lse
+    aux = divergence if kind == "reverse_kl" else None
+    return divergence, logprobs, lse, teacher_lse, raw_lse, aux
 
 
 def mixture_statistics(beta: float, q_softplus: torch.Tensor, p_softplus: torch.Tensor,
-                       lse: torch.Tensor, teacher_lse: torch.Tensor):
-    """JSD from the second pass's [SPLITS, N] sums: (D, S), [N] each."""
+                       stats: tuple) -> tuple:
+    """JSD's ``stats`` (:func:`pair_statistics`) completed from the second pass's
+    [SPLITS, N] sums: D and ``aux`` = S."""
     aux = q_softplus.sum(0)
     entropy = -beta * math.log(beta) - (1 - beta) * math.log1p(-beta)
-    divergence = entropy - beta * p_softplus.sum(0) - (1 - beta) * aux
-    return _nan_rows(divergence, lse, teacher_lse), aux
+    divergence = _nan_rows(entropy - beta * p_softplus.sum(0) - (1 - beta) * aux, stats[2],
+                           stats[3])
+    return (divergence, *stats[1:5], aux)
 
 
 def mixture_shift(kind: str, beta: float) -> float:
@@ -497,17 +506,15 @@ def forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, 
         *heads, rows, targets, *state_pointers(state), *shapes, *strides, 1.0 / temperature,
         KIND=KINDS[kind], WITH_LOGPROBS=with_logprobs, WITH_RAW_LSE=with_raw_lse, **flags,
         **cfg)
-    divergence, logprobs, lse, teacher_lse, raw_lse = pair_statistics(kind, state)
+    stats = pair_statistics(kind, state)
     if kind != "jsd":
-        return (divergence, logprobs, lse, teacher_lse, raw_lse,
-                divergence if kind == "reverse_kl" else None)
+        return stats
     q_softplus, p_softplus = (torch.zeros(splits, num_rows, dtype=torch.float32,
                                           device=hidden.device) for _ in range(2))
     _mixture_stats_kernel[(token_tiles, splits)](
-        *heads, rows, lse, teacher_lse, q_softplus, p_softplus, *shapes, *strides,
+        *heads, rows, stats[2], stats[3], q_softplus, p_softplus, *shapes, *strides,
         1.0 / temperature, mixture_shift(kind, beta), **flags, **cfg)
-    divergence, aux = mixture_statistics(beta, q_softplus, p_softplus, lse, teacher_lse)
-    return divergence, logprobs, lse, teacher_lse, raw_lse, aux
+    return mixture_statistics(beta, q_softplus, p_softplus, stats)
 
 
 def backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets,
@@ -573,6 +580,7 @@ def backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
             1.0 / temperature, mixture_shift(kind, beta), 1.0 - beta,
             KIND=KINDS[kind], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=cfg["BLOCK_H"],
             GROUP_N=cfg["GROUP_N"], HAS_ROW_SCALE=row_scale,
+            WITH_DIVERGENCE_GRAD=grad_divergence is not None,
             WITH_LOGPROB_GRAD=grad_logprobs is not None, WITH_RAW_LSE=raw_lse is not None,
             NEED_BIAS_GRAD=need_bias, **flags, **meta)
         # the kernel lays a chunk out with row stride width_here, not columns

@@ -187,15 +187,16 @@ def fold_state(splits: int, rows: int, device, *, with_argmax=False, with_entrop
         torch.zeros(splits, rows, **f32))
 
 
-def _config(rows: int, device) -> dict:
+def _config(rows: int, device, tiles: tuple = configs.EPILOGUE_TILES) -> dict:
     multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count \
         if device.type == "cuda" else 1
-    return configs.epilogue_config(rows, multiprocessors, _launch.interpreting())
+    return configs.epilogue_config(rows, multiprocessors, _launch.interpreting(), tiles)
 
 
-def fold_splits(rows: int, cols: int, device) -> int:
-    """Column splits for a chunk so that the fold's grid fills the device about four times."""
-    cfg = _config(rows, device)
+def fold_splits(rows: int, cols: int, device, tiles: tuple = configs.EPILOGUE_TILES) -> int:
+    """Column splits for a chunk so that the fold's grid fills the device about four times
+    (with the epilogue tile chosen among ``tiles``)."""
+    cfg = _config(rows, device, tiles)
     return _launch.vocab_splits(triton.cdiv(rows, cfg["BLOCK_N"]),
                                 triton.cdiv(cols, cfg["BLOCK_V"]), device)
 

@@ -48,6 +48,7 @@ every implementation:
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -57,12 +58,12 @@ import torch
 
 from ..primitive import (cast_to_compute_dtype, check_options, compute_dtype, first_order_only,
                          no_autocast, validate)
+from ..backends import BACKENDS, CUDA_DEFAULT
 from . import torch_chunked, triton_fused
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-Backend = Literal["auto", "triton", "torch"]
-BACKENDS = ("auto", "triton", "torch")
+Backend = Literal["auto", "torch", "triton", "cublas"]
 
 
 class DivergenceOutput(NamedTuple):
@@ -173,28 +174,43 @@ def check_divergence(divergence, beta) -> None:
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 
-def resolve_implementation(backend: str, device: torch.device):
-    """The implementation module for ``backend`` on ``device``; errors list the valid names."""
-    if backend == "cublas":
-        raise ValueError("backend='cublas' has no distillation implementation yet; use "
-                         "'triton' (the fused kernels) or 'torch' (chunks through torch's "
-                         "GEMMs, cuBLAS on CUDA)")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} for distillation, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+def _load(backend: str):
+    """The implementation module of a concrete backend; ImportError without Triton."""
+    if backend == "torch":
         return torch_chunked
-    if backend == "triton" and device.type != "cuda" \
+    if backend == "triton":
+        triton_fused.available()  # raise ImportError now (at dispatch), not at the first launch
+        return triton_fused
+    return importlib.import_module(".cublas_epilogue", __name__)  # imports Triton
+
+
+def resolve_implementation(backend: str, device: torch.device):
+    """The implementation module for ``backend`` on ``device``; errors list the valid names.
+
+    The same names as the log-prob primitive (``fused_losses.BACKENDS``), one implementation
+    each: ``"auto"`` is ``fused_losses.backends.CUDA_DEFAULT`` on CUDA when Triton imports
+    (the library's CUDA default, a prediction in ``benchmarks/notes.md``), else ``"torch"``.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} for distillation, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return torch_chunked
+        try:
+            return _load(CUDA_DEFAULT)
+        except ImportError:
+            return torch_chunked
+    if backend != "torch" and device.type != "cuda" \
             and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(
-            f"backend='triton' needs CUDA tensors (got device {device}); CPU tensors run only "
-            "under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
+            f"backend={backend!r} needs CUDA tensors (got device {device}); CPU tensors run "
+            "only under the Triton interpreter (set TRITON_INTERPRET=1 before importing "
+            "triton)")
     try:
-        triton_fused.available()
-    except ImportError:
-        if backend == "auto":
-            return torch_chunked
-        raise
-    return triton_fused
+        return _load(backend)
+    except ImportError as err:
+        raise ValueError(f"backend={backend!r} needs Triton, which does not import here "
+                         f"({err}); use backend='torch'") from err
 
 
 def _prepare(hidden, weight, teacher_hidden, teacher_weight, targets, bias, teacher_bias, *,
@@ -208,7 +224,8 @@ def _prepare(hidden, weight, teacher_hidden, teacher_weight, targets, bias, teac
     impl = resolve_implementation(backend, hidden.device)
     if chunk_size is not None and impl is not torch_chunked:
         raise ValueError(f"chunk_size={chunk_size} (tokens per chunk) applies to "
-                         "backend='torch' only; the Triton kernels tile by themselves")
+                         "backend='torch' only; the Triton kernels tile by themselves and "
+                         "the cuBLAS chunks are sized by memory (kernels/configs.py)")
     flat_targets = targets.reshape(-1)
     # Ignored rows are never visited: they cost no FLOPs and get zero gradient.
     rows = (flat_targets != ignore_index).nonzero().squeeze(-1)
@@ -288,9 +305,9 @@ class LinearDivergenceFunction(torch.autograd.Function):
 class DivergenceLossFunction(torch.autograd.Function):
     """``Σ_rows D − hard_weight·logprobs`` with the student's gradients formed in forward.
 
-    With the torch implementation's one-pass ``forward_backward`` each chunk's logits are
-    formed once (4 GEMMs instead of 6); elsewhere forward then backward run here. dW is held
-    from forward to backward; backward only scales by the incoming scalar (once).
+    With an implementation's one-pass ``forward_backward`` (torch, cublas) each chunk's
+    logits are formed once (4 GEMMs instead of 6); elsewhere forward then backward run here.
+    dW is held from forward to backward; backward only scales by the incoming scalar (once).
     """
 
     @staticmethod
@@ -387,8 +404,11 @@ def linear_divergence(
         ignore_index (int): positions with this target cost nothing and output 0. Default: -100.
         return_logprobs (bool): also return the student's log-prob of ``targets`` at
             temperature 1 (the hard cross-entropy term's). Default: False.
-        backend (str): ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
-            (chunked PyTorch, any device) or ``"auto"``. Default: "auto".
+        backend (str): as for the log-prob primitive (``fused_losses.BACKENDS``):
+            ``"cublas"`` (cuBLAS GEMMs on chunks of both heads + fused Triton epilogues) or
+            ``"triton"`` (fused kernels), each on CUDA or on the CPU under
+            ``TRITON_INTERPRET=1``; ``"torch"`` (chunked PyTorch, any device); ``"auto"``:
+            the library's CUDA default on CUDA, ``"torch"`` elsewhere. Default: "auto".
         chunk_size (int, optional): torch backend only: tokens per chunk. Default: sized so
             each of the chunk's two logit buffers takes about 64 MiB.
 
@@ -434,9 +454,10 @@ def linear_divergence_loss(
     Args:
         hard_weight (float): weight of the cross-entropy term. Default: 0.0.
         grad_in_forward (bool, optional): form the student's gradients in the forward pass:
-            the torch backend then forms each chunk's logits once (4 GEMMs instead of 6) and
-            holds dW until backward, which may run once. ``None``: on when some student
-            tensor needs a gradient and the backend has that one-pass path (torch), else
+            the torch and cuBLAS implementations then form each chunk's logits once (4 GEMMs
+            instead of 6; for JSD's cuBLAS forward, instead of 8) and hold dW until
+            backward, which may run once. ``None``: on when some student tensor needs a
+            gradient and the backend has that one-pass path (torch, cublas), else
             ``linear_divergence`` with recompute in backward. Default: None.
         others: as in :func:`linear_divergence`.
 

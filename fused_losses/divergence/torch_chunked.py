@@ -121,19 +121,20 @@ def _rows(student, teacher, targets, scratch, ones, kind, beta, temperature, wit
         aux = divergence
     if not want_grad:
         return divergence, logprobs, lse, teacher_lse, raw_lse, aux
-    # g_D / τ per row: dL/dz = coef · dD/ds + the hard term
-    coef = torch.zeros_like(divergence) if grad_divergence is None \
-        else finite_or_nan(grad_divergence / temperature, divergence)
-    coef = coef.unsqueeze(1)
-    if kind == "forward_kl":                                          # q − p
-        q = torch.exp(log_q, out=first)
-        slope = torch.sub(q, p, out=student).mul_(coef)
-    elif kind == "reverse_kl":                                        # q (log q − log p − D)
-        slope = delta.sub_(divergence.unsqueeze(1)).mul_(q).nan_to_num_(
-            nan=0.0, posinf=math.inf, neginf=-math.inf).mul_(coef)
-    else:                                                             # −(1−β) q (σ⁺(d) − S)
-        slope = torch.mul(q_tail.addcmul_(q, (shift - aux).unsqueeze(1)),
-                          coef * (beta - 1), out=student)
+    if grad_divergence is None:  # no divergence term (not even 0 times an infinite one)
+        q = torch.exp(log_q, out=first) if kind == "forward_kl" else q
+        slope = student.zero_()
+    else:  # dL/dz = coef · dD/ds + the hard term, coef = g_D / τ per row
+        coef = finite_or_nan(grad_divergence / temperature, divergence).unsqueeze(1)
+        if kind == "forward_kl":                                      # q − p
+            q = torch.exp(log_q, out=first)
+            slope = torch.sub(q, p, out=student).mul_(coef)
+        elif kind == "reverse_kl":                                    # q (log q − log p − D)
+            slope = delta.sub_(divergence.unsqueeze(1)).mul_(q).nan_to_num_(
+                nan=0.0, posinf=math.inf, neginf=-math.inf).mul_(coef)
+        else:                                                         # −(1−β) q (σ⁺(d) − S)
+            slope = torch.mul(q_tail.addcmul_(q, (shift - aux).unsqueeze(1)),
+                              coef * (beta - 1), out=student)
     if grad_logprobs is not None:  # + g_lp · (onehot(y) − softmax(z))
         g = grad_logprobs.unsqueeze(1)
         slope.addcmul_(q if raw_log is None else raw_log.exp_(), g, value=-1)
