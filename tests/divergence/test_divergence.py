@@ -361,3 +361,14 @@ def test_infinite_divergence_and_nan_rows(backend, dtype):
     assert_close(out.divergence[[0, 1, 2, 4]], want[[0, 1, 2, 4]], dtype, name="other rows")
     out.divergence.sum().backward()
     assert h.grad[3].isnan().all() and torch.isfinite(h.grad[[0, 1, 2, 4]]).all()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_auto_follows_the_library_cuda_default():
+    """'auto' on CUDA is the log-prob primitive's CUDA default (resolved, not launched)."""
+    from fused_losses.backends import CUDA_DEFAULT
+    from fused_losses.divergence import resolve_implementation
+
+    assert resolve_implementation("auto", torch.device("cuda")) \
+        is resolve_implementation(CUDA_DEFAULT, torch.device("cpu"))
+    assert resolve_implementation("auto", torch.device("cpu")) is torch_chunked
