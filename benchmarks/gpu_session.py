@@ -532,25 +532,35 @@ def rows_of(plan, cases, raw, skipped, ctx) -> list[dict]:
 # Stage 5: planner
 # ---------------------------------------------------------------------------------------------
 
-PLANNER_BACKENDS = ("torch", "triton")  # the backends planner.head_bytes has a term for
-DRY_PLANNER_CASES = [dict(path=path, impl=impl, rows=256, hidden=32, vocab=1000,
-                          dtype="float32", held_out=True)
-                     for impl, path in (("unfused", "logprobs"), ("fused", "ce"))]
+def planner_backends() -> tuple[str, ...]:
+    """Every registered backend: planner.head_bytes has a term for each (its test checks)."""
+    return providers.our_backends()
+
+
+# The dry run's planner_validate cases: every backend x path and the unfused head at a tiny
+# size, 75% of rows scored, chunk budgets that make several chunks (a few seconds in all).
+DRY_PLANNER_CASES = [dict(rows=64, hidden=32, vocab=1000, dtype="float32", scored=0.75,
+                          chunk_bytes=16 << 10, torch_chunk_bytes=64 << 10, **kind)
+                     for kind in [dict(impl="unfused", api="ce")]
+                     + [dict(impl="fused", backend=b, path=p, api="ce")
+                        for b in ("torch", "triton", "cublas")
+                        for p in ("one-pass", "recompute")]]
 
 
 def planner_path(mode: str, name: str) -> tuple[str, str] | None:
-    """(backend, head_bytes path) of one of our variants, None where the planner has none."""
-    match = re.fullmatch(r"ours_([a-z0-9]+?)(_gif|_recompute)?", name)
-    if not match or match.group(1) not in PLANNER_BACKENDS:
+    """(backend, planner path) of one of our variants, None where the planner models none
+    (filtering: the torch backend's filter mask is not counted)."""
+    match = re.fullmatch(r"ours_([a-z0-9]+?)(_gif|_recompute|_loss)?", name)
+    if not match or match.group(1) not in planner_backends():
         return None
     backend, suffix = match.group(1), match.group(2)
-    if mode == "logprobs" and suffix is None:
-        return backend, "logprobs"
-    if mode == "ce" and suffix == "_gif":
-        return backend, "ce"
-    if mode == "ce" and suffix == "_recompute":
-        return backend, "logprobs"
-    return None
+    paths = {("logprobs", None): "recompute",      # linear_logprobs + autograd
+             ("logprobs", "_loss"): "one-pass",    # linear_logprobs_loss, token groups
+             ("ce", None): "one-pass",             # linear_cross_entropy's default (mean)
+             ("ce", "_gif"): "one-pass",
+             ("ce", "_recompute"): "recompute"}
+    path = paths.get((mode, suffix))
+    return None if path is None else (backend, path)
 
 
 def stage_planner(session: Session, deadline: float, ctx: dict) -> dict:
@@ -562,10 +572,16 @@ def stage_planner(session: Session, deadline: float, ctx: dict) -> dict:
         if row["status"] != "ok" or mapped is None:
             continue
         backend, path = mapped
+        dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(row["dtype"])
+        if dtype is None:
+            continue
+        chunking = planner.GPU_CHUNKING if ctx["device"] != "cpu" else \
+            planner.Chunking.interpreter()
         predicted = planner.head_bytes("fused", rows=row["N"], scored=row["N"],
-                                       hidden=row["H"], vocab=row["V"],
-                                       dtype_bytes=2 if row["dtype"] in ("bf16", "fp16") else 4,
-                                       backend=backend, path=path) / 2 ** 20
+                                       hidden=row["H"], vocab=row["V"], dtype=dtype,
+                                       backend=backend, path=path,
+                                       softcap=row.get("softcap") is not None,
+                                       chunking=chunking) / 2 ** 20
         measured = row["peak_mb"]
         against_heads.append(dict(case=row["sweep"], mode=row["mode"], variant=row["variant"],
                                   backend=backend, path=path, predicted_mb=predicted,
@@ -573,8 +589,7 @@ def stage_planner(session: Session, deadline: float, ctx: dict) -> dict:
         session.say(f"planner: {row['sweep']} {row['mode']} {row['variant']}: predicted "
                     f"{predicted:.1f} MiB, measured {measured:.1f} MiB "
                     f"({against_heads[-1]['error']:+.1%})")
-    cases = DRY_PLANNER_CASES if ctx["device"] == "cpu" else sorted(
-        planner_validate.CUDA_CASES, key=lambda c: c["impl"] != "unfused")
+    cases = DRY_PLANNER_CASES if ctx["device"] == "cpu" else planner_validate.CUDA_CASES
     script = ("import json, sys\n"
               "from fused_losses import planner_validate as pv\n"
               "for case in json.loads(sys.argv[1]):\n"
@@ -588,10 +603,11 @@ def stage_planner(session: Session, deadline: float, ctx: dict) -> dict:
     validated = results_of(out)
     for case in validated:
         if "error" in case:
-            session.problem(f"planner_validate {case['impl']} {case['path']}: {case['error']}")
+            session.problem(f"planner_validate {planner_validate.describe(case)}: "
+                            f"{case['error']}")
             continue
         case["error"] = (case["predicted"] - case["measured"]) / case["measured"]
-        session.say(f"planner: validate {case['impl']:7} {case['path']:8} M={case['rows']} "
+        session.say(f"planner: validate {planner_validate.describe(case):28} M={case['rows']} "
                     f"H={case['hidden']} V={case['vocab']}: predicted "
                     f"{case['predicted'] / 2**20:.1f} MiB, measured "
                     f"{case['measured'] / 2**20:.1f} MiB ({case['error']:+.1%})")
@@ -720,14 +736,16 @@ def markdown(doc: dict) -> str:
     planner_record = stages.get("planner", {})
     pairs = planner_record.get("against_heads", []) + [
         dict(case=f"M={c['rows']} H={c['hidden']} V={c['vocab']} {c['dtype']}",
-             mode=c["path"], variant=f"{c['impl']} ({c.get('backend', 'torch')})",
+             mode=c.get("path", c["api"]), variant=c["impl"] if c["impl"] == "unfused"
+             else f"{c['backend']} {c['api']}",
              predicted_mb=c["predicted"] / 2**20, measured_mb=c["measured"] / 2**20,
              error=c["error"]) for c in planner_record.get("validate", []) if "measured" in c]
     if pairs:
         out += ["", "## Planner head term (`planner.head_bytes`) against measured memory", "",
                 "| case | mode / path | variant | predicted MiB | measured MiB | error |",
                 "|---|---|---|---:|---:|---:|"]
-        out += [f"| {p['case']} | {p['mode']} | {p['variant']} | {p['predicted_mb']:.1f} | "
+        out += [f"| {p['case']} | {p['mode']}" + (f" / {p['path']}" if "path" in p else "")
+                + f" | {p['variant']} | {p['predicted_mb']:.1f} | "
                 f"{p['measured_mb']:.1f} | {p['error']:+.1%} |" for p in pairs]
     if doc["problems"]:
         out += ["", "## Problems", ""] + [f"- {p}" for p in doc["problems"]]

@@ -13,6 +13,9 @@ always taken against the ``naive`` row of the same mode and case):
 * ``distill`` -- token-mean generalised JSD (β = 0.5, τ = 1, no hard term) between a teacher
   head (its own width H_t, no gradient) and the student's, every row scored. Naive
   materialises both models' logits (TRL GKD's ``generalized_jsd_loss``).
+* ``grpo`` -- GRPO (TRL's default ``dapo`` loss, k3 KL with β = 0.04) on G completions of
+  ``seq`` tokens, with precomputed reference and old (sampling) log-probs and one advantage
+  per completion. Naive materialises the logits and applies TRL's formula.
 
 A case may set ``softcap`` (Gemma-2's ``s * tanh(z / s)`` on the logits); every provider of the
 ``logprobs`` and ``ce`` modes applies it. Our own variants are generated from the library's
@@ -40,7 +43,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-MODES = ("logprobs", "ce", "dpo", "distill")
+MODES = ("logprobs", "ce", "dpo", "distill", "grpo")
 
 
 @dataclass
@@ -57,6 +60,9 @@ class Inputs:
     softcap: float | None = None  # logits -> softcap * tanh(logits / softcap) (Gemma-2)
     teacher_hidden: torch.Tensor | None = None   # distill only: [N, H_t], no grad
     teacher_weight: torch.Tensor | None = None   # distill only: [V, H_t], no grad
+    advantages: torch.Tensor | None = None     # grpo only: [G]
+    ref_logprobs: torch.Tensor | None = None   # grpo only: [G, T] in the labels' layout
+    old_logprobs: torch.Tensor | None = None   # grpo only: [G, T] in the labels' layout
 
     def params(self):
         return (self.hidden, self.weight)
@@ -71,9 +77,11 @@ class Inputs:
 
 def make_inputs(mode: str, N: int, H: int, V: int, dtype: torch.dtype, device: str,
                 seed: int = 0, pairs: int = 2, seq: int = 512,
-                softcap: float | None = None, teacher_H: int = 1536) -> Inputs:
+                softcap: float | None = None, teacher_H: int = 1536,
+                group: int = 8) -> Inputs:
     """Random inputs with logits of O(1) spread (weight ~ N(0, 1/H)). dpo: N = 2*pairs*seq;
-    distill: a teacher of width ``teacher_H``.
+    distill: a teacher of width ``teacher_H``; grpo: ``group`` completions of ``seq`` scored
+    tokens (N = group*seq).
 
     Drawn on ``device`` (a GPU draws a 1 GB head in milliseconds; the CPU would take seconds),
     so a CUDA case's numbers differ from the same case's on the CPU."""
@@ -86,6 +94,8 @@ def make_inputs(mode: str, N: int, H: int, V: int, dtype: torch.dtype, device: s
         return torch.randint(0, V, shape, generator=gen, device=device)
 
     weight = randn(V, H, scale=H ** -0.5).requires_grad_()
+    if mode == "grpo":
+        return _grpo_inputs(randn, randint, gen, weight, group, seq, V, device)
     if mode == "dpo":
         rows = 2 * pairs
         hidden = randn(rows, seq, H).requires_grad_()
@@ -409,6 +419,94 @@ def _trl(mode):
     return build
 
 
+# ---------------------------------------------------------------------------------------------
+# GRPO: G completions, labels [G, 1 + seq] in Hugging Face layout (column 0 is the last prompt
+# token: ignored), so each completion scores exactly ``seq`` tokens.
+# ---------------------------------------------------------------------------------------------
+
+GRPO_BETA = 0.04  # Liger's default; TRL's is 0 (no reference at all)
+
+
+def _grpo_inputs(randn, randint, gen, weight, group, seq, V, device) -> Inputs:
+    hidden = randn(group, seq + 1, weight.shape[1]).requires_grad_()
+    labels = randint(group, seq + 1)
+    labels[:, 0] = -100
+    # Log-probs near what the random head gives (about -log V - 0.5), so ratios sit around 1
+    # and some tokens are clipped; labels layout: column 0 is never scored.
+    typical = -float(torch.log(torch.tensor(float(V)))) - 0.5
+
+    def logprobs(spread):
+        values = typical + spread * torch.randn(group, seq + 1, generator=gen, device=device)
+        values[:, 0] = 0.0
+        return values
+
+    return Inputs(hidden, weight, labels, torch.zeros(0, device=device), beta=GRPO_BETA,
+                  advantages=torch.randn(group, generator=gen, device=device),
+                  ref_logprobs=logprobs(0.5), old_logprobs=logprobs(0.2))
+
+
+def _naive_grpo_fn(x: Inputs):
+    """TRL's default GRPO loss (dapo) on materialised [G, seq, V] logits."""
+    logits = (x.hidden[:, :-1] @ x.weight.T).float()
+    targets = x.targets[:, 1:]
+    mask = (targets != -100).float()
+    logps = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
+    logps = logps.squeeze(-1)
+    ratio = torch.exp(logps - x.old_logprobs[:, 1:])
+    adv = x.advantages.unsqueeze(1)
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    gap = x.ref_logprobs[:, 1:] - logps
+    per_token = per_token + x.beta * (torch.exp(gap) - gap - 1)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _liger_grpo(x: Inputs):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    # Aligned layout: hidden[:, t] predicts labels[:, t+1]. The whole [G, 1 + seq, H] tensor
+    # goes in (a [:, :-1] view would be copied per chunk and its gradient scattered back);
+    # its last position is masked out, so Liger computes one unscored row per completion.
+    selected = torch.nn.functional.pad(x.targets[:, 1:], (0, 1), value=-100)
+    attention_mask = (selected != -100).float()
+    ref = torch.nn.functional.pad(x.ref_logprobs[:, 1:], (0, 1))
+    old = torch.nn.functional.pad(x.old_logprobs[:, 1:], (0, 1))
+    loss_fn = LigerFusedLinearGRPOLoss(beta=x.beta, compiled=True, use_ref_model=True,
+                                       loss_type="dapo")
+
+    def forward():
+        loss, _metrics = loss_fn(x.hidden, x.weight, selected.clamp(min=0), attention_mask,
+                                 x.advantages, None, ref_per_token_logps=ref,
+                                 old_per_token_logps=old)
+        return loss
+    return forward
+
+
+def _ours_grpo(backend, **kwargs):
+    def build(x: Inputs):
+        import fused_losses
+
+        if not hasattr(fused_losses, "grpo_loss"):
+            raise _Skip("fused_losses.grpo_loss does not exist yet")
+        return lambda: fused_losses.grpo_loss(
+            x.hidden, x.weight, x.targets, x.advantages, old_logprobs=x.old_logprobs,
+            ref_logprobs=x.ref_logprobs, beta=x.beta, backend=backend, **kwargs).loss
+    return build
+
+
+def our_grpo_providers(backend: str) -> list[Provider]:
+    cuda_only = None if backend == "torch" else _TRITON_CUDA
+    call = f"backend={backend!r}"
+    return [
+        Provider(f"ours_{backend}", "grpo", _ours_grpo(backend),
+                 f"fused_losses.grpo_loss(old_logprobs=, ref_logprobs=, beta=0.04, {call}) "
+                 "(its default path)", cuda_only=cuda_only, interpretable=True),
+        Provider(f"ours_{backend}_recompute", "grpo",
+                 _ours_grpo(backend, grad_in_forward=False),
+                 f"fused_losses.grpo_loss(..., {call}, grad_in_forward=False)",
+                 cuda_only=cuda_only, interpretable=True),
+    ]
+
+
 _CCE_CUDA = "cut-cross-entropy's Triton kernels need CUDA (they fail under the interpreter)"
 _LIGER_CUDA = "Liger's Triton kernels need CUDA (they fail under the interpreter)"
 _TRL_NEEDS = ("trl.kernels.chunked_logprob", "trl.trainer.utils")
@@ -539,13 +637,23 @@ PROVIDERS += [
     Provider("ours_triton", "distill", _ours_distill("triton"),
              "fused_losses.linear_divergence_loss(backend='triton')", cuda_only=_TRITON_CUDA,
              interpretable=True),
-]
+    # -- GRPO ---------------------------------------------------------------------------------
+    Provider("naive", "grpo", lambda x: lambda: _naive_grpo_fn(x),
+             "materialised log_softmax, TRL's dapo GRPO loss with k3 KL (beta=0.04), old and "
+             "reference log-probs"),
+    Provider("liger_grpo", "grpo", _liger_grpo,
+             "LigerFusedLinearGRPOLoss(loss_type='dapo', beta=0.04, compiled=True), "
+             "ref_per_token_logps and old_per_token_logps given",
+             needs=("liger_kernel.chunked_loss",)),
+] + [p for backend in our_backends() for p in our_grpo_providers(backend)]
 
 
 def chunk_variant(mode: str, chunk_size: int) -> Provider:
     """``ours_torch`` with an explicit ``chunk_size`` (the investigation sweep)."""
     if mode == "ce":
         build = _ours("ce", "torch", grad_in_forward=True, chunk_size=chunk_size)
+    elif mode == "grpo":  # e.g. ours_torch_c128: 16 MB logit chunks instead of 64 MiB
+        build = _ours_grpo("torch", chunk_size=chunk_size)
     else:
         build = _ours(mode, "torch", chunk_size=chunk_size)
     return Provider(f"ours_torch_c{chunk_size}", mode, build,

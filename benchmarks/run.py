@@ -4,6 +4,7 @@
     python benchmarks/run.py --preset quick    # tiny sizes, < 1 minute (make demo / bench)
     python benchmarks/run.py --preset sweep    # CPU: time/memory vs N and vs V (plots)
     python benchmarks/run.py --preset dpo      # DPO, 2 pairs x 512 tokens vs Liger
+    python benchmarks/run.py --preset grpo     # GRPO, 8 completions x 512 tokens vs Liger
     python benchmarks/run.py --preset chunks   # ours_torch chunk_size sweep (investigation)
     python benchmarks/run.py --preset distill --rounds 3   # distillation vs Liger JSD and TRL
 
@@ -46,6 +47,8 @@ GPU_CE = ["naive", "naive_compile", "torch_lce", "ours_torch_gif", "ours_torch_r
 DPO = ["naive", "liger_dpo", "ours_torch", "ours_torch_recompute", "ours_triton"]
 # no naive by default: it holds ~6 [N, V] fp32 tensors (3+ GB at the issue's size)
 DISTILL = ["liger_jsd", "trl_chunked", "ours_torch", "ours_torch_recompute", "ours_triton"]
+GRPO = ["naive", "liger_grpo", "ours_torch", "ours_torch_c128", "ours_torch_recompute",
+        "ours_triton"]
 
 
 def _case(sweep, mode, N, H, V, dtype, **kw):
@@ -82,6 +85,9 @@ def preset_cases(name: str, cuda: bool) -> list[tuple[dict, list[str]]]:
     elif name == "dpo":
         out.append((_case("point", "dpo", 2 * 2 * 512, 1024, 32000, "fp32", pairs=2, seq=512),
                     DPO))
+    elif name == "grpo":  # issue 13: G = 8 completions x 512 tokens, old and ref log-probs
+        out.append((_case("point", "grpo", 8 * 512, 1024, 32000, "fp32", group=8, seq=512),
+                    GRPO))
     elif name == "chunks":
         # 262 rows is the default (_CHUNK_BYTES = 32 MiB of fp32 logits at V=32000); 512 rows
         # (64 MiB) is past glibc's largest dynamic mmap threshold (32 MiB), so its chunk
@@ -161,6 +167,19 @@ GPU_TARGETS = [
     ("generic: ours_triton peak above inputs+grads <= 64 MB", ("logprobs", "ours_triton"),
      "peak_above_grads_mb", None, 64.0),
 ] + CPU_TARGETS[-2:]
+# Issue 13 (after GPU_TARGETS took the DPO pair above).
+GRPO_TARGETS = [
+    ("grpo: ours_torch time <= 1.0x Liger GRPO (compiled)", ("grpo", "ours_torch"),
+     "fwdbwd_ms", ("grpo", "liger_grpo"), 1.0),
+    ("grpo: ours_torch peak mem <= 0.5x Liger GRPO (compiled)", ("grpo", "ours_torch"),
+     "peak_mb", ("grpo", "liger_grpo"), 0.5),
+    ("grpo: ours_torch_c128 time <= 1.0x Liger GRPO (compiled)", ("grpo", "ours_torch_c128"),
+     "fwdbwd_ms", ("grpo", "liger_grpo"), 1.0),
+    ("grpo: ours_torch_c128 peak mem <= 0.5x Liger GRPO (compiled)",
+     ("grpo", "ours_torch_c128"), "peak_mb", ("grpo", "liger_grpo"), 0.5),
+]
+CPU_TARGETS += GRPO_TARGETS
+GPU_TARGETS += GRPO_TARGETS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +266,8 @@ def case_args(case: dict) -> list[str]:
         out += ["--pairs", str(case["pairs"]), "--seq", str(case["seq"])]
     if case["mode"] == "distill":
         out += ["--teacher-H", str(case["teacher_H"])]
+    if case["mode"] == "grpo":
+        out += ["--group", str(case["group"]), "--seq", str(case["seq"])]
     return out
 
 
@@ -292,7 +313,7 @@ def main(argv=None):
                                  epilog=__doc__)
     ap.add_argument("--preset", default=None,
                     choices=["default", "quick", "sweep", "dpo", "chunks", "gpu_point", "gpu",
-                             "distill"],
+                             "distill", "grpo"],
                     help="default: 'gpu' when CUDA is available, else 'default'")
     ap.add_argument("--quick", action="store_true", help="same as --preset quick")
     ap.add_argument("--variants", default=None, help="comma list: only these variants")
@@ -395,6 +416,8 @@ def build_rows(plan, raw, skipped, rates) -> list[dict]:
             base.update(pairs=case["pairs"], seq=case["seq"])
         if case["mode"] == "distill":
             base.update(teacher_H=case["teacher_H"])
+        if case["mode"] == "grpo":
+            base.update(group=case["group"], seq=case["seq"])
         naive = None
         for name in variants:
             key = (case["sweep"], case["mode"], case["N"], case["H"], case["V"], case["dtype"],

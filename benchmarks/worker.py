@@ -133,7 +133,7 @@ def measure(args) -> dict:
     leftover = torch.cuda.memory_allocated() if cuda else 0  # kept by earlier jobs
     x = providers.make_inputs(args.mode, args.N, args.H, args.V, dtype, args.device,
                               pairs=args.pairs, seq=args.seq, softcap=args.softcap,
-                              teacher_H=args.teacher_H)
+                              teacher_H=args.teacher_H, group=args.group)
     _trim()
     meter = _Meter(args.device)
     rss_after_inputs = status_kib("VmRSS") * 1024
@@ -402,6 +402,7 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--teacher-H", type=int, default=1536, help="distill: the teacher's width")
+    ap.add_argument("--group", type=int, default=8, help="grpo: completions in the batch")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--softcap", type=float, default=None)
     ap.add_argument("--device", default="cpu")

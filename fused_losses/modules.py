@@ -22,7 +22,7 @@ from .objectives import (LossOutput, cpo_loss, dil_loss, dpo_loss, ift_loss, orp
                          reinforce_loss, sft_loss, simpo_loss)
 from .objectives._common import PRIMITIVE_OPTIONS, own_options
 from .objectives.dpo import check_running_mean
-from .objectives import distill_loss
+from .objectives import distill_loss, grpo_loss, kto_loss, ppo_loss
 
 
 class FusedLoss(nn.Module):
@@ -132,10 +132,6 @@ class FusedReinforceLoss(FusedLoss):
     loss_fn = staticmethod(reinforce_loss)
 
 
-__all__ = ["FusedLoss", "FusedSFTLoss", "FusedDPOLoss", "FusedSimPOLoss", "FusedORPOLoss",
-           "FusedCPOLoss", "FusedDILLoss", "FusedIFTLoss", "FusedReinforceLoss"]
-
-
 class FusedDistillLoss(FusedLoss):
     """:func:`distill_loss`; ``forward(hidden, weight, teacher_hidden, teacher_weight, labels,
     **kw)``. Takes only ``distill_loss``'s own options (it has no softcap, no ``return_*``)."""
@@ -151,4 +147,28 @@ class FusedDistillLoss(FusedLoss):
         super().__init__(**options)
 
 
-__all__ += ["FusedDistillLoss"]
+class FusedGRPOLoss(FusedLoss):
+    """:func:`grpo_loss`; ``forward(hidden, weight, labels, advantages, old_logprobs=...,
+    ref_logprobs=..., **kw)``."""
+
+    loss_fn = staticmethod(grpo_loss)
+
+
+class FusedPPOLoss(FusedGRPOLoss):
+    """:func:`ppo_loss`: options as :class:`FusedGRPOLoss`; ``forward(hidden, weight, labels,
+    advantages [B, T], old_logprobs=..., **kw)``."""
+
+    def forward(self, *args, **kwargs) -> LossOutput:
+        return ppo_loss(*args, **{**self.options, **kwargs})
+
+
+class FusedKTOLoss(FusedLoss):
+    """:func:`kto_loss`; ``forward(hidden, weight, labels, preference_labels,
+    ref_logprobs=..., kl=... or kl_hidden=..., kl_labels=..., kl_ref_logprobs=..., **kw)``."""
+
+    loss_fn = staticmethod(kto_loss)
+
+
+__all__ = ["FusedLoss", "FusedSFTLoss", "FusedDPOLoss", "FusedSimPOLoss", "FusedORPOLoss",
+           "FusedCPOLoss", "FusedDILLoss", "FusedIFTLoss", "FusedReinforceLoss",
+           "FusedGRPOLoss", "FusedPPOLoss", "FusedKTOLoss", "FusedDistillLoss"]

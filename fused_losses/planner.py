@@ -26,15 +26,17 @@ step (reference forward, policy forward + head backward, decoder backward)::
   (``python -m fused_losses.planner_validate``; ``docs/planner.md`` states the error).
   ``unfused`` is the trainer's ``--impl unfused`` path: ``[tokens, V]`` logits in the compute
   dtype, upcast to fp32, ``log_softmax``, gather (12 B per token per vocab entry at its peak;
-  a Hugging Face model that also returns ``outputs.logits`` holds 2 B more). ``fused`` is
-  :func:`fused_losses.linear_logprobs` (dH and dW, O(tokens) statistics; the torch backend
-  adds an fp32 dW accumulator, the Triton backend a 64 MiB gradient chunk).
-  With ``--tp`` the head is vocabulary-parallel: each GPU holds ``V / tp`` columns.
+  a Hugging Face model that also returns ``outputs.logits`` holds 2 B more). ``fused`` is one
+  term per registered backend (``--backend``, default the CUDA default) and path (``--path``:
+  ``one-pass``, gradients in forward, the library's default, with an fp32 dW accumulator; or
+  ``recompute``), each counting the tensors the backend's code holds at its peak. With
+  ``--tp`` the head is vocabulary-parallel: each GPU holds ``V / tp`` columns, recomputed.
 
 Preference objectives (dpo, simpo, orpo, cpo, dil) run chosen and rejected sequences in one
-forward, so a micro-batch of ``b`` pairs is ``2 b`` sequences of ``--seq-len`` tokens. DPO
-and DIL hold a frozen bf16 reference model unless ``--ref precomputed``. Every token is
-assumed scored (the fused head skips unscored tokens; the unfused head cannot).
+forward, so a micro-batch of ``b`` pairs is ``2 b`` sequences of ``--seq-len`` tokens. DPO,
+DIL, REINFORCE, KTO and GRPO hold a frozen bf16 reference model unless ``--ref precomputed``.
+Every token is assumed scored (the fused head skips unscored tokens; the unfused head
+cannot).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from .backends.torch_chunked import CHUNK_BYTES
+from .backends import BACKENDS, CUDA_DEFAULT, torch_chunked
 from .kernels import configs as kernel_configs
 
 GiB = 1 << 30
@@ -151,57 +153,268 @@ def load_model(spec: str) -> ModelDims:
 
 
 # ---------------------------------------------------------------------------------------------
-# The loss/head term (validated on CPU by fused_losses.planner_validate)
+# The loss/head term (validated by fused_losses.planner_validate)
 # ---------------------------------------------------------------------------------------------
 
+# How the library forms the head's gradients (fused_losses.backends):
+# "one-pass": gradients in forward, the default of every objective and of
+#   linear_cross_entropy(reduction="mean"/"sum") whenever a gradient is wanted
+#   (grad_in_forward=None or True): the backend's forward_backward over token chunks of whole
+#   groups, each logit formed once (6NHV). A group whose [rows, V] fp32 logits exceed the
+#   backend's ONE_PASS_BYTES is formed by forward + backward inside the loss's forward instead
+#   (primitive._group_fits_one_pass), with the recompute path's memory.
+# "recompute": linear_logprobs + autograd, or grad_in_forward=False: forward, then a backward
+#   that recomputes the logits (8NHV).
+PATHS = ("one-pass", "recompute")
+# Compute dtypes modelled, bytes per element. fp16 (per-token scaled gradient chunks) adds
+# scaled copies the terms below do not count.
+HEAD_DTYPES = {"bfloat16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """The budgets the backends size their chunk buffers by, read from the library: a GPU's
+    (the defaults) or the Triton interpreter's (:meth:`interpreter`, the CPU validation)."""
+
+    torch_chunk_bytes: int = torch_chunked.CHUNK_BYTES  # torch: [c, V] fp32 logits a chunk
+    torch_one_pass_bytes: int = torch_chunked.ONE_PASS_BYTES  # torch: largest one-pass group
+    grad_chunk_bytes: int = kernel_configs.GRAD_CHUNK_BYTES  # triton backward: [N, VC] chunk
+    product_chunk_bytes: int = kernel_configs.CUBLAS_CHUNK_BYTES  # cublas: [N, C] fp32 products
+    one_pass_rows: int | None = kernel_configs.ONE_PASS_ROWS  # None: the interpreter's rule
+    one_pass_bytes: int = kernel_configs.ONE_PASS_BYTES  # cublas/triton: largest one-pass group
+    interpreting: bool = False  # the Triton kernels' block configs: the interpreter's
+
+    @classmethod
+    def interpreter(cls, **overrides) -> "Chunking":
+        """The budgets under ``TRITON_INTERPRET=1`` (a few KiB, so chunks are many)."""
+        return cls(**dict(dict(grad_chunk_bytes=kernel_configs.INTERPRETER_GRAD_CHUNK_BYTES,
+                               product_chunk_bytes=kernel_configs.INTERPRETER_CHUNK_BYTES,
+                               one_pass_rows=None, interpreting=True), **overrides))
+
+    def pass_rows(self, vocab: int) -> int:
+        """Token rows a cublas/triton one-pass chunk aims at: ``configs.one_pass_rows`` (under
+        the interpreter the rows of ``product_chunk_bytes`` of fp32 logits)."""
+        return self.one_pass_rows or max(1, self.product_chunk_bytes // (4 * vocab))
+
+    def backward_block_v(self, dtype: str) -> int:
+        """The Triton backward's BLOCK_V (its gradient chunks are multiples of it)."""
+        return kernel_configs.config_for("bwd", getattr(torch, dtype),
+                                         interpreting=self.interpreting)["BLOCK_V"]
+
+    def one_pass_budget(self, backend: str) -> int:
+        """The largest group's fp32 logits the backend's one pass takes (its module's
+        ``ONE_PASS_BYTES``: torch's own, ``configs.ONE_PASS_BYTES`` for cublas and triton)."""
+        return self.torch_one_pass_bytes if backend == "torch" else self.one_pass_bytes
+
+    def one_pass_fits(self, backend: str, group: int | None, vocab: int) -> bool:
+        """Whether one group's fp32 logits fit the backend's one-pass budget."""
+        return (group or 1) * vocab * 4 <= self.one_pass_budget(backend)
+
+
+GPU_CHUNKING = Chunking()
+
+
+def _chunk_rows(rows: int, size: int, group: int | None) -> tuple[int, int, int]:
+    """(largest, last, count) of the row chunks ``torch_chunked._chunks`` cuts: about ``size``
+    rows, ending only at group boundaries (uniform groups of ``group`` rows)."""
+    if rows == 0:
+        return 0, 0, 0
+    step = size if group is None else group * max(1, size // group)
+    count = -(-rows // step)
+    return min(step, rows), rows - step * (count - 1), count
+
+
+@dataclass(frozen=True)
+class _Head:
+    """One head call's sizes, in elements; ``d`` bytes per compute-dtype element."""
+
+    m: int  # hidden rows [M, H]
+    n: int  # scored rows
+    h: int
+    v: int
+    d: int
+    dtype: str
+    group: int | None
+    in_order: bool
+    softcap: bool
+    chunking: Chunking
+
+    @property
+    def low(self) -> bool:  # 16-bit: casts to and from fp32 make copies
+        return self.d < 4
+
+    @property
+    def gathered(self) -> bool:  # the scored rows are not hidden itself, in order
+        return self.n < self.m or not self.in_order
+
+
+def _torch_term(s: _Head, path: str) -> int:
+    """``backends/torch_chunked.py``: ``_Accumulator`` (dH zeros_like(hidden), fp32 dW) and one
+    ``_Workspace`` per call; ``backward`` and ``forward_backward`` hold the same buffers, only
+    their chunks differ (the one pass's end at group boundaries)."""
+    size = max(1, s.chunking.torch_chunk_bytes // (4 * s.v))
+    c, last, _ = _chunk_rows(s.n, size, s.group if path == "one-pass" else None)
+    d, h, v = s.d, s.h, s.v
+    accumulators = d * s.m * h + 4 * v * h
+    # workspace: the chunk's fp32 logits, their 16-bit copy for the GEMMs, the soft-cap factor
+    work = 4 * c * v + (d * c * v if s.low else 0) + (4 * c * v if s.softcap else 0)
+    rows = d * c * h  # the chunk's hidden rows (index_select)
+    # _Accumulator.add: dH's part [c, H] is still bound while dW's update runs; 16-bit: the
+    # update's [V, H] product in the compute dtype and its fp32 copy (fp32: addmm_ in place)
+    update = d * c * h + (d + 4) * v * h if s.low else 4 * c * h
+    loop = accumulators + work + rows + update
+    end = accumulators + work + d * last * h + (d * v * h if s.low else 0)  # dW's cast
+    return max(loop, end)
+
+
+def _triton_recompute(s: _Head) -> int:
+    """``kernels/logprobs_bwd.backward``: dW in the compute dtype (written once), fp32 dH of
+    the scored rows, one ``[N, VC]`` gradient chunk; at the end dH's cast and its scatter into
+    ``zeros_like(hidden)``. The chunk is still referenced there (the loop's view ``chunk``
+    outlives the ``del``)."""
+    d, n, h, v = s.d, s.n, s.h, s.v
+    columns = kernel_configs.chunk_width(n, v, d, s.chunking.backward_block_v(s.dtype),
+                                         s.chunking.grad_chunk_bytes)
+    loop = d * v * h + 4 * n * h + d * n * columns
+    return loop + (d * n * h if s.low else 0) + d * s.m * h
+
+
+def _cublas_recompute(s: _Head) -> int:
+    """``cublas_epilogue.backward``: dW in the compute dtype (one GEMM per vocabulary chunk),
+    fp32 dH of the scored rows, one ``[N, C]`` fp32 products chunk, the scored rows gathered
+    when they are not ``hidden`` itself in order; at the end dH's cast and (gathered) its
+    scatter into ``zeros_like(hidden)``. The products are still referenced there (the loop's
+    views outlive the ``del``). Its forward holds less (the products and the gather)."""
+    d, n, h, v = s.d, s.n, s.h, s.v
+    columns = kernel_configs.product_columns(n, v, s.chunking.product_chunk_bytes)
+    gather = d * n * h if s.gathered else 0
+    loop = d * v * h + 4 * n * h + 4 * n * columns + gather
+    return loop + (d * n * h if s.low else 0) + (d * s.m * h if s.gathered else 0)
+
+
+def _fused_one_pass(s: _Head, gathers_rows: bool) -> int:
+    """``backends/_one_pass.run`` (cublas and triton): dH zeros_like(hidden), the fp32 dW
+    accumulator, one ``[r, V]`` fp32 products buffer (the largest chunk's); per chunk GEMM 2's
+    fresh fp32 ``[r, H]`` dH rows (made while the previous chunk's are still bound) and, on
+    cuBLAS, the chunk's gathered hidden rows; at the end dW's cast, with the last chunk's
+    buffers still referenced (the loop's views outlive ``del products``)."""
+    d, h, v = s.d, s.h, s.v
+    r, last, count = _chunk_rows(s.n, s.chunking.pass_rows(v), s.group)
+    base = d * s.m * h + 4 * v * h + 4 * r * v
+    operand = d * r * h if gathers_rows else 0
+    cast = d * r * h if s.low else 0  # dH rows' cast before index_copy_
+    loop = base + operand + max(4 * r * h * (2 if count > 1 else 1), 4 * r * h + cast)
+    if gathers_rows and count > 1:  # the next chunk's gather beside the previous one's
+        loop = max(loop, base + 2 * operand + 4 * r * h)
+    end = base + (d * last * h if gathers_rows else 0) + 4 * last * h + (d * v * h if s.low
+                                                                          else 0)
+    return max(loop, end)
+
+
+# One entry per registered backend (fused_losses.backends.BACKENDS, "auto" excepted):
+# (recompute term, one-pass term). tests/test_planner.py checks the two lists agree.
+_FUSED_TERMS = {
+    "torch": (lambda s: _torch_term(s, "recompute"), lambda s: _torch_term(s, "one-pass")),
+    "triton": (_triton_recompute, lambda s: _fused_one_pass(s, gathers_rows=False)),
+    "cublas": (_cublas_recompute, lambda s: _fused_one_pass(s, gathers_rows=True)),
+}
+
+
+def resolve_backend_name(backend: str) -> str:
+    """A registered backend name; ``"auto"`` is the CUDA default (the planner plans GPUs)."""
+    if backend == "auto":
+        return CUDA_DEFAULT
+    if backend not in _FUSED_TERMS:
+        registered = [b for b in BACKENDS if b != "auto"]
+        if backend in registered:
+            raise ValueError(f"backend {backend!r} is registered but the planner has no memory "
+                             "term for it (fused_losses/planner.py, _FUSED_TERMS)")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_path(path: str) -> None:
+    """``path`` is one of :data:`PATHS`, else a ValueError naming the choices."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+
+
+def effective_path(backend: str, path: str, group: int | None, vocab: int,
+                   chunking: Chunking = GPU_CHUNKING) -> str:
+    """The path the library takes: ``"one-pass"`` falls back to ``"recompute"``'s memory when
+    one group's fp32 logits exceed the backend's one-pass budget."""
+    backend = resolve_backend_name(backend)
+    check_path(path)
+    if path == "one-pass" and not chunking.one_pass_fits(backend, group, vocab):
+        return "recompute"
+    return path
+
+
 def head_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab: int,
-               dtype_bytes: int = 2, backend: str = "triton", path: str = "logprobs") -> int:
+               dtype: str = "bfloat16", backend: str = CUDA_DEFAULT, path: str = "one-pass",
+               group: int | None = None, in_order: bool = True, softcap: bool = False,
+               chunking: Chunking = GPU_CHUNKING) -> int:
     """Peak bytes of the LM head + loss, forward and backward, gradients included.
 
     ``rows`` hidden rows [M, H] enter the head, ``scored`` of them have a target; ``vocab``
-    columns on this GPU; ``dtype_bytes`` of the compute dtype (2 bf16, 4 fp32). Excludes the
-    inputs (hidden, weight) themselves.
+    columns on this GPU; ``dtype`` the compute dtype (``HEAD_DTYPES``). Excludes the inputs
+    (hidden, weight) themselves; counts every tensor the code allocates that is alive at the
+    peak (dW and dH included), the per-token vectors as a flat 16 B a scored row.
 
     impl ``"unfused"``: logits [M, V] (compute dtype, then fp32), ``log_softmax`` saved,
     and in backward the gather's and ``log_softmax``'s fp32 gradients: 3 fp32 ``[M, V]``
-    live at once. impl ``"fused"``: ``backend="triton"`` (``fused_losses.kernels``: dW,
-    fp32 compact dH and one vocabulary chunk's logit gradient) or ``"torch"`` (chunked backend:
-    fp32 dW accumulator, dH, one chunk workspace); ``path="ce"`` is
-    ``linear_cross_entropy``'s gradient-in-forward path (torch backend), whose gradients are
-    formed in forward, saved, and scaled in place in backward.
+    live at once. impl ``"fused"``: ``backend`` (a name of ``fused_losses.BACKENDS``;
+    ``"auto"`` = the CUDA default) on ``path`` (``PATHS``): ``"one-pass"`` (gradients in
+    forward, the library's default) or ``"recompute"`` (``grad_in_forward=False``,
+    ``linear_logprobs`` + autograd). ``group``: rows per group of the one pass (a sequence, a
+    preference pair; None: every token its own, ``linear_cross_entropy``); a group beyond the
+    backend's one-pass budget takes the recompute path's memory (:func:`effective_path`).
+    ``in_order``: the scored rows reach the backend in hidden's order (False: pairs of a
+    micro-batch regrouped). ``softcap``: logits soft-capped (the torch backend keeps a
+    factor). ``chunking``: the GPU's budgets, or the interpreter's for a CPU measurement.
+    Models what the code allocates on CUDA with torch >= 2.8 (fp32-output cuBLAS GEMMs).
     """
-    m, n, h, v, d = rows, scored, hidden, vocab, dtype_bytes
-    low = d < 4  # bf16/fp16: casts make copies
-    grads = d * (v * h + m * h)  # dW and dH in the compute dtype
+    if dtype not in HEAD_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(HEAD_DTYPES)}, got {dtype!r}")
+    m, n, h, v, d = rows, scored, hidden, vocab, HEAD_DTYPES[dtype]
     stats = 16 * max(n, 1)  # [N] fp32 statistics, targets, rows
     if impl == "unfused":
+        low = d < 4
         peak_logits = 12 * m * v
-        at_matmul = (4 + (d if low else 0)) * m * v + grads
+        at_matmul = (4 + (d if low else 0)) * m * v + d * (v * h + m * h)
         return max(peak_logits, at_matmul) + stats
     if impl != "fused":
         raise ValueError(f"impl must be 'unfused' or 'fused', got {impl!r}")
-    if backend == "triton":
-        # dW in the compute dtype (written once per row, no fp32 copy), fp32 compact dH; in
-        # the loop one vocabulary chunk's gradient [N, VC]; at the end dH's cast and scatter.
-        block_v = kernel_configs.config_for("bwd", torch.float32 if d == 4 else torch.bfloat16,
-                                            interpreting=False)["BLOCK_V"]
-        columns = min(kernel_configs.chunk_width(n, v, d, block_v), v)
-        loop = d * v * h + 4 * n * h + d * n * columns
-        end = d * v * h + 4 * n * h + d * m * h + (d * n * h if low else 0)
-        return max(loop, end) + stats
-    acc = 4 * v * h  # fp32 dW accumulator
-    # Torch backend: one reused workspace per call: a chunk's fp32 logits [c, V] (low
-    # precision: plus the matmul's own output buffer; the one-pass gradient-in-forward path
-    # keeps softmax(z) in the same buffer). A low-precision dW chunk product is formed and
-    # upcast per chunk.
-    chunk = max(1, min(n, CHUNK_BYTES // (4 * v)))
-    cv = chunk * v
-    work = 4 * cv + (d * cv if low else 0)
-    dw_term = (d + 4) * v * h if low else 0
-    loop = acc + d * m * h + work + dw_term
-    end = acc + d * m * h + (d * v * h if low else 0)
-    peak = max(loop, end)
-    return peak + stats
+    backend = resolve_backend_name(backend)
+    taken = effective_path(backend, path, group, v, chunking)
+    recompute, one_pass = _FUSED_TERMS[backend]
+    shape = _Head(m, n, h, v, d, dtype, group, in_order, softcap, chunking)
+    return (one_pass if taken == "one-pass" else recompute)(shape) + stats
+
+
+def head_forward_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab: int,
+                       dtype: str = "bfloat16", backend: str = CUDA_DEFAULT,
+                       chunking: Chunking = GPU_CHUNKING) -> int:
+    """Peak bytes of the head's forward alone (no gradient: a reference model's log-probs).
+
+    Unfused: compute-dtype logits, their fp32 copy and ``log_softmax`` (10 B a token a vocab
+    entry in bf16). Fused: the backend's forward chunk (torch: [c, V] fp32 logits and the
+    chunk's rows; cublas: [N, C] fp32 products and the gather; triton: O(N) partials).
+    """
+    if dtype not in HEAD_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(HEAD_DTYPES)}, got {dtype!r}")
+    m, n, h, v, d = rows, scored, hidden, vocab, HEAD_DTYPES[dtype]
+    stats = 16 * max(n, 1)
+    if impl == "unfused":
+        return (d + 8) * m * v + stats
+    backend = resolve_backend_name(backend)
+    if backend == "torch":
+        c = _chunk_rows(n, max(1, chunking.torch_chunk_bytes // (4 * v)), None)[0]
+        return 4 * c * v + d * c * h + stats
+    if backend == "cublas":
+        columns = kernel_configs.product_columns(n, v, chunking.product_chunk_bytes)
+        return 4 * n * columns + (d * n * h if n < m else 0) + stats
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,10 +422,21 @@ def head_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab: int,
 # ---------------------------------------------------------------------------------------------
 
 OBJECTIVES = {  # sequences per example, holds a frozen reference model
-    "sft": (1, False), "ift": (1, False), "reinforce": (1, True),
-    "dpo": (2, True), "dil": (2, True), "simpo": (2, False), "orpo": (2, False),
-    "cpo": (2, False),
+    "sft": (1, False), "ift": (1, False), "reinforce": (1, True), "kto": (1, True),
+    "grpo": (1, True), "dpo": (2, True), "dil": (2, True), "simpo": (2, False),
+    "orpo": (2, False), "cpo": (2, False), "ce": (1, False),
 }
+# The objectives' one pass runs over chunks of whole groups (objectives/_common.py,
+# fused_objective): a sequence, or a chosen + rejected pair; GRPO's token-level ratios make
+# each token its own group, and so does "ce", linear_cross_entropy(reduction="mean").
+TOKEN_LEVEL = ("ce", "grpo")
+
+
+def group_rows(objective: str, seq_len: int) -> int | None:
+    """Rows of one group of the objective's one pass (None: every token its own)."""
+    if objective in TOKEN_LEVEL:
+        return None
+    return OBJECTIVES[objective][0] * seq_len
 OPTIMIZER_BYTES = {("adamw", "mixed"): 8, ("adamw", "bf16"): 4,
                    ("adamw-8bit", "mixed"): 2, ("adamw-8bit", "bf16"): 2,
                    ("sgd", "mixed"): 0, ("sgd", "bf16"): 0}
@@ -234,7 +458,8 @@ class Setup:
     precision: str = "mixed"  # mixed | bf16
     optimizer: str = "adamw"  # adamw | adamw-8bit | sgd
     ref: str = "resident"  # resident | precomputed (reference log-probs computed offline)
-    backend: str = "triton"  # fused head implementation on the GPU
+    backend: str = CUDA_DEFAULT  # fused head implementation (fused_losses.BACKENDS)
+    path: str = "one-pass"  # how its gradients are formed (PATHS; the library's default)
 
     @property
     def dp(self) -> int:
@@ -263,6 +488,25 @@ def layer_activation_bytes(model: ModelDims, d: int = 2) -> int:
 def layer_backward_bytes(model: ModelDims, d: int = 2) -> int:
     """Transient gradient buffers per token while one layer runs backward."""
     return d * (4 * model.hidden + 2 * model.intermediate)
+
+
+def head_path(setup: Setup) -> str:
+    """The path the fused head's gradients take: vocabulary parallelism (``--tp``) has only
+    the recompute path (``vocab_parallel.py``)."""
+    check_path(setup.path)
+    return "recompute" if setup.tp > 1 else setup.path
+
+
+def head_call(model: ModelDims, setup: Setup) -> dict:
+    """:func:`head_bytes`'s keywords for the head of ``setup`` (every token scored)."""
+    tokens = OBJECTIVES[setup.objective][0] * setup.micro_batch * setup.seq_len
+    pairs = OBJECTIVES[setup.objective][0] == 2
+    return dict(rows=tokens, scored=tokens, hidden=model.hidden,
+                vocab=math.ceil(model.vocab / setup.tp), dtype="bfloat16",
+                backend=setup.backend, path=head_path(setup),
+                group=group_rows(setup.objective, setup.seq_len),
+                # the one pass orders rows group by group: pairs k and b + k of a micro-batch
+                in_order=not (pairs and setup.micro_batch > 1))
 
 
 def breakdown(model: ModelDims, setup: Setup, fused: bool) -> dict:
@@ -301,17 +545,17 @@ def breakdown(model: ModelDims, setup: Setup, fused: bool) -> dict:
         stored = (model.layers * per_layer * tokens + edges) / t
         layer_peak = layer_backward_bytes(model, d) * tokens / t
     out["activations"] = stored
-    head = head_bytes("fused" if fused else "unfused", rows=tokens, scored=tokens,
-                      hidden=model.hidden, vocab=math.ceil(model.vocab / t), dtype_bytes=d,
-                      backend=setup.backend)
+    head_vocab = math.ceil(model.vocab / t)
+    head = head_bytes("fused" if fused else "unfused", **head_call(model, setup))
     out["loss/head"] = head
     static = sum(out.values()) - stored - head
     policy = stored + max(head, layer_peak)
     ref_fwd = 0.0
     if has_ref:  # no-grad forward: one layer's activations, the head's forward logits
         ref_tokens = tokens
-        ref_head = (10 * ref_tokens * math.ceil(model.vocab / t) if not fused
-                    else 4 * ref_tokens * model.hidden)
+        ref_head = head_forward_bytes("fused" if fused else "unfused", rows=ref_tokens,
+                                      scored=ref_tokens, hidden=model.hidden,
+                                      vocab=head_vocab, backend=setup.backend)
         ref_fwd = (per_layer * ref_tokens / t) + ref_head
     out["layer backward"] = layer_peak
     out["reference forward"] = ref_fwd
@@ -382,6 +626,38 @@ def _tokens(n: int) -> str:
     return f"{n:,}" + (f" (~{n / 1024:.1f}k)" if n >= 1024 else "")
 
 
+def head_assumption(model: ModelDims, setup: Setup) -> list[str]:
+    """Which fused head the numbers assume, the path the library takes at this length, and
+    what the other path would give where it fits longer sequences."""
+    backend = resolve_backend_name(setup.backend)
+    call = head_call(model, setup)
+    taken = effective_path(backend, call["path"], call["group"], call["vocab"])
+    named = "the CUDA default" if backend == CUDA_DEFAULT else "not the CUDA default"
+    line = (f"fused head: backend {backend} ({named}), path {setup.path} ("
+            + ("gradients in forward, the library's default" if setup.path == "one-pass"
+               else "grad_in_forward=False: recomputed in backward") + ")")
+    if setup.tp > 1:
+        line += f"; vocabulary-parallel (tp {setup.tp}) heads recompute in backward"
+    elif taken != setup.path:
+        kind = "pair" if OBJECTIVES[setup.objective][0] == 2 else "sequence"
+        fits_rows = GPU_CHUNKING.one_pass_budget(backend) // (4 * call["vocab"])
+        line += (f"; a {kind} ({call['group']:,} rows) is longer than {backend}'s one pass "
+                 f"takes ({fits_rows:,} rows of fp32 logits at V={call['vocab']:,}): the "
+                 "library forms it by forward + backward inside the forward, the recompute "
+                 "path's memory")
+    lines = [line]
+    other = replace(setup, path="one-pass" if setup.path == "recompute" else "recompute")
+    longest, alternative = (max_seq_len(model, s, True) for s in (setup, other))
+    if alternative > longest:
+        here, there = (breakdown(model, s, True)["loss/head"] for s in (setup, other))
+        lines.append(f"  recommended: --path {other.path} "
+                     + ("(grad_in_forward=False) " if other.path == "recompute" else "")
+                     + f"fits longer sequences: {alternative:,} tokens instead of "
+                     f"{longest:,} (loss/head at seq-len {setup.seq_len}: {there / GiB:.2f} "
+                     f"GiB instead of {here / GiB:.2f})")
+    return lines
+
+
 def report(model: ModelDims, setup: Setup) -> str:
     parts = {name: breakdown(model, setup, fused) for name, fused in
              (("unfused", False), ("fused", True))}
@@ -395,6 +671,8 @@ def report(model: ModelDims, setup: Setup) -> str:
         f"{'on' if setup.checkpointing else 'off'}, precision {setup.precision}, "
         f"optimizer {setup.optimizer}"
         + (f", reference {setup.ref}" if OBJECTIVES[setup.objective][1] else ""),
+        "",
+        *head_assumption(model, setup),
         "",
         f"{'per GPU (GiB)':<22}{'unfused':>10}{'fused':>10}",
     ]
@@ -485,10 +763,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "grads and moments (8 B/param)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw-8bit", "sgd"))
     p.add_argument("--ref", default="resident", choices=("resident", "precomputed"),
-                   help="DPO/DIL reference: a frozen bf16 model in memory, or log-probs "
-                        "computed beforehand")
-    p.add_argument("--backend", default="triton", choices=("triton", "torch"),
-                   help="fused head implementation whose memory is modelled")
+                   help="reference model (dpo, dil, reinforce, kto, grpo): a frozen bf16 "
+                        "model in memory, or log-probs computed beforehand")
+    p.add_argument("--backend", default=CUDA_DEFAULT, choices=BACKENDS,
+                   help="fused head implementation whose memory is modelled (default: "
+                        f"{CUDA_DEFAULT}, what 'auto' picks on CUDA)")
+    p.add_argument("--path", default="one-pass", choices=PATHS,
+                   help="how the fused head forms its gradients: one-pass (gradients in "
+                        "forward, the library's default) or recompute (grad_in_forward=False)")
     p.add_argument("--plot", metavar="PNG", help="write a bar chart and a peak-vs-length curve")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead")
     return p
@@ -499,12 +781,17 @@ def setup_from_args(args) -> Setup:
                  gpu_mem=args.gpu_mem, reserve=args.reserve, objective=args.objective,
                  fsdp=args.fsdp, tp=args.tp, checkpointing=args.activation_checkpointing,
                  precision=args.precision, optimizer=args.optimizer, ref=args.ref,
-                 backend=args.backend)
+                 backend=args.backend, path=args.path)
 
 
 def summary(model: ModelDims, setup: Setup) -> dict:
     """The report's numbers as plain data (``--json``)."""
-    result = {"model": asdict(model), "params": model.params(), "setup": asdict(setup)}
+    call = head_call(model, setup)
+    result = {"model": asdict(model), "params": model.params(), "setup": asdict(setup),
+              "head": {"backend": resolve_backend_name(setup.backend), "path": setup.path,
+                       "path_taken": effective_path(setup.backend, call["path"],
+                                                    call["group"], call["vocab"]),
+                       "notes": head_assumption(model, setup)}}
     for name, fused in (("unfused", False), ("fused", True)):
         parts = breakdown(model, setup, fused)
         result[name] = {

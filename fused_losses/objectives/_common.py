@@ -308,8 +308,8 @@ def _requested(labels, primitive_options, targets, requests):
 
 
 # ``loss_from(stats, present) -> scalar``: an objective's loss, written once on full-size
-# TokenStats ([B, T] per token) and a bool mask ``present`` of the groups (sequences or
-# pairs) to count. Per-group terms are masked with ``present`` (``present_mean``) and
+# TokenStats ([B, T] per token) and a bool mask ``present`` of the groups (sequences,
+# pairs, or tokens as [B, T]) to count. Per-group terms are masked with ``present`` (``present_mean``) and
 # divided by the FULL batch's normaliser, so the sum over chunks of whole groups is the loss.
 # Rows outside the counted groups hold zeros, so a term that vanishes at zero statistics
 # (a token-mean NLL, REINFORCE's logp·G) needs no mask.
@@ -326,7 +326,8 @@ def present_mean(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 
 def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: LossFrom, *,
-                    groups: Literal["sequence", "pair"], additive: bool = True, targets=None,
+                    groups: Literal["sequence", "pair", "token"], additive: bool = True,
+                    targets=None,
                     **requests) -> tuple[torch.Tensor, TokenStats]:
     """An objective's loss and its (for metrics) per-token statistics, in one fused pass.
 
@@ -346,7 +347,9 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
     Args:
         loss_from (callable): ``(TokenStats, BoolTensor [groups]) -> scalar`` (see
             ``LossFrom``).
-        groups (str): ``"sequence"`` (a row of ``labels``) or ``"pair"`` (rows k and B+k).
+        groups (str): ``"sequence"`` (a row of ``labels``), ``"pair"`` (rows k and B+k) or
+            ``"token"`` (each position: chunks of any size, so a loss additive over tokens
+            keeps the 3-matmul path however long its sequences; ``present`` is then [B, T]).
         additive (bool): the loss is a sum of per-group terms with normalisers known before
             the pass. Default: True.
         targets, requests: as in :func:`token_stats`.
@@ -354,18 +357,26 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
     Returns:
         (loss, TokenStats): the stats are detached on the gradient-in-forward path.
     """
-    check_choice("groups", groups, ("sequence", "pair"))
+    check_choice("groups", groups, ("sequence", "pair", "token"))
     options, targets, mask_of = _requested(labels, primitive_options, targets, requests)
     requested = options.pop("grad_in_forward", None)
     rows, length = labels.shape
-    group_of = torch.arange(rows, device=labels.device).unsqueeze(1).expand(rows, length)
-    num_groups = rows if groups == "sequence" else rows // 2
+    if groups == "token":
+        group_of = torch.arange(rows * length, device=labels.device).view(rows, length)
+        num_groups = rows * length
+    else:
+        group_of = torch.arange(rows, device=labels.device).unsqueeze(1).expand(rows, length)
+        num_groups = rows if groups == "sequence" else rows // 2
     if groups == "pair":
         group_of = group_of % num_groups
+
+    def shaped(present):  # what loss_from gets: [groups], or [B, T] for tokens
+        return present.view(rows, length) if groups == "token" else present
+
     if not _grad_in_forward(requested, additive, hidden, weight, options):
         stats = token_stats(hidden, weight, labels, options, targets=targets)
         every = torch.ones(num_groups, dtype=torch.bool, device=labels.device)
-        return loss_from(stats, every), stats
+        return loss_from(stats, shaped(every)), stats
 
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     ignore_index = options.get("ignore_index", IGNORE_INDEX)
@@ -385,12 +396,12 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
                             .view(rows, length) for full, part in zip(gathered, chunk)))
         present = torch.zeros(num_groups, dtype=torch.bool, device=labels.device)
         present[flat_groups.index_select(0, positions)] = True
-        return loss_from(TokenStats(placed, mask, targets), present)
+        return loss_from(TokenStats(placed, mask, targets), shaped(present))
 
     for name in ("deterministic", "process_group", "vocab_start"):  # False/None here
         options.pop(name, None)
     loss = linear_logprobs_loss(hidden, weight, targets, chunk_loss, options.pop("bias", None),
-                                groups=group_of, **options)
+                                groups=None if groups == "token" else group_of, **options)
     stats = TokenStats(LogProbs(*(None if full is None else full.view(rows, length)
                                   for full in gathered)), mask, targets)
     # A group with no scored token is in no chunk; the recompute path counts its term at
@@ -401,7 +412,7 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
         .index_add_(0, flat_groups, scored) == 0
     zeros = LogProbs(*(None if full is None or i == 2 else torch.zeros_like(full)
                        for i, full in enumerate(stats.out)))
-    loss = loss + loss_from(TokenStats(zeros, mask, targets), empty)
+    loss = loss + loss_from(TokenStats(zeros, mask, targets), shaped(empty))
     return loss, stats
 
 

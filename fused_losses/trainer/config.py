@@ -56,6 +56,9 @@ class Config:
     loss_kwargs: str = _f(None, "more keyword arguments for the objective, as inline JSON")
     reward_model: str = _f(None, "reinforce: directory of the SFT model giving token rewards")
     reward_ref: str = _f(None, "reinforce: reference model directory (default: the start policy)")
+    num_generations: int = _f(4, "grpo: completions sampled per prompt (the group)")
+    max_completion_length: int = _f(64, "grpo: most tokens sampled per completion (also the "
+                                        "divisor of loss_type dr_grpo)")
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end)")
     save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
     resume: bool = _f(False, "continue from OUTPUT_DIR/checkpoint.pt")
@@ -103,7 +106,8 @@ def parse_args(argv: list[str]) -> Config:
         problems.append("--output-dir is required")
     else:
         problems += output_dir_problems(cfg.output_dir)
-    for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_size"):
+    for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_size",
+                 "num_generations", "max_completion_length"):
         if getattr(cfg, name) < 1:
             problems.append(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
     for name in ("save_every", "eval_every", "warmup_steps"):
@@ -166,8 +170,8 @@ def loss_options(cfg: Config) -> dict:
     """The objective's options the user gave, keyed by where they came from: the named flags
     (``"--beta"``), then the keys of --loss-kwargs. ``recipes.options`` checks and completes
     them."""
-    opts = {flag(k): getattr(cfg, k) for k in ("beta", "loss_type", "divergence", "variant")
-            if getattr(cfg, k) is not None}
+    named = ("beta", "loss_type", "divergence", "variant", *RECIPES[cfg.objective].flags)
+    opts = {flag(k): getattr(cfg, k) for k in named if getattr(cfg, k) is not None}
     if cfg.loss_kwargs:
         try:
             extra = json.loads(cfg.loss_kwargs, parse_constant=_no_constant)

@@ -223,6 +223,14 @@ class Encoder:
             return self.tokenizer.encode(text).ids
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``; ids past the tokenizer's vocabulary (a model's padded vocabulary
+        can sample them) decode to nothing."""
+        known = [i for i in ids if 0 <= i < self.vocab_size]
+        if hasattr(self.tokenizer, "token_to_id"):
+            return self.tokenizer.decode(known)
+        return self.tokenizer.decode(known, skip_special_tokens=True)
+
     @property
     def vocab_size(self) -> int:
         if hasattr(self.tokenizer, "get_vocab_size"):

@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint
 from . import data as D
-from . import distributed, recipes
+from . import distributed, recipes, sampling
 from .config import Config, loss_options, parse_args, to_argv
 from .errors import TrainError
 from .fileio import write_text_atomically
@@ -131,6 +131,7 @@ def train(cfg: Config) -> dict:
     model = distributed.wrap(core, lm, cfg.fsdp, procs)
     optimizer, scheduler = make_optimizer(core, cfg, procs.device)
     source = recipe.sampler(cfg, lm, train_set, enc, procs)
+    eval_source = recipe.sampler(cfg, lm, eval_set, enc, procs)
     width = len(D.RESPONSES[recipe.data])
     step_once = Step(model, core, optimizer, scheduler, context, state.update, autocast,
                      cfg.grad_accum, cfg.grad_clip, width, procs)
@@ -150,19 +151,21 @@ def train(cfg: Config) -> dict:
 
     def evaluate() -> dict:
         micro = cfg.batch_size // (cfg.grad_accum * procs.world)  # records per micro-batch
-        return step_once.evaluate(eval_set, enc.pad_id, lambda b: recipe.items(b, opts), micro)
+        return step_once.evaluate(sampling.held_out(eval_source, eval_set, enc.pad_id, micro),
+                                  lambda b: recipe.items(b, opts))
 
     # --- the loop ---------------------------------------------------------------------------
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (procs.is_main and cfg.progress),
                dynamic_ncols=True, desc=f"{cfg.objective}/{cfg.impl}")
-    timed_tokens, timed_seconds = 0, 0.0
+    timed_tokens, timed_seconds, timed_training = 0, 0.0, 0.0
     saved, step = (start if resumed else None), start  # the step checkpoint.pt holds
     try:
         for step in range(start, cfg.max_steps):
             t0 = time.perf_counter()
             batch = source.batch(step)
+            sampled = time.perf_counter() - t0  # an on-policy source generates here
             # One sum over processes gives the step's item count (the loss divisor) and tokens.
             counts = torch.tensor([recipe.items(batch, opts), int(batch["attention_mask"].sum())])
             num_items, tokens = distributed.sum_over_processes(counts, procs).tolist()
@@ -170,8 +173,10 @@ def train(cfg: Config) -> dict:
             seconds = time.perf_counter() - t0
             if step > start:  # the first step pays one-off costs (allocations, threads)
                 timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
+                timed_training += seconds - sampled
             record.update(tokens=tokens, tokens_per_s=tokens / seconds,
-                          peak_memory_mb=memory.peak_mb())
+                          train_tokens_per_s=tokens / (seconds - sampled),
+                          peak_memory_mb=memory.peak_mb(), **sampling.stats(source))
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
                 record.update(evaluate())
             if procs.is_main:  # one line per step: a kill can tear only the last one
@@ -196,6 +201,8 @@ def train(cfg: Config) -> dict:
                                                          "eval": eval_set.counts},
                    "peak_memory_mb": memory.peak_mb(),
                    "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else None,
+                   "train_tokens_per_s": (timed_tokens / timed_training if timed_training
+                                          else None),
                    "torch_threads": torch.get_num_threads(), **final_eval}
         if procs.is_main:
             save_final_model(lm, out / "final", sharded=cfg.fsdp and procs.world > 1)

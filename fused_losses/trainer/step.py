@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -82,17 +82,14 @@ class Step:
                 "grad_norm": float(grad_norm), **dict(zip(step_metrics, logged[1:]))}
 
     @torch.no_grad()
-    def evaluate(self, eval_set: D.Encoded, pad_id: int, items: Callable[[dict], int],
-                 micro: int) -> dict[str, float]:
+    def evaluate(self, held_out: Iterable[dict[str, torch.Tensor]],
+                 items: Callable[[dict], int]) -> dict[str, float]:
         """Held-out loss (mean over batches) and the objective's metrics. Every process
         evaluates the whole held-out set (FSDP2 needs them all in step)."""
         self.core.eval()
         totals, batches = {}, 0
-        n = len(eval_set.rows)
-        size = min(max(micro, 1) * 2, n)
-        for first in range(0, n - size + 1, size):
-            batch = to_device(D.collate(eval_set, list(range(first, first + size)), pad_id),
-                              self.procs.device)
+        for batch in held_out:
+            batch = to_device(batch, self.procs.device)
             with self.autocast:
                 loss, metrics = self.core(batch, self.context(batch, items(batch)))
             for key, value in {"loss": loss, **metrics}.items():

@@ -132,13 +132,24 @@ def test_targets_take_our_fastest_exact_variant_per_case():
 
 
 def test_planner_paths_of_our_variants():
-    assert gpu_session.planner_path("ce", "ours_torch_gif") == ("torch", "ce")
-    assert gpu_session.planner_path("ce", "ours_triton_recompute") == ("triton", "logprobs")
-    assert gpu_session.planner_path("logprobs", "ours_triton") == ("triton", "logprobs")
-    assert gpu_session.planner_path("logprobs", "ours_triton_loss") is None
+    assert gpu_session.planner_path("ce", "ours_torch_gif") == ("torch", "one-pass")
+    assert gpu_session.planner_path("ce", "ours_cublas") == ("cublas", "one-pass")
+    assert gpu_session.planner_path("ce", "ours_triton_recompute") == ("triton", "recompute")
+    assert gpu_session.planner_path("logprobs", "ours_triton") == ("triton", "recompute")
+    assert gpu_session.planner_path("logprobs", "ours_cublas_loss") == ("cublas", "one-pass")
     assert gpu_session.planner_path("ce", "ours_triton_filter") is None
-    assert gpu_session.planner_path("ce", "ours_newbackend_gif") is None  # no planner term
+    assert gpu_session.planner_path("ce", "ours_newbackend_gif") is None  # not registered
     assert gpu_session.planner_path("ce", "cce") is None
+
+
+def test_the_planner_stage_covers_every_backend_and_path():
+    from fused_losses import planner
+
+    plan = gpu_session.variant_plan(providers.our_backends())
+    covered = {gpu_session.planner_path(mode, name) for mode, name in plan}
+    assert covered >= {(b, p) for b in providers.our_backends() for p in planner.PATHS}
+    dry = {(c.get("backend"), c.get("path")) for c in gpu_session.DRY_PLANNER_CASES}
+    assert dry >= {(b, p) for b in providers.our_backends() for p in planner.PATHS}
 
 
 def test_every_backend_and_peer_is_planned_and_resolves():

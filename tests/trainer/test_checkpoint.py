@@ -1,4 +1,5 @@
-"""Checkpoints: resume after SIGKILL reproduces the uninterrupted run; bad checkpoints are refused."""
+"""Checkpoints: resume after SIGKILL reproduces the uninterrupted run (GRPO's sampled completions
+included); bad checkpoints are refused."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from fused_losses.trainer import loop
@@ -15,14 +17,18 @@ from .trainer_helpers import losses, tiny_args, train_until_first_checkpoint
 
 # Large enough that a step takes a noticeable time, so the kill lands mid-run.
 SLOW = dict(max_steps=40, save_every=4, batch_size=8, max_length=200)
+# GRPO samples every step: its batches depend on the weights, so the resumed run's losses
+# and samples match only if the weights and the sampler's seeds come back exactly.
+SLOW_GRPO = dict(SLOW, batch_size=2, num_generations=4, max_completion_length=8)
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tok_cache):
+@pytest.mark.parametrize("objective,flags", [("dpo", SLOW), ("grpo", SLOW_GRPO)])
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tok_cache, objective, flags):
     whole = tmp_path / "whole"
-    loop.train(loop.parse_args(tiny_args(whole, "dpo", **SLOW)))
+    loop.train(loop.parse_args(tiny_args(whole, objective, **flags)))
 
     killed = tmp_path / "killed"
-    argv = tiny_args(killed, "dpo", **SLOW)
+    argv = tiny_args(killed, objective, **flags)
     proc = subprocess.Popen([sys.executable, "-m", "fused_losses.train", *argv],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics, deadline = killed / "metrics.jsonl", time.time() + 120
@@ -38,13 +44,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tok_cache):
     proc.wait()
     saved = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
     done = len(metrics.read_text().splitlines())
-    assert 4 <= saved < SLOW["max_steps"] and done < SLOW["max_steps"]
+    assert 4 <= saved < flags["max_steps"] and done < flags["max_steps"]
 
-    loop.train(loop.parse_args(tiny_args(killed, "dpo", resume=True, **SLOW)))
-    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
-    assert steps == list(range(1, SLOW["max_steps"] + 1))
+    loop.train(loop.parse_args(tiny_args(killed, objective, resume=True, **flags)))
+    logged = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [m["step"] for m in logged] == list(range(1, flags["max_steps"] + 1))
     torch.testing.assert_close(torch.tensor(losses(killed)), torch.tensor(losses(whole)),
                                rtol=0, atol=1e-6)
+    uninterrupted = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    for key in ("grad_norm", "samples/checksum"):  # the checksum: GRPO's sampled completions
+        assert [m.get(key) for m in logged] == [m.get(key) for m in uninterrupted], key
 
 
 def test_corrupted_checkpoint_is_refused_and_left_alone(tmp_path, tok_cache, capsys):

@@ -12,7 +12,7 @@ import inspect
 
 from fused_losses import linear_logprobs
 
-from . import ift, preference, reinforce, sft
+from . import grpo, ift, kto, preference, reinforce, sft
 from ._common import IGNORE, LossStep, ObjectiveState, Recipe, Stateless, precompute_reference
 
 RECIPES: dict[str, Recipe] = {
@@ -24,6 +24,8 @@ RECIPES: dict[str, Recipe] = {
     "dil": preference.DIL,
     "ift": ift.RECIPE,
     "reinforce": reinforce.RECIPE,
+    "grpo": grpo.RECIPE,
+    "kto": kto.RECIPE,
 }
 
 # Options of the primitive every objective passes on (bias, backend, temperature, ...).

@@ -103,6 +103,7 @@ class Recipe:
     check: Callable[..., list[str]] = _no_problems  # (cfg) -> problems with flags it reads
     renames: Mapping[str, str] = field(default_factory=dict)  # flag -> argument (ORPO: beta -> lam)
     provided: frozenset[str] = frozenset()  # arguments the recipe passes itself
+    flags: tuple[str, ...] = ()  # Config fields that are also options (grpo: max_completion_length)
 
 
 # ---------------------------------------------------------------------------------------------
