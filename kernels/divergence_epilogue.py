@@ -19,8 +19,8 @@ fused kernels and these epilogues compute the same thing by the same code.
   ``g_D/τ · dD/ds + g_lp (onehot(y) − softmax(z))`` in the GEMM operand dtype into ``grad``
   (row stride ``stride_gr``), which may alias the student's product: a 16-bit gradient over
   the first half of each fp32 row, or an fp32 one over the same elements. Then SPLITS is 1:
-  a program walks its rows' columns in increasing order, and after its first tile every
-  store lands on bytes its warps have all read (a barrier orders that first tile).
+  a program walks its rows' columns in increasing order, and a barrier per tile makes every
+  store land on bytes all of its warps have read.
 
 No atomics: every program owns the state or gradient entries it writes.
 """
@@ -194,10 +194,10 @@ def _pair_grad_kernel(
                           WITH_RAW_LSE)
         if HAS_ROW_SCALE:
             grad = grad * row_scale[:, None]
-        if c_start == c_begin:
-            # In place, a 16-bit store of the first tile lands on fp32 columns of that same
-            # tile, which other warps of this program may not have read yet.
-            tl.debug_barrier()
+        # In place, the 16-bit gradient of tile k lands on the fp32 columns of tile k // 2,
+        # which another warp of this program may not have read yet if it lags (the 4- and
+        # 1-row tiles spread a row over 4 and 8 warps): every warp has read tile k here.
+        tl.debug_barrier()
         tl.store(rows_out + offs_c[None, :], grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
