@@ -17,7 +17,8 @@ kernels. They apply the bias, ``1/temperature`` and the soft-cap on the fly
   (``[R, C]``, row stride ``stride_gr``). ``grad`` may alias ``product``: a 16-bit gradient
   over the first half of each fp32 row (row stride ``2 * stride_pr``), or an fp32 one over
   the same elements. Then SPLITS must be 1: each program walks its rows' columns in
-  increasing order, so every store lands on bytes its own earlier loads already consumed.
+  increasing order, so every store lands on bytes its own loads already consumed, and a
+  barrier per tile keeps a lagging warp's loads ahead of the other warps' stores.
 
 No atomics: every program owns the state or gradient entries it writes.
 """
@@ -156,6 +157,10 @@ def _grad_kernel(
                                 WITH_ENTROPY_GRAD, WITH_MEAN_GRAD, FILTER)
         if HAS_ROW_SCALE:
             grad = grad * row_scale[:, None]
+        # In place, the 16-bit gradient of tile k lands on the fp32 columns of tile k // 2,
+        # which another warp of this program may not have read yet if it lags (the 4- and
+        # 1-row tiles spread a row over 4 and 8 warps): every warp has read tile k here.
+        tl.debug_barrier()
         tl.store(rows_out + offs_c[None, :], grad.to(grad_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_c[None, :])
 
