@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow demo demo-distill bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,15 @@ demo: setup
 	$(BIN)/python -m fused_losses.train --compare --objective sft --output-dir runs/demo-sft
 	$(BIN)/python -m fused_losses.train --compare --objective dpo --output-dir runs/demo-dpo \
 		--model runs/demo-sft/fused/final --max-steps 40 --lr 3e-4
+
+# Distillation, fused vs unfused (apart from `demo`, which it would lengthen by minutes): the
+# larger small-llama preset (H = 384, 4 layers) trained briefly by SFT is the teacher, then
+# distilled into tiny-llama (H = 256) with the generalised JSD.
+demo-distill: setup
+	$(BIN)/python -m fused_losses.train --objective sft --model small-llama \
+		--output-dir runs/demo-teacher --max-steps 30
+	$(BIN)/python -m fused_losses.train --compare --objective distill \
+		--teacher runs/demo-teacher/final --output-dir runs/demo-distill --max-steps 30
 
 # The primitive's benchmark against naive PyTorch (CPU: minutes; GPU: the full sweep).
 bench: setup

@@ -25,8 +25,8 @@ FORMAT = "fused-losses-trainer/1"
 FINGERPRINT = ("objective", "impl", "model", "model_config", "data", "batch_size", "grad_accum",
                "max_length", "too_long", "train_size", "lr", "warmup_steps", "min_lr_ratio",
                "weight_decay", "grad_clip", "beta", "loss_type", "divergence", "variant",
-               "loss_kwargs", "seed", "fsdp", "precompute_ref", "num_generations",
-               "max_completion_length")
+               "temperature", "hard_weight", "loss_kwargs", "seed", "fsdp", "precompute_ref",
+               "num_generations", "max_completion_length", "teacher")
 
 
 def for_resume(out: Path, cfg: Config) -> dict | None:

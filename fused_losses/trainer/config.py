@@ -51,11 +51,19 @@ class Config:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     beta: float = _f(None, "objective's beta (ORPO: lambda); default: the objective's own")
     loss_type: str = _f(None, "dpo loss_type (default sigmoid)")
-    divergence: str = _f(None, "sft f-divergence (default total_variation)")
+    divergence: str = _f(None, "sft f-divergence (default total_variation); distill: "
+                               "forward_kl, reverse_kl or jsd (default jsd)")
     variant: str = _f(None, "dil variant (default lsif)")
+    temperature: float = _f(None, "softmax temperature of the objective's logits (distill: of "
+                                  "both models'; default 1)")
+    hard_weight: float = _f(None, "distill: weight of the student's cross-entropy on the labels "
+                                  "(default 0)")
     loss_kwargs: str = _f(None, "more keyword arguments for the objective, as inline JSON")
     reward_model: str = _f(None, "reinforce: directory of the SFT model giving token rewards")
     reward_ref: str = _f(None, "reinforce: reference model directory (default: the start policy)")
+    teacher: str = _f(None, "distill: the frozen teacher, a local model directory or a preset "
+                            f"{sorted(PRESETS)} (random weights seeded --seed + 1); its "
+                            "vocabulary must be the student's")
     num_generations: int = _f(4, "grpo: completions sampled per prompt (the group)")
     max_completion_length: int = _f(64, "grpo: most tokens sampled per completion (also the "
                                         "divisor of loss_type dr_grpo)")
@@ -113,7 +121,8 @@ def parse_args(argv: list[str]) -> Config:
     for name in ("save_every", "eval_every", "warmup_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "beta"):
+    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "beta", "temperature",
+                 "hard_weight"):
         value = getattr(cfg, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             problems.append(f"{flag(name)} must be a finite number >= 0, got {value}")
@@ -170,7 +179,8 @@ def loss_options(cfg: Config) -> dict:
     """The objective's options the user gave, keyed by where they came from: the named flags
     (``"--beta"``), then the keys of --loss-kwargs. ``recipes.options`` checks and completes
     them."""
-    named = ("beta", "loss_type", "divergence", "variant", *RECIPES[cfg.objective].flags)
+    named = ("beta", "loss_type", "divergence", "variant", "temperature", "hard_weight",
+             *RECIPES[cfg.objective].flags)
     opts = {flag(k): getattr(cfg, k) for k in named if getattr(cfg, k) is not None}
     if cfg.loss_kwargs:
         try:

@@ -27,6 +27,12 @@ PRESETS = {
                        intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=512,
                        tie_word_embeddings=False),
+    # A larger model of the same vocabulary to distil from (--teacher): `make demo` trains it
+    # briefly by SFT first, then distils it into tiny-llama.
+    "small-llama": dict(model_type="llama", vocab_size=32000, hidden_size=384,
+                        intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
+                        num_key_value_heads=6, max_position_embeddings=512,
+                        tie_word_embeddings=False),
 }
 
 

@@ -18,6 +18,12 @@ each later step adds its own rounding: the k-th step's losses differ by up to ab
 the first's (AdamW's update is bounded per coordinate, so a small gradient difference cannot
 grow faster). ``MARGIN`` covers the change of K and S over the few steps of a test.
 
+Distillation reads whole distributions, not one log-prob per token: its inputs x are both
+models' logits z_tv (the student's and the teacher's, which the unfused step forms in
+``reference.distill_loss_reference``), K = Σ_tv |∂L/∂z_tv| and S = Σ_tv |z_tv · ∂L/∂z_tv|,
+and δ is the largest measured difference of either model's per-token log-probs (the same
+GEMMs and log-sum-exps round in both).
+
 A REINFORCE loss ``−(1/B) Σ logp_t · G_t`` whose returns change sign can be near zero while S
 is not: its relative difference is then large (1.3e-4 against a fixed 1e-4 once), though the
 absolute one stays within this bound; a fixed relative tolerance cannot tell that from a bug.
@@ -35,6 +41,7 @@ from unittest import mock
 import torch
 
 import fused_losses
+from fused_losses import reference
 from fused_losses.trainer import data as D
 from fused_losses.trainer import recipes
 from fused_losses.trainer.config import loss_options, parse_args
@@ -78,7 +85,20 @@ def step_tolerances(argv: list[str], steps: int) -> list[float]:
             kept.append(stats)
         return stats
 
+    # A step on fused_losses.reference (distillation) forms its logits there, the teacher's
+    # under no_grad: both are kept with their gradient, the loss's per-logit sensitivity.
+    logits_of, logits = reference.reference_logits, []
+
+    def keeping_logits(*args, **kwargs):
+        with torch.enable_grad():
+            z = logits_of(*args, **kwargs)
+        if z.requires_grad:
+            z.retain_grad()
+            logits.append(z)
+        return z
+
     with mock.patch.object(module, "materialise", keeping), \
+            mock.patch.object(reference, "reference_logits", keeping_logits), \
             mock.patch.object(torch.Tensor, "detach", lambda self: self):
         loss, _ = recipe.unfused(opts)(lm, batch, ctx)
     loss.backward()
@@ -92,5 +112,12 @@ def step_tolerances(argv: list[str], steps: int) -> list[float]:
         terms = [(delta, stats.logits.grad.abs().sum(-1), stats.logp) for stats in kept]
         terms += [(float((frozen["fused"][name] - x).abs().max()), x.grad.abs(), x)
                   for name, x in inputs.items() if x.grad is not None]
+        if logits:  # δ of any model's log-probs (the policy's, the teacher's) for every logit
+            delta_any = max([delta] + [
+                float(((fused_losses.token_logprobs(m, batch["input_ids"], batch["labels"],
+                                                    batch["attention_mask"])
+                        - frozen_logprobs(m, batch, "unfused")) * scored).abs().max())
+                for m in models.values()])
+            terms += [(delta_any, z.grad.abs(), z) for z in logits]
     first = sum(d * float(k.sum()) + C * U * float((k * x.detach().abs()).sum()) for d, k, x in terms)
     return [MARGIN * k * first for k in range(1, steps + 1)]

@@ -12,6 +12,27 @@ TINY = {"llama": dict(model_type="llama", vocab_size=1024, hidden_size=32, inter
                       max_position_embeddings=256, tie_word_embeddings=False)}
 
 
+# A distillation teacher: wider than the student (H = 48 vs 32), the same vocabulary; its head
+# scaled so that its distributions are peaked (random init gives nearly uniform ones, and a
+# near-zero loss).
+TEACHER = dict(TINY["llama"], hidden_size=48, intermediate_size=96)
+TEACHER_HEAD_SCALE = 30.0
+
+
+def save_tiny(path: Path, spec: dict, seed: int, head_scale: float = 1.0) -> str:
+    """A random model of ``spec`` saved as a transformers directory (a --teacher, ...)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(spec)
+    torch.manual_seed(seed)
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.mul_(head_scale)
+    lm.save_pretrained(path)
+    return str(path)
+
+
 def tiny_args(out: Path, objective: str, arch: str = "llama", **flags) -> list[str]:
     """argv for a fast run on a tiny random model."""
     base = {"objective": objective, "output_dir": str(out), "model_config": json.dumps(TINY[arch]),

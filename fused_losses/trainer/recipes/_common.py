@@ -81,6 +81,10 @@ def _no_problems(cfg) -> list[str]:
     return []
 
 
+def _no_option_problems(opts) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything the trainer knows about one objective: a table of small functions.
@@ -101,6 +105,9 @@ class Recipe:
     state: Callable[[dict], ObjectiveState] = _stateless
     sampler: Callable[..., BatchSource] = dataset_batches  # (cfg, lm, data, enc, procs)
     check: Callable[..., list[str]] = _no_problems  # (cfg) -> problems with flags it reads
+    # (options, defaults filled in) -> problems with their values that neither implementation
+    # would report before work is done (the materialised twin may not check them at all)
+    check_options: Callable[[dict], list[str]] = _no_option_problems
     renames: Mapping[str, str] = field(default_factory=dict)  # flag -> argument (ORPO: beta -> lam)
     provided: frozenset[str] = frozenset()  # arguments the recipe passes itself
     flags: tuple[str, ...] = ()  # Config fields that are also options (grpo: max_completion_length)
