@@ -3,6 +3,7 @@ target cases, the planner's head term; one JSON, a table and plots in OUT_DIR.
 
     python benchmarks/gpu_session.py OUT_DIR              # on one H200: at most ~7 minutes
     python benchmarks/gpu_session.py --dry-run OUT_DIR    # on a CPU: every stage, tiny sizes
+    python benchmarks/gpu_session.py --distill OUT_DIR    # distillation: a session of its own
 
 Stages, in order, each with a time budget (a stage that overruns is killed and recorded; the
 next one starts), the unspent time flowing to the ``heads`` stage:
@@ -19,6 +20,12 @@ next one starts), the unspent time flowing to the ``heads`` stage:
    at the measured GEMM rate. The next variant's process starts (imports) while one is timed.
 5. ``planner``: ``planner.head_bytes`` against the memory measured in ``heads``, then
    ``planner_validate``'s own GPU cases (partly scored rows, unfused) as time allows.
+
+``--distill`` times the distillation primitive instead (``heads`` on issue 14's case scaled to
+the GPU: N = 8192, H = 4096, teacher H = 5120, V = 128256, bf16, JSD; every implementation of
+ours, Liger's JSD loss and TRL's chunked divergence, naive last) after ``peers`` and
+``ceilings``: about 3-5 minutes of its own, since the main session's heads stage already fills
+its 7 minutes (``benchmarks/notes.md``, G7). ``--dry-run --distill`` runs it on the CPU.
 
 ``session.json`` is rewritten after every step, so a killed session leaves what it measured;
 ``session.md`` (tables, targets) and ``session_<case>.png`` are written at the end, and
@@ -68,6 +75,14 @@ DRY_CASES = [dict(sweep="llama3-8b", N=16, H=16, V=150, dtype="bf16", softcap=No
 
 PEER_CE = ["cce_exact", "cce", "liger", "trl", "compile_chunked"]
 
+# Distillation (--distill): issue 14's benchmark scaled to the GPU case of issue 10, a teacher
+# one size up (H_t = 5120, a 14B-class width) over Llama-3's vocabulary; JSD, beta = 0.5.
+DISTILL_CASES = [dict(sweep="distill-8b", N=8192, H=4096, teacher_H=5120, V=128256,
+                      dtype="bf16", softcap=None)]
+DRY_DISTILL_CASES = [dict(sweep="distill-8b", N=16, H=16, teacher_H=24, V=150, dtype="bf16",
+                          softcap=None)]
+PEER_DISTILL = ["liger_jsd", "trl_chunked"]
+
 
 def variant_plan(backends: tuple[str, ...]) -> list[tuple[str, str]]:
     """(mode, variant) in priority order: what decides the defaults and the peer comparison
@@ -83,6 +98,22 @@ def variant_plan(backends: tuple[str, ...]) -> list[tuple[str, str]]:
         plan += [("ce", "ours_torch_gif"), ("logprobs", "ours_torch")]
     plan += [("ce", "naive"), ("ce", "naive_compile"), ("logprobs", "cce")]
     return plan
+
+
+def distill_plan(backends: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``--distill``'s (mode, variant) in priority order: our CUDA default's default path and
+    the peers first, then our other paths, the CPU backend, the materialised loss."""
+    from fused_losses.backends import CUDA_DEFAULT
+
+    fast = sorted((b for b in backends if b != "torch"), key=lambda b: b != CUDA_DEFAULT)
+    plan = [("distill", f"ours_{b}") for b in fast[:1]]
+    plan += [("distill", name) for name in PEER_DISTILL]
+    plan += [("distill", f"ours_{b}") for b in fast[1:]]
+    # a recompute variant only where it is another path (the Triton kernels always recompute)
+    plan += [("distill", f"ours_{b}_recompute") for b in fast if b != "triton"]
+    if "torch" in backends:
+        plan += [("distill", "ours_torch"), ("distill", "ours_torch_recompute")]
+    return plan + [("distill", "naive")]
 
 
 # Seconds. The real session fits 7 minutes on one H200 (README: the arithmetic); a stage's
@@ -101,6 +132,9 @@ SETTINGS = {
     "dry": dict(cases=DRY_CASES, warmup=1, repeats=1, copy_mb=64, gemm=256, probe_repeats=3,
                 interpret="1", compile_backend="aot_eager"),
 }
+# --distill: the cases, the plan and the stages by default
+DISTILL = dict(real=DISTILL_CASES, dry=DRY_DISTILL_CASES, plan=distill_plan,
+               stages=("peers", "ceilings", "heads"))
 
 # ---------------------------------------------------------------------------------------------
 # The record: one JSON, rewritten after every step
@@ -392,7 +426,8 @@ def stage_tests(session: Session, deadline: float, ctx: dict) -> dict:
 
 def job_list(mode: str, variant: str, cases: list[dict]) -> list[dict]:
     return [{"mode": mode, "variant": variant, **{k: c[k] for k in
-                                                  ("N", "H", "V", "dtype", "softcap")}}
+                                                  ("N", "H", "V", "dtype", "softcap",
+                                                   "teacher_H") if k in c}}
             for c in cases]
 
 
@@ -412,7 +447,7 @@ AUTOTUNE_LINE = re.compile(r"(autotuning|best config)", re.I)
 
 def stage_heads(session: Session, deadline: float, ctx: dict) -> dict:
     cases = ctx["settings"]["cases"]
-    plan = [(mode, name) for mode, name in variant_plan(providers.our_backends())
+    plan = [(mode, name) for mode, name in ctx["plan"](providers.our_backends())
             if _known(mode, name)]
     runnable, raw, skipped = [], {}, {}
     for mode, name in plan:
@@ -458,8 +493,8 @@ def stage_heads(session: Session, deadline: float, ctx: dict) -> dict:
                 skipped[key] = result["skipped"]
             else:
                 raw[key] = [result]
-            session.say(f"heads: {mode:8} {name:24} {case['sweep']:10} " + _brief(result, ctx,
-                                                                                  case))
+            session.say(f"heads: {mode:8} {name:24} {case['sweep']:10} "
+                        + _brief(result, ctx, dict(case, mode=mode)))
             if "error" in result and session.doc["dry_run"] and name.startswith("ours_"):
                 session.problem(f"{mode} {name} {case['sweep']}: {result['error']}")
         if code != 0 or len(results) < len(cases):
@@ -500,8 +535,7 @@ def _brief(result: dict, ctx: dict, case: dict) -> str:
         return f"ERROR {result['error']}"
     ms = result["fwdbwd_ms"]["median"]
     rate = ctx.get("rates", {}).get(case["dtype"], {}).get("tflops")
-    floor = f"  {ms / (6 * case['N'] * case['H'] * case['V'] / rate / 1e9):5.2f}x floor" \
-        if rate else ""
+    floor = f"  {ms / (run.floor_flops(case) / rate / 1e9):5.2f}x floor" if rate else ""
     return (f"{ms:9.2f} ms{floor}  {result['peak_mb']:9.1f} MB above inputs "
             f"({result['peak_mb'] - result['grads_mb']:8.1f} above grads)")
 
@@ -630,35 +664,43 @@ TARGETS = [
     ("faster than Liger's fused linear cross-entropy", "liger", "fwdbwd_ms", 1.0),
     ("peak above inputs and gradients <= 64 MB", None, "peak_above_grads_mb", 64.0),
 ]
+# Distillation (--distill): issue 14 sets targets on the CPU only; on the GPU ours (the fastest
+# of our variants) is reported against its floor (2N(H + H_t)V + 4NHV) and the peers.
+DISTILL_TARGETS = [
+    ("<= 1.5x the floor", None, "x_floor", 1.5),
+    ("faster than Liger's JSD loss", "liger_jsd", "fwdbwd_ms", 1.0),
+    ("faster than TRL's chunked divergence", "trl_chunked", "fwdbwd_ms", 1.0),
+]
+TARGETS_BY_MODE = {"ce": TARGETS, "distill": DISTILL_TARGETS}
 
 
-def best_ours(rows: list[dict], case: str) -> dict | None:
-    """Our fastest exact cross-entropy row in ``case`` (what ``auto`` should pick)."""
-    ours = [r for r in rows if r["sweep"] == case and r["mode"] == "ce" and r["status"] == "ok"
+def best_ours(rows: list[dict], case: str, mode: str = "ce") -> dict | None:
+    """Our fastest row of ``mode`` in ``case`` (what ``auto`` should pick); exact only."""
+    ours = [r for r in rows if r["sweep"] == case and r["mode"] == mode and r["status"] == "ok"
             and r["variant"].startswith("ours_") and not r["variant"].endswith("_filter")]
     return min(ours, key=lambda r: r["fwdbwd_ms"]) if ours else None
 
 
 def evaluate_targets(rows: list[dict]) -> list[dict]:
     verdicts = []
-    for case in dict.fromkeys(r["sweep"] for r in rows):
-        ours = best_ours(rows, case)
-        if ours is None:
+    for case, mode in dict.fromkeys((r["sweep"], r["mode"]) for r in rows):
+        ours = best_ours(rows, case, mode)
+        if ours is None or mode not in TARGETS_BY_MODE:
             continue
-        for label, peer, metric, bound in TARGETS:
+        for label, peer, metric, bound in TARGETS_BY_MODE[mode]:
             value = ours.get(metric)
             if peer is None:
                 ref, ratio = None, value
             else:
-                other = next((r for r in rows if r["sweep"] == case and r["mode"] == "ce"
+                other = next((r for r in rows if r["sweep"] == case and r["mode"] == mode
                               and r["variant"] == peer and r["status"] == "ok"), None)
                 if other is None:
                     continue
                 ref, ratio = other[metric], value / other[metric]
             if ratio is None:
                 continue
-            verdicts.append(dict(case=case, target=label, ours=ours["variant"], value=value,
-                                 reference=ref, ratio=ratio, bound=bound,
+            verdicts.append(dict(case=case, mode=mode, target=label, ours=ours["variant"],
+                                 value=value, reference=ref, ratio=ratio, bound=bound,
                                  verdict="PASS" if ratio <= bound else "MISS"))
     return verdicts
 
@@ -685,8 +727,8 @@ def markdown(doc: dict) -> str:
         out += ["", f"**Ceilings.** Device-to-device copy {ceil['copy']['gb_per_s']:.0f} GB/s "
                 f"(bytes read + written); cuBLAS bf16 {ceil['matmul']['size']}^3 GEMM "
                 f"{ceil['matmul']['tflops']:.1f} TFLOP/s (median; best "
-                f"{ceil['matmul']['best_tflops']:.1f}). The floor below is 6NHV FLOPs at the "
-                "median rate."]
+                f"{ceil['matmul']['best_tflops']:.1f}). The floor below is each case's fewest "
+                "FLOPs (6NHV; distillation 2N(H + H_t)V + 4NHV) at the median rate."]
     tests = stages.get("tests", {})
     if "counts" in tests:
         out += ["", "**CUDA tests** (`" + " ".join(tests["files"]) + "`, TRITON_INTERPRET=0): "
@@ -697,9 +739,13 @@ def markdown(doc: dict) -> str:
         rows = [r for r in doc["rows"] if r["sweep"] == case]
         first = rows[0]
         floor = next((r["floor_ms"] for r in rows if r.get("floor_ms")), None)
-        out += ["", f"## {case}: N={first['N']} H={first['H']} V={first['V']} {first['dtype']}"
+        teacher = first.get("teacher_H")
+        out += ["", f"## {case}: N={first['N']} H={first['H']}"
+                + (f" (teacher H={teacher})" if teacher else "")
+                + f" V={first['V']} {first['dtype']}"
                 + (f", softcap {first['softcap']}" if first.get("softcap") else "")
-                + (f"; 6NHV floor {floor:.2f} ms" if floor else ""), "",
+                + (f"; floor ({'2N(H + H_t)V + 4NHV' if teacher else '6NHV'}) {floor:.2f} ms"
+                   if floor else ""), "",
                 "| mode | variant | fwd ms | bwd ms | fwd+bwd ms | x floor | x CCE exact | "
                 "peak MB above inputs | above inputs+grads | kept between steps MB |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -721,18 +767,21 @@ def markdown(doc: dict) -> str:
         notes = [r for r in rows if r.get("note")]
         out += [f"- note, {r['mode']} {r['variant']}: {r['note']}" for r in notes]
     if doc.get("targets"):
-        out += ["", "## Targets (issue 10, item 5; reported, never asserted)", "",
+        out += ["", "## Targets (issue 10, item 5; distillation against its peers; reported, "
+                "never asserted)", "",
                 "| case | target | ours | value | peer | ratio | bound | verdict |",
                 "|---|---|---|---:|---:|---:|---:|---|"]
         out += [f"| {v['case']} | {v['target']} | {v['ours']} | {_num(v['value'], '.2f')} | "
                 f"{_num(v['reference'], '.2f')} | {v['ratio']:.2f} | {v['bound']} | "
                 f"{v['verdict']} |" for v in doc["targets"]]
-        out += ["", "Cut Cross-Entropy's paper: Gemma-2 2B's head, loss + gradient, 135 ms / "
-                "1164 MB on an A100."]
-        fastest = {v["case"]: v["ours"] for v in doc["targets"]}
+        if any(v["mode"] == "ce" for v in doc["targets"]):
+            out += ["", "Cut Cross-Entropy's paper: Gemma-2 2B's head, loss + gradient, 135 ms / "
+                    "1164 MB on an A100."]
+        fastest = {(v["case"], v["mode"]): v["ours"] for v in doc["targets"]}
         out += ["", f"`backend=\"auto\"` on CUDA picks `{meta.get('auto_on_cuda')}`; our "
-                "fastest exact cross-entropy: " + ", ".join(f"{case} `{name}`" for case, name
-                                                             in fastest.items()) + "."]
+                "fastest exact variant: " + ", ".join(f"{case} {mode} `{name}`" for
+                                                      (case, mode), name in fastest.items())
+                + "."]
     planner_record = stages.get("planner", {})
     pairs = planner_record.get("against_heads", []) + [
         dict(case=f"M={c['rows']} H={c['hidden']} V={c['vocab']} {c['dtype']}",
@@ -807,7 +856,7 @@ def session_meta(args, device: str) -> dict:
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "backends": list(providers.our_backends()), "auto_on_cuda": auto_on_cuda,
             "command": " ".join(shlex.quote(a) for a in sys.argv), "device": None,
-            "device_name": device, "dry_run": args.dry_run,
+            "device_name": device, "dry_run": args.dry_run, "distill": args.distill,
             "commit": git_commit() or os.environ.get("FL_COMMIT", "unknown"),
             "tree_sha256": tree_hash(), "cpu_model": run._cpu_model(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -831,12 +880,16 @@ def main(argv=None) -> int:
                     help="on the CPU: tiny cases, the interpreter, the GPU image's packages")
     ap.add_argument("--wheels", default=os.path.join(ROOT, ".whl"),
                     help="folder of peer wheels (benchmarks/fetch_peer_wheels.sh)")
-    ap.add_argument("--stages", default=",".join(STAGES),
-                    help=f"comma list, in this order: {','.join(STAGES)}")
+    ap.add_argument("--distill", action="store_true",
+                    help="time the distillation primitive and its peers instead (stages "
+                         f"{','.join(DISTILL['stages'])} unless --stages says otherwise)")
+    ap.add_argument("--stages", default=None,
+                    help=f"comma list, in this order: {','.join(STAGES)} (default: all)")
     ap.add_argument("--budget", type=float, default=TOTAL_BUDGET,
                     help="seconds for the whole session (stages keep their own caps)")
     args = ap.parse_args(argv)
-    stages = args.stages.split(",")
+    stages = args.stages.split(",") if args.stages else \
+        list(DISTILL["stages"] if args.distill else STAGES)
     if set(stages) - set(STAGES):
         print(f"--stages: unknown {sorted(set(stages) - set(STAGES))}; valid: {STAGES}",
               file=sys.stderr)
@@ -850,6 +903,8 @@ def main(argv=None) -> int:
         return 2
     os.makedirs(args.out_dir, exist_ok=True)
     settings = SETTINGS["dry" if args.dry_run else "real"]
+    if args.distill:
+        settings = dict(settings, cases=DISTILL["dry" if args.dry_run else "real"])
     session = Session(args.out_dir, settings, args.dry_run, args.budget)
     scratch = tempfile.mkdtemp(prefix="fl_session_")
     peers_dir = os.path.join(scratch, "peers")
@@ -866,6 +921,7 @@ def main(argv=None) -> int:
     os.environ.update(FL_BENCH_PEERS=peers_dir, FL_BENCH_HIDE=env["FL_BENCH_HIDE"])
     _isolate.install()
     ctx = {"settings": settings, "device": "cuda" if cuda else "cpu", "env": env,
+           "plan": distill_plan if args.distill else variant_plan,
            "wheels": args.wheels, "peers_dir": peers_dir, "scratch": scratch}
     session.doc["meta"] = session_meta(args, ctx["device"])
     session.say(f"fused-losses GPU session{' (dry run)' if args.dry_run else ''}: commit "

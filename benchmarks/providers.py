@@ -561,12 +561,35 @@ def _ours_distill(backend, **kwargs):
 
         if not hasattr(fused_losses, "linear_divergence_loss"):
             raise _Skip("fused_losses.linear_divergence_loss does not exist yet")
+        if kwargs.get("grad_in_forward") is False:
+            from fused_losses.divergence import resolve_implementation
+
+            if not hasattr(resolve_implementation(backend, x.hidden.device),
+                           "forward_backward"):
+                raise _Skip(f"backend {backend!r} always recomputes in backward: this is "
+                            f"ours_{backend}")
         # distill_loss's own steps on aligned rows: the summed divergence over scored tokens
         return lambda: fused_losses.linear_divergence_loss(
             x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, x.targets,
             divergence="jsd", beta=DISTILL_BETA, backend=backend, **kwargs)[0] \
             / x.targets.numel()
     return build
+
+
+def our_distill_providers(backend: str) -> list[Provider]:
+    """The distillation primitive on ``backend``: its default path (gradients in forward
+    where the implementation has a one pass: torch, cublas) and the recompute path."""
+    cuda_only = None if backend == "torch" else _TRITON_CUDA
+    call = f"backend={backend!r}"
+    return [
+        Provider(f"ours_{backend}", "distill", _ours_distill(backend),
+                 f"fused_losses.linear_divergence_loss({call}) (distill_loss's default path)",
+                 cuda_only=cuda_only, interpretable=True),
+        Provider(f"ours_{backend}_recompute", "distill",
+                 _ours_distill(backend, grad_in_forward=False),
+                 f"fused_losses.linear_divergence_loss({call}, grad_in_forward=False)",
+                 cuda_only=cuda_only, interpretable=True),
+    ]
 
 
 
@@ -629,14 +652,8 @@ PROVIDERS += [
     Provider("trl_chunked", "distill", _trl_chunked,
              "trl.kernels.chunked_divergence.ChunkedDivergenceFunction (torch tiles on CPU)",
              needs=("trl.kernels.chunked_divergence", "trl.trainer.utils")),
-    Provider("ours_torch", "distill", _ours_distill("torch"),
-             "fused_losses.linear_divergence_loss(backend='torch') (distill_loss's default: "
-             "gradients in forward, 4 GEMMs per chunk)"),
-    Provider("ours_torch_recompute", "distill", _ours_distill("torch", grad_in_forward=False),
-             "fused_losses.linear_divergence_loss(backend='torch', grad_in_forward=False)"),
-    Provider("ours_triton", "distill", _ours_distill("triton"),
-             "fused_losses.linear_divergence_loss(backend='triton')", cuda_only=_TRITON_CUDA,
-             interpretable=True),
+] + [p for backend in our_backends() for p in our_distill_providers(backend)]
+PROVIDERS += [
     # -- GRPO ---------------------------------------------------------------------------------
     Provider("naive", "grpo", lambda x: lambda: _naive_grpo_fn(x),
              "materialised log_softmax, TRL's dapo GRPO loss with k3 KL (beta=0.04), old and "

@@ -408,6 +408,15 @@ def main(argv=None):
     print(f"# wrote {os.path.relpath(os.path.join(RESULTS, tag))}.{{csv,json}}")
 
 
+def floor_flops(case: dict) -> int:
+    """The fewest FLOPs of a fused forward + backward (each logit formed once): 6NHV (the
+    logits, dH, dW); distillation forms the teacher's logits too, 2N(H + H_t)V + 4NHV."""
+    flops = 6 * case["N"] * case["H"] * case["V"]
+    if case.get("mode") == "distill":
+        flops += 2 * case["N"] * case["teacher_H"] * case["V"]
+    return flops
+
+
 def build_rows(plan, raw, skipped, rates) -> list[dict]:
     rows = []
     for case, variants in plan:
@@ -429,9 +438,8 @@ def build_rows(plan, raw, skipped, rates) -> list[dict]:
                 row.update(status="error", reason=merge_rounds(raw[key])["error"])
             else:
                 row.update(status="ok", reason="", **merge_rounds(raw[key]))
-                # Roofline: 6NHV FLOPs (3 matmuls) at the measured matmul rate.
-                tokens = case["N"]
-                flops = 6 * tokens * case["H"] * case["V"]
+                # Roofline: the floor's FLOPs at the measured matmul rate.
+                flops = floor_flops(case)
                 rate = rates.get(case["dtype"], {}).get("tflops")
                 row["flops_6nhv"] = flops
                 if rate:

@@ -345,7 +345,7 @@ def run_probes(args) -> dict:
     return results[names[0]] if len(names) == 1 else results
 
 
-JOB_KEYS = ("mode", "variant", "N", "H", "V", "dtype", "softcap", "pairs", "seq")
+JOB_KEYS = ("mode", "variant", "N", "H", "V", "dtype", "softcap", "pairs", "seq", "teacher_H")
 
 
 def run_jobs(args) -> None:
@@ -393,7 +393,8 @@ def main(argv=None):
     ap.add_argument("--copy-mb", type=int, default=4096, help="copy probe: MiB per buffer")
     ap.add_argument("--modules", default=None, help="imports probe: comma list of modules")
     ap.add_argument("--jobs", default=None, help="JSON list of jobs (keys: mode, variant, "
-                    "N, H, V, dtype, softcap): several measurements in this process")
+                    "N, H, V, dtype, softcap, teacher_H, ...): several measurements in this "
+                    "process")
     ap.add_argument("--wait", action="store_true",
                     help="import everything, then wait for a line on stdin before starting")
     ap.add_argument("--N", type=int, default=4096)

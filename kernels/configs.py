@@ -132,6 +132,12 @@ EPILOGUE_TILES = (
     dict(BLOCK_N=4, BLOCK_V=1024, num_warps=8, num_stages=1),
     dict(BLOCK_N=1, BLOCK_V=4096, num_warps=8, num_stages=1),
 )
+# The distillation epilogues (divergence_epilogue.py) stream two chunks per tile step (student
+# and teacher) and keep both models' statistics. With one row per program ptxas capped them at
+# 80 registers and spilled 8-16 bytes on some targets, so they stop at four rows: a one-pass
+# chunk of 1024 rows then has 256 programs (15 warps per multiprocessor on an H200, ~60 KB of
+# loads in flight each: enough for a stream).
+DIVERGENCE_EPILOGUE_TILES = EPILOGUE_TILES[:2]
 
 # Under TRITON_INTERPRET=1 small blocks keep tests fast and cross many tile edges.
 INTERPRETER = {
@@ -154,7 +160,9 @@ _GPU_SM80 = {("bwd", "16bit"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, BLOCK_O
 SHIPPED = [(kernel, cls, cfg, (90,) if (kernel, cls) in _GPU_SM80 else (80, 90))
            for kernel, table in _GPU.items() for cls, cfg in table.items()] + [
     (kernel, cls, cfg, (80,)) for (kernel, cls), cfg in _GPU_SM80.items()] + [
-    ("epilogue", cls, tile, (80, 90)) for tile in EPILOGUE_TILES for cls in ("16bit", "fp32")]
+    ("epilogue", cls, tile, (80, 90)) for tile in EPILOGUE_TILES for cls in ("16bit", "fp32")] + [
+    ("divergence_epilogue", cls, tile, (80, 90)) for tile in DIVERGENCE_EPILOGUE_TILES
+    for cls in ("16bit", "fp32")]
 
 
 def dtype_class(dtype: torch.dtype) -> str:
@@ -171,14 +179,16 @@ def config_for(kernel: str, dtype: torch.dtype, interpreting: bool, arch: int = 
     return dict(_GPU[kernel][cls])
 
 
-def epilogue_config(rows: int, multiprocessors: int, interpreting: bool) -> dict:
-    """The epilogue tile for a chunk of ``rows`` rows (see ``EPILOGUE_TILES``)."""
+def epilogue_config(rows: int, multiprocessors: int, interpreting: bool,
+                    tiles: tuple = EPILOGUE_TILES) -> dict:
+    """The epilogue tile for a chunk of ``rows`` rows (see ``EPILOGUE_TILES``) among
+    ``tiles``."""
     if interpreting:
         return dict(INTERPRETER["epilogue"])
-    for tile in EPILOGUE_TILES:
+    for tile in tiles:
         if -(-rows // tile["BLOCK_N"]) >= 2 * multiprocessors:
             return dict(tile)
-    return dict(EPILOGUE_TILES[-1])
+    return dict(tiles[-1])
 
 
 def product_columns(rows: int, vocab: int, budget: int) -> int:

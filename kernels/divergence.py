@@ -37,10 +37,22 @@ and dW. The teacher is only read. ``2N(H + H_t)V + 4NHV`` FLOPs.
 
     dL/dz = g_D/τ · dD/ds + g_lp · (onehot(y) − softmax(z)),
     dD/ds = q − p  |  −q (log p − log q + D)  |  −(1−β) q (σ⁺(d) − S)
+
+The per-tile math (``_pair_update``, ``_mixture_update``, ``_grad_tile``) is written once here
+as ``@triton.jit`` helpers; the epilogues of the cuBLAS implementation
+(``divergence_epilogue.py``) apply them to GEMM-formed chunks, and the host merge
+(:func:`pair_statistics`, :func:`mixture_statistics`) serves both.
+
+Non-finite logits (``fused_losses.divergence``, the contract of ``fused_losses.backends``):
+a ``-inf`` logit (a vocabulary mask) has probability 0 and adds 0·log 0 = 0 to every sum
+and 0 to the gradient (``_weighted_sum``; ``where``, never a product, so 0·inf is not NaN);
+a KL whose first model has mass where the other's logit is ``-inf`` is +inf. A NaN or
+``+inf`` logit, or a row of ``-inf``, makes its lse, divergence and gradient row NaN.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -79,8 +91,118 @@ def _both_tiles(
 @triton.jit
 def _softplus(x):
     """log(1 + exp(x)) for any x: the tail log(1 + exp(−|x|)) is below 2⁻²⁴ exactly where
-    it rounds to 0, so no log1p is needed."""
+    it rounds to 0, so no log1p is needed. ±inf give inf and 0."""
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _online_lse(x, running_max, running_sum):
+    """Merge a tile ``x`` [BLOCK_N, BLOCK_V] (``-inf`` where masked or a vocabulary mask)
+    into its rows' online log-sum-exp: returns (new max, the old sums' rescale,
+    ``exp(x − new max)`` (0 at ``-inf``), new sum). While a row has seen only ``-inf`` the
+    exponent is taken against 0, never ``-inf − -inf``; a NaN or ``+inf`` entry makes the
+    sum NaN whatever a GPU's max does with NaN (``exp(NaN − m)``, ``exp(inf − inf)``)."""
+    new_max = tl.maximum(running_max, tl.max(x, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp(running_max - shift)
+    exps = tl.exp(x - shift[:, None])
+    return new_max, rescale, exps, running_sum * rescale + tl.sum(exps, axis=1)
+
+
+@triton.jit
+def _weighted_sum(weights, values):
+    """Σ_v weights·values per row with 0·log 0 = 0: a zero weight (probability 0: a masked
+    logit, or one that underflows) contributes 0 even where ``values`` is ±inf or NaN."""
+    return tl.sum(tl.where(weights == 0.0, 0.0, weights * values), axis=1)
+
+
+@triton.jit
+def _rescaled(running, rescale):
+    """A running weighted sum after its max moved; 0, not inf·0, where every earlier weight
+    underflows (the earlier columns' probabilities are 0 at fp32 against the new max)."""
+    return tl.where(rescale == 0.0, 0.0, running * rescale)
+
+
+@triton.jit
+def _pair_update(
+    raw, teacher, mask_v, offs_v, targets, inv_temperature,  # raw z and t = z_T/τ tiles
+    s_max, s_sum, t_max, t_sum, gap, raw_max, raw_sum, target_logit,  # [BLOCK_N] each
+    KIND: tl.constexpr, WITH_RAW_LSE: tl.constexpr, WITH_LOGPROBS: tl.constexpr,
+):
+    """Merge one pair of tiles (vocabulary ids ``offs_v``) into the rows' statistics (the
+    module docstring's step 1): the online lse of s = z/τ and of t, the divergence's running
+    sum ``gap`` (KIND 0, 1), the online lse of z (WITH_RAW_LSE) and the target's raw logit
+    (WITH_LOGPROBS). Returns them updated, in the order given."""
+    student = raw * inv_temperature
+    s_max, s_rescale, s_exp, s_sum = _online_lse(
+        tl.where(mask_v[None, :], student, float("-inf")), s_max, s_sum)
+    t_max, t_rescale, t_exp, t_sum = _online_lse(
+        tl.where(mask_v[None, :], teacher, float("-inf")), t_max, t_sum)
+    if KIND == 0:   # forward KL: the teacher-weighted gap t − s
+        gap = _rescaled(gap, t_rescale) + _weighted_sum(t_exp, teacher - student)
+    if KIND == 1:   # reverse KL: the student-weighted gap s − t
+        gap = _rescaled(gap, s_rescale) + _weighted_sum(s_exp, student - teacher)
+    if WITH_RAW_LSE:
+        raw_max, _, _, raw_sum = _online_lse(tl.where(mask_v[None, :], raw, float("-inf")),
+                                             raw_max, raw_sum)
+    if WITH_LOGPROBS:
+        hit = offs_v[None, :] == targets[:, None]
+        target_logit += tl.sum(tl.where(hit, raw, 0.0), axis=1)
+    return s_max, s_sum, t_max, t_sum, gap, raw_max, raw_sum, target_logit
+
+
+@triton.jit
+def _mixture_update(raw, teacher, valid, lse, teacher_lse, inv_temperature, log_ratio,
+                    q_softplus, p_softplus):
+    """JSD's second pass over one pair of tiles, lse_s and lse_t known: adds
+    ``Σ q σ⁺(d)`` to ``q_softplus`` (S) and ``Σ p σ⁺(−d)`` to ``p_softplus`` (R).
+    ``valid`` [BLOCK_N, BLOCK_V] masks the tiles' edges. Probability-0 columns add 0."""
+    log_q = raw * inv_temperature - lse[:, None]
+    log_p = teacher - teacher_lse[:, None]
+    d = log_p - log_q + log_ratio
+    # where, not a product with a mask: junk rows may overflow exp
+    q = tl.where(valid, tl.exp(log_q), 0.0)
+    p = tl.where(valid, tl.exp(log_p), 0.0)
+    tail = tl.log(1.0 + tl.exp(-tl.abs(d)))
+    q_softplus += _weighted_sum(q, tl.maximum(d, 0.0) + tail)
+    p_softplus += _weighted_sum(p, tl.maximum(-d, 0.0) + tail)
+    return q_softplus, p_softplus
+
+
+@triton.jit
+def _grad_tile(
+    raw, teacher, offs_v, valid, targets,                    # tiles; [BLOCK_N] int64
+    lse, teacher_lse, raw_lse, aux, grad_divergence, grad_logprobs,  # [BLOCK_N] fp32 each
+    inv_temperature, log_ratio, one_minus_beta,
+    KIND: tl.constexpr, WITH_DIVERGENCE_GRAD: tl.constexpr, WITH_LOGPROB_GRAD: tl.constexpr,
+    WITH_RAW_LSE: tl.constexpr,
+):
+    """dL/dz of one tile, fp32, 0 outside ``valid`` (the module docstring's backward):
+    ``g_D/τ · dD/ds + g_lp (onehot(y) − softmax(z))``, each term only with its flag (an
+    absent upstream gradient adds nothing, even to an infinite divergence's row). A masked
+    student logit (q = 0) gets 0, not 0·inf; a NaN ``g_D`` (the dispatcher's mark of an
+    infinite divergence) or statistic makes the row NaN."""
+    log_q = raw * inv_temperature - lse[:, None]
+    q = tl.exp(log_q)
+    grad = tl.zeros_like(q)
+    if WITH_DIVERGENCE_GRAD:
+        log_p = teacher - teacher_lse[:, None]
+        if KIND == 0:
+            slope = q - tl.exp(log_p)
+        elif KIND == 1:
+            slope = tl.where(q == 0.0, 0.0, -q * (log_p - log_q + aux[:, None]))
+        else:
+            slope = tl.where(q == 0.0, 0.0,
+                             -one_minus_beta * q * (_softplus(log_p - log_q + log_ratio)
+                                                    - aux[:, None]))
+        grad = slope * (grad_divergence * inv_temperature)[:, None]
+    if WITH_LOGPROB_GRAD:
+        probs = q
+        if WITH_RAW_LSE:
+            probs = tl.exp(raw - raw_lse[:, None])
+        onehot = tl.where(offs_v[None, :] == targets[:, None], 1.0, 0.0)
+        grad += grad_logprobs[:, None] * (onehot - probs)
+    return tl.where(valid, grad, 0.0)
 
 
 @triton.jit
@@ -125,34 +247,9 @@ def _divergence_stats_kernel(
             stride_hm, stride_hh, stride_wv, stride_wh, stride_thm, stride_thh, stride_twv,
             stride_twh, inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_TEACHER_BIAS,
             DOT_FP32, TEACHER_DOT_FP32, DOT_PRECISION)
-        student = raw * inv_temperature
-        s_or_ninf = tl.where(mask_v[None, :], student, float("-inf"))
-        t_or_ninf = tl.where(mask_v[None, :], teacher, float("-inf"))
-        s_new = tl.maximum(s_max, tl.max(s_or_ninf, axis=1))
-        s_rescale = tl.exp(s_max - s_new)
-        s_exp = tl.exp(s_or_ninf - s_new[:, None])              # 0 on masked columns
-        s_sum = s_sum * s_rescale + tl.sum(s_exp, axis=1)
-        t_new = tl.maximum(t_max, tl.max(t_or_ninf, axis=1))
-        t_rescale = tl.exp(t_max - t_new)
-        t_exp = tl.exp(t_or_ninf - t_new[:, None])
-        t_sum = t_sum * t_rescale + tl.sum(t_exp, axis=1)
-        if KIND == 0:   # forward KL: the teacher-weighted gap t − s
-            diff = tl.where(mask_v[None, :], teacher - student, 0.0)
-            gap = gap * t_rescale + tl.sum(t_exp * diff, axis=1)
-        if KIND == 1:   # reverse KL: the student-weighted gap s − t
-            diff = tl.where(mask_v[None, :], student - teacher, 0.0)
-            gap = gap * s_rescale + tl.sum(s_exp * diff, axis=1)
-        if WITH_RAW_LSE:
-            raw_or_ninf = tl.where(mask_v[None, :], raw, float("-inf"))
-            raw_new = tl.maximum(raw_max, tl.max(raw_or_ninf, axis=1))
-            raw_sum = raw_sum * tl.exp(raw_max - raw_new) \
-                + tl.sum(tl.exp(raw_or_ninf - raw_new[:, None]), axis=1)
-            raw_max = raw_new
-        if WITH_LOGPROBS:
-            hit = offs_v[None, :] == targets[:, None]
-            target_logit += tl.sum(tl.where(hit, raw, 0.0), axis=1)
-        s_max = s_new
-        t_max = t_new
+        s_max, s_sum, t_max, t_sum, gap, raw_max, raw_sum, target_logit = _pair_update(
+            raw, teacher, mask_v, offs_v, targets, inv_temperature, s_max, s_sum, t_max,
+            t_sum, gap, raw_max, raw_sum, target_logit, KIND, WITH_RAW_LSE, WITH_LOGPROBS)
 
     out = pid_s * N + offs_n
     tl.store(max_ptr + out, s_max, mask=mask_n)
@@ -202,16 +299,9 @@ def _mixture_stats_kernel(
             stride_hm, stride_hh, stride_wv, stride_wh, stride_thm, stride_thh, stride_twv,
             stride_twh, inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_TEACHER_BIAS,
             DOT_FP32, TEACHER_DOT_FP32, DOT_PRECISION)
-        log_q = raw * inv_temperature - lse[:, None]
-        log_p = teacher - teacher_lse[:, None]
-        d = log_p - log_q + log_ratio
-        tail = tl.log(1.0 + tl.exp(-tl.abs(d)))
-        valid = mask_n[:, None] & mask_v[None, :]
-        # where, not a product with a mask: junk rows may overflow exp
-        q = tl.where(valid, tl.exp(log_q), 0.0)
-        p = tl.where(valid, tl.exp(log_p), 0.0)
-        q_softplus += tl.sum(q * tl.where(valid, tl.maximum(d, 0.0) + tail, 0.0), axis=1)
-        p_softplus += tl.sum(p * tl.where(valid, tl.maximum(-d, 0.0) + tail, 0.0), axis=1)
+        q_softplus, p_softplus = _mixture_update(
+            raw, teacher, mask_n[:, None] & mask_v[None, :], lse, teacher_lse,
+            inv_temperature, log_ratio, q_softplus, p_softplus)
 
     out = pid_s * N + offs_n
     tl.store(q_softplus_ptr + out, q_softplus, mask=mask_n)
@@ -230,8 +320,8 @@ def _divergence_grad_kernel(
     inv_temperature, log_ratio, one_minus_beta,
     KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr, WITH_LOGPROB_GRAD: tl.constexpr, WITH_RAW_LSE: tl.constexpr,
-    NEED_BIAS_GRAD: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr, WITH_DIVERGENCE_GRAD: tl.constexpr,
+    WITH_LOGPROB_GRAD: tl.constexpr, WITH_RAW_LSE: tl.constexpr, NEED_BIAS_GRAD: tl.constexpr,
     DOT_FP32: tl.constexpr, TEACHER_DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N),
@@ -242,9 +332,13 @@ def _divergence_grad_kernel(
     mask_c = offs_c < chunk_width                               # a chunk ends inside V
     offs_v = v0 + offs_c.to(tl.int64)
     rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     teacher_lse = tl.load(teacher_lse_ptr + offs_n, mask=mask_n, other=0.0)
+    raw_lse = tl.load(raw_lse_ptr + offs_n, mask=mask_n, other=0.0)
+    aux = tl.load(aux_ptr + offs_n, mask=mask_n, other=0.0)
     grad_divergence = tl.load(grad_divergence_ptr + offs_n, mask=mask_n, other=0.0)
+    grad_logprobs = tl.load(grad_logprobs_ptr + offs_n, mask=mask_n, other=0.0)
 
     raw, teacher = _both_tiles(
         hidden_ptr, weight_ptr, bias_ptr, teacher_hidden_ptr, teacher_weight_ptr,
@@ -252,34 +346,16 @@ def _divergence_grad_kernel(
         stride_hm, stride_hh, stride_wv, stride_wh, stride_thm, stride_thh, stride_twv,
         stride_twh, inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_TEACHER_BIAS,
         DOT_FP32, TEACHER_DOT_FP32, DOT_PRECISION)
-    log_q = raw * inv_temperature - lse[:, None]
-    log_p = teacher - teacher_lse[:, None]
-    q = tl.exp(log_q)
-    if KIND == 0:
-        slope = q - tl.exp(log_p)
-    elif KIND == 1:
-        divergence = tl.load(aux_ptr + offs_n, mask=mask_n, other=0.0)
-        slope = -q * (log_p - log_q + divergence[:, None])
-    else:
-        q_softplus = tl.load(aux_ptr + offs_n, mask=mask_n, other=0.0)
-        slope = -one_minus_beta * q * (_softplus(log_p - log_q + log_ratio) - q_softplus[:, None])
-    grad = slope * (grad_divergence * inv_temperature)[:, None]
-    if WITH_LOGPROB_GRAD:
-        grad_logprobs = tl.load(grad_logprobs_ptr + offs_n, mask=mask_n, other=0.0)
-        targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
-        probs = q
-        if WITH_RAW_LSE:
-            raw_lse = tl.load(raw_lse_ptr + offs_n, mask=mask_n, other=0.0)
-            probs = tl.exp(raw - raw_lse[:, None])
-        onehot = tl.where(offs_v[None, :] == targets[:, None], 1.0, 0.0)
-        grad += grad_logprobs[:, None] * (onehot - probs)
-    grad = tl.where(mask_n[:, None] & mask_c[None, :], grad, 0.0)
+    valid = mask_n[:, None] & mask_c[None, :]
+    grad = _grad_tile(raw, teacher, offs_v, valid, targets, lse, teacher_lse, raw_lse, aux,
+                      grad_divergence, grad_logprobs, inv_temperature, log_ratio,
+                      one_minus_beta, KIND, WITH_DIVERGENCE_GRAD, WITH_LOGPROB_GRAD,
+                      WITH_RAW_LSE)
     stored = grad
     if HAS_ROW_SCALE:  # fp16: rows divided by their bounds (scaling.py) cannot underflow
         stored = grad * tl.load(inv_bound_ptr + offs_n, mask=mask_n, other=1.0)[:, None]
     out = grad_chunk_ptr + offs_n.to(tl.int64)[:, None] * chunk_width + offs_c[None, :]
-    tl.store(out, stored.to(grad_chunk_ptr.dtype.element_ty),
-             mask=mask_n[:, None] & mask_c[None, :])
+    tl.store(out, stored.to(grad_chunk_ptr.dtype.element_ty), mask=valid)
     if NEED_BIAS_GRAD:
         tl.store(bias_partials_ptr + pid_n.to(tl.int64) * chunk_width + offs_c,
                  tl.sum(grad, axis=0), mask=mask_c)
@@ -301,17 +377,106 @@ def _flags(hidden, teacher_hidden, bias, teacher_bias) -> dict:
                 TEACHER_DOT_FP32=_launch.dot_flags(teacher_hidden)["DOT_FP32"], **dots)
 
 
+class PairState(NamedTuple):
+    """Partial statistics of both models per (slot, token), ``[SPLITS, N]`` fp32 each, as the
+    statistics kernels keep them: online lse of s and of t, the divergence's running sum
+    (``gap``, the KL kinds), the online lse of z (``raw_*``, τ ≠ 1 with log-probs) and the
+    target's raw logit (with log-probs); None where not kept."""
+
+    s_max: torch.Tensor
+    s_sum: torch.Tensor
+    t_max: torch.Tensor
+    t_sum: torch.Tensor
+    gap: torch.Tensor | None
+    raw_max: torch.Tensor | None
+    raw_sum: torch.Tensor | None
+    target: torch.Tensor | None
+
+
+def pair_state(splits: int, rows: int, device, *, kind: str, with_logprobs: bool,
+               with_raw_lse: bool) -> PairState:
+    """The empty state (maxes -inf, sums 0: the merge's neutral elements)."""
+    f32 = dict(dtype=torch.float32, device=device)
+
+    def maxes():
+        return torch.full((splits, rows), float("-inf"), **f32)
+
+    def sums():
+        return torch.zeros(splits, rows, **f32)
+
+    return PairState(maxes(), sums(), maxes(), sums(), sums() if kind != "jsd" else None,
+                     maxes() if with_raw_lse else None, sums() if with_raw_lse else None,
+                     sums() if with_logprobs else None)
+
+
+def state_pointers(state: PairState) -> tuple:
+    """The eight state tensors for a kernel launch; one the kernel never touches where a
+    statistic is not kept (its flag is off)."""
+    return tuple(state.s_sum if t is None else t for t in state)
+
+
 def _merge(split_max: torch.Tensor, split_sum: torch.Tensor):
-    """[SPLITS, N] online-lse partials -> (lse [N], each split's weight exp(m_s − m), Σ)."""
+    """[SPLITS, N] online-lse partials -> (lse [N], each split's weight exp(m_s − m), Σ).
+    A row whose logits are all -inf has a NaN lse (weights exp(-inf − -inf)), as a NaN or
+    +inf logit gives (``fused_losses.backends``)."""
     top = split_max.max(dim=0).values
     weights = torch.exp(split_max - top)
     total = (split_sum * weights).sum(0)
     return top + torch.log(total), weights, total
 
 
+def _nan_rows(divergence: torch.Tensor, lse: torch.Tensor, teacher_lse: torch.Tensor):
+    """NaN wherever either model's lse is (a row with a NaN or +inf logit, or only -inf)."""
+    return torch.where(lse.isnan() | teacher_lse.isnan(), float("nan"), divergence)
+
+
+def pair_statistics(kind: str, state: PairState):
+    """Merge the slots: ``forward``'s six outputs (divergence, logprobs | None, lse,
+    teacher_lse, raw_lse | None, aux | None), [N] each; for JSD the divergence and ``aux``
+    are None until its second pass (:func:`mixture_statistics`)."""
+    lse, s_weights, s_total = _merge(state.s_max, state.s_sum)
+    teacher_lse, t_weights, t_total = _merge(state.t_max, state.t_sum)
+    raw_lse = None if state.raw_max is None else _merge(state.raw_max, state.raw_sum)[0]
+    logprobs = None
+    if state.target is not None:
+        logprobs = state.target.sum(0) - (lse if raw_lse is None else raw_lse)
+    divergence = None
+    if kind == "forward_kl":
+        divergence = (state.gap * t_weights).sum(0) / t_total - teacher_lse + lse
+    elif kind == "reverse_kl":
+        divergence = (state.gap * s_weights).sum(0) / s_total - lse + teacher_lse
+    if divergence is not None:
+        divergence = _nan_rows(divergence, lse, teacher_lse)
+    aux = divergence if kind == "reverse_kl" else None
+    return divergence, logprobs, lse, teacher_lse, raw_lse, aux
+
+
+def mixture_statistics(beta: float, q_softplus: torch.Tensor, p_softplus: torch.Tensor,
+                       stats: tuple) -> tuple:
+    """JSD's ``stats`` (:func:`pair_statistics`) completed from the second pass's
+    [SPLITS, N] sums: D and ``aux`` = S."""
+    aux = q_softplus.sum(0)
+    entropy = -beta * math.log(beta) - (1 - beta) * math.log1p(-beta)
+    divergence = _nan_rows(entropy - beta * p_softplus.sum(0) - (1 - beta) * aux, stats[2],
+                           stats[3])
+    return (divergence, *stats[1:5], aux)
+
+
+def mixture_shift(kind: str, beta: float) -> float:
+    """JSD's shift ``log(β/(1−β))`` of d (0 for the KL kinds, which do not read it)."""
+    return math.log(beta) - math.log1p(-beta) if kind == "jsd" else 0.0
+
+
 def check(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias) -> None:
     _launch.check_inputs(hidden, weight, bias)
     _launch.check_inputs(teacher_hidden, teacher_weight, teacher_bias)
+
+
+def empty_statistics(kind: str, with_logprobs: bool, with_raw_lse: bool, device) -> tuple:
+    """The six outputs of ``forward`` for no scored row."""
+    empty = torch.zeros(0, dtype=torch.float32, device=device)
+    return (empty, empty if with_logprobs else None, empty, empty,
+            empty if with_raw_lse else None, None if kind == "forward_kl" else empty)
 
 
 def forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets,
@@ -322,52 +487,34 @@ def forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, 
     bias, teacher_bias, rows, targets = _launch.contiguous(bias, teacher_bias, rows, targets)
     num_rows, vocab = rows.numel(), weight.shape[0]
     with_raw_lse = with_logprobs and temperature != 1.0
-    f32 = dict(dtype=torch.float32, device=hidden.device)
     if num_rows == 0:
-        empty = torch.zeros(0, **f32)
-        return (empty, empty if with_logprobs else None, empty, empty,
-                empty if with_raw_lse else None, None if kind == "forward_kl" else empty)
+        return empty_statistics(kind, with_logprobs, with_raw_lse, hidden.device)
     cfg = config or _launch.config("divergence_fwd", hidden)
     token_tiles = triton.cdiv(num_rows, cfg["BLOCK_N"])
     vocab_tiles = triton.cdiv(vocab, cfg["BLOCK_V"])
     splits = num_splits or _launch.vocab_splits(token_tiles, vocab_tiles, hidden.device)
     tiles_per_split = triton.cdiv(vocab_tiles, min(splits, vocab_tiles))
     splits = triton.cdiv(vocab_tiles, tiles_per_split)  # every split starts inside V
-    partial = lambda: torch.empty(splits, num_rows, **f32)  # noqa: E731
-    s_max, s_sum, t_max, t_sum = partial(), partial(), partial(), partial()
-    gap = partial() if kind != "jsd" else s_sum
-    raw_max, raw_sum = (partial(), partial()) if with_raw_lse else (s_sum, s_sum)
-    target_logit = partial() if with_logprobs else s_sum
+    state = pair_state(splits, num_rows, hidden.device, kind=kind, with_logprobs=with_logprobs,
+                       with_raw_lse=with_raw_lse)
     shapes = (num_rows, vocab, hidden.shape[1], teacher_hidden.shape[1], tiles_per_split)
     strides = _strides(hidden, weight, teacher_hidden, teacher_weight)
     heads = (hidden, weight, bias if bias is not None else weight, teacher_hidden,
              teacher_weight, teacher_bias if teacher_bias is not None else teacher_weight)
     flags = _flags(hidden, teacher_hidden, bias, teacher_bias)
     _divergence_stats_kernel[(token_tiles, splits)](
-        *heads, rows, targets, s_max, s_sum, t_max, t_sum, gap, raw_max, raw_sum, target_logit,
-        *shapes, *strides, 1.0 / temperature, KIND=KINDS[kind], WITH_LOGPROBS=with_logprobs,
-        WITH_RAW_LSE=with_raw_lse, **flags, **cfg)
-
-    lse, s_weights, s_total = _merge(s_max, s_sum)
-    teacher_lse, t_weights, t_total = _merge(t_max, t_sum)
-    raw_lse = _merge(raw_max, raw_sum)[0] if with_raw_lse else None
-    logprobs = None
-    if with_logprobs:
-        logprobs = target_logit.sum(0) - (lse if raw_lse is None else raw_lse)
-    if kind == "forward_kl":
-        return ((gap * t_weights).sum(0) / t_total - teacher_lse + lse, logprobs, lse,
-                teacher_lse, raw_lse, None)
-    if kind == "reverse_kl":
-        divergence = (gap * s_weights).sum(0) / s_total - lse + teacher_lse
-        return divergence, logprobs, lse, teacher_lse, raw_lse, divergence
-    q_softplus, p_softplus = partial(), partial()
+        *heads, rows, targets, *state_pointers(state), *shapes, *strides, 1.0 / temperature,
+        KIND=KINDS[kind], WITH_LOGPROBS=with_logprobs, WITH_RAW_LSE=with_raw_lse, **flags,
+        **cfg)
+    stats = pair_statistics(kind, state)
+    if kind != "jsd":
+        return stats
+    q_softplus, p_softplus = (torch.zeros(splits, num_rows, dtype=torch.float32,
+                                          device=hidden.device) for _ in range(2))
     _mixture_stats_kernel[(token_tiles, splits)](
-        *heads, rows, lse, teacher_lse, q_softplus, p_softplus, *shapes, *strides,
-        1.0 / temperature, math.log(beta) - math.log1p(-beta), **flags, **cfg)
-    aux = q_softplus.sum(0)
-    entropy = -beta * math.log(beta) - (1 - beta) * math.log1p(-beta)
-    divergence = entropy - beta * p_softplus.sum(0) - (1 - beta) * aux
-    return divergence, logprobs, lse, teacher_lse, raw_lse, aux
+        *heads, rows, stats[2], stats[3], q_softplus, p_softplus, *shapes, *strides,
+        1.0 / temperature, mixture_shift(kind, beta), **flags, **cfg)
+    return mixture_statistics(beta, q_softplus, p_softplus, stats)
 
 
 def backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets,
@@ -424,16 +571,16 @@ def backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
     heads = (hidden, weight, bias if bias is not None else weight, teacher_hidden,
              teacher_weight, teacher_bias if teacher_bias is not None else teacher_weight)
     strides = _strides(hidden, weight, teacher_hidden, teacher_weight)
-    log_ratio = math.log(beta) - math.log1p(-beta) if kind == "jsd" else 0.0
     for v0 in range(0, vocab if num_rows else 0, columns):
         width_here = min(columns, vocab - v0)
         vocab_tiles = triton.cdiv(width_here, block_v)
         _divergence_grad_kernel[(token_tiles * vocab_tiles,)](
             *heads, rows, targets, *per_token, grad_chunk, bias_partials,
             num_rows, width, teacher_hidden.shape[1], v0, width_here, *strides,
-            1.0 / temperature, log_ratio, 1.0 - beta,
+            1.0 / temperature, mixture_shift(kind, beta), 1.0 - beta,
             KIND=KINDS[kind], BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=cfg["BLOCK_H"],
             GROUP_N=cfg["GROUP_N"], HAS_ROW_SCALE=row_scale,
+            WITH_DIVERGENCE_GRAD=grad_divergence is not None,
             WITH_LOGPROB_GRAD=grad_logprobs is not None, WITH_RAW_LSE=raw_lse is not None,
             NEED_BIAS_GRAD=need_bias, **flags, **meta)
         # the kernel lays a chunk out with row stride width_here, not columns

@@ -140,8 +140,11 @@ def _grad_kernel(
         if HAS_ROW_SCALE:
             grad = grad * row_scale[:, None]
         if NARROW_IN_PLACE:
-            # every warp has loaded this tile (its gradient is computed from it) before any
-            # warp overwrites the bytes of the tile's first half
+            # In place, the 16-bit gradient of tile k lands on fp32 columns of tile k // 2
+            # (tile 0 itself for k = 0), which another warp of this program may not have read
+            # yet (the 4- and 1-row tiles spread a row over 4 and 8 warps): every warp has read
+            # tile k here. fp32 in place (each entry rewritten by the thread that read it) and
+            # out of place need none.
             tl.debug_barrier()
         tl.store(rows_out + offs_c[None, :], grad.to(grad_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_c[None, :])
@@ -174,15 +177,16 @@ def fold_state(splits: int, rows: int, device, *, with_argmax=False, with_entrop
         torch.zeros(splits, rows, **f32))
 
 
-def _config(rows: int, device) -> dict:
+def _config(rows: int, device, tiles: tuple = configs.EPILOGUE_TILES) -> dict:
     multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count \
         if device.type == "cuda" else 1
-    return configs.epilogue_config(rows, multiprocessors, _launch.interpreting())
+    return configs.epilogue_config(rows, multiprocessors, _launch.interpreting(), tiles)
 
 
-def fold_splits(rows: int, cols: int, device) -> int:
-    """Column splits for a chunk so that the fold's grid fills the device about four times."""
-    cfg = _config(rows, device)
+def fold_splits(rows: int, cols: int, device, tiles: tuple = configs.EPILOGUE_TILES) -> int:
+    """Column splits for a chunk so that the fold's grid fills the device about four times
+    (with the epilogue tile chosen among ``tiles``)."""
+    cfg = _config(rows, device, tiles)
     return _launch.vocab_splits(triton.cdiv(rows, cfg["BLOCK_N"]),
                                 triton.cdiv(cols, cfg["BLOCK_V"]), device)
 

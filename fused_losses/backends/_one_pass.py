@@ -42,8 +42,13 @@ class RowScale(NamedTuple):
         """The scaling of a chunk in ``dtype``; None where none is needed (bf16, fp32)."""
         if not scaling.needs_row_scale(dtype):
             return None
-        bound = scaling.grad_bound(grad_logprobs, grad_lse, grad_entropy, grad_logits_mean,
-                                   entropy, vocab)
+        return cls.from_bound(scaling.grad_bound(grad_logprobs, grad_lse, grad_entropy,
+                                                 grad_logits_mean, entropy, vocab))
+
+    @classmethod
+    def from_bound(cls, bound: torch.Tensor) -> "RowScale":
+        """The scaling by a per-token ``bound`` [n] fp32 (``kernels/scaling.py``); the
+        maximum stays on the device."""
         max_bound = bound.max().reshape(1)
         return cls(bound, bound / max_bound, max_bound)
 
@@ -104,47 +109,32 @@ class Products:
         return self.buffer[:rows * columns].view(rows, columns)
 
 
-def run(gemms: Gemms, product_dtype: torch.dtype, hidden, weight, bias, rows, targets, head, *,
-        boundaries=None, need_hidden=True, need_weight=True, need_bias=True, temperature=1.0,
-        softcap=None, filter_eps=None, with_argmax=False, with_entropy=False,
-        with_logits_mean=False, chunk_rows=None):
-    """The interface's ``forward_backward`` with ``gemms``: returns (loss, dH, dW, dBias)."""
-    num_rows, (vocab, width) = rows.numel(), weight.shape
+def sweep(gemms: Gemms, product_dtype: torch.dtype, hidden, weight, bias, rows, chunks,
+          chunk_gradient, *, need_hidden=True, need_weight=True, need_bias=True):
+    """Steps 1, 5 and 6 over token ``chunks`` (slices of ``rows``), with the chunk's own
+    steps 2-4 left to ``chunk_gradient(piece, product) -> (loss, grad, scale)``: given the
+    chunk's fp32 products ``[n, V]`` it returns the chunk's loss (a 0-dim tensor) and the
+    logit gradient it wrote in place (a :func:`gradient_view` of ``product``; None when the
+    chunk has no gradient) with its fp16 :class:`RowScale` (or None). The distillation
+    primitive's cuBLAS implementation forms a teacher chunk beside each product here.
+    Returns (loss, dH, dW, dBias) in the inputs' dtypes."""
+    vocab, width = weight.shape
     device, need_bias = hidden.device, need_bias and bias is not None
     f32 = dict(dtype=torch.float32, device=device)
     loss = torch.zeros((), **f32)
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
     grad_weight_f32 = torch.zeros(vocab, width, **f32) if need_weight else None
     grad_bias_f32 = torch.zeros(vocab, **f32) if need_bias else None
-    size = chunk_rows or configs.one_pass_rows(vocab, _launch.interpreting())
     products = Products(vocab, product_dtype, device)
-    flags = dict(with_argmax=with_argmax, with_entropy=with_entropy,
-                 with_logits_mean=with_logits_mean)
-    for piece in _chunks(num_rows, vocab, size, boundaries):
-        piece_rows, piece_targets = rows[piece], targets[piece]
-        count = piece_rows.numel()
+    for piece in chunks:
+        piece_rows = rows[piece]
         operand = gemms.rows(hidden, piece_rows)
-        product = products.get(count, vocab)
+        product = products.get(piece_rows.numel(), vocab)
         gemms.products(operand, weight, product)
-        state = epilogue.fold_state(epilogue.fold_splits(count, vocab, device), count, device,
-                                    **flags)
-        epilogue.fold(product, 0, bias, piece_targets, state, vocab=vocab,
-                      temperature=temperature, softcap=softcap)
-        stats = epilogue.statistics(state, vocab)
-        chunk_loss, (grad_logprobs, grad_lse, grad_entropy, grad_logits_mean) = \
-            head(stats, piece)
+        chunk_loss, grad, scale = chunk_gradient(piece, product)
         loss += chunk_loss
-        if grad_logprobs is None and grad_lse is None and grad_entropy is None \
-                and grad_logits_mean is None:
+        if grad is None:
             continue
-        mu = stats[1] - stats[3] if grad_entropy is not None else None   # sum_v p z
-        scale = RowScale.of(weight.dtype, grad_logprobs, grad_lse, grad_entropy,
-                            grad_logits_mean, stats[3], vocab)
-        grad = gradient_view(product, weight.dtype)
-        epilogue.grad(product, grad, 0, bias, piece_targets, stats[1], grad_logprobs,
-                      grad_lse, grad_entropy, mu, grad_logits_mean, vocab=vocab,
-                      temperature=temperature, softcap=softcap, filter_eps=filter_eps,
-                      inv_bound=None if scale is None else 1.0 / scale.bound)
         if need_hidden:
             rows_f32 = gemms.grad_hidden(grad, weight)
             if scale is not None:
@@ -158,3 +148,41 @@ def run(gemms: Gemms, product_dtype: torch.dtype, hidden, weight, bias, rows, ta
     return (loss, grad_hidden,
             None if grad_weight_f32 is None else grad_weight_f32.to(weight.dtype),
             None if grad_bias_f32 is None else grad_bias_f32.to(bias.dtype))
+
+
+def run(gemms: Gemms, product_dtype: torch.dtype, hidden, weight, bias, rows, targets, head, *,
+        boundaries=None, need_hidden=True, need_weight=True, need_bias=True, temperature=1.0,
+        softcap=None, filter_eps=None, with_argmax=False, with_entropy=False,
+        with_logits_mean=False, chunk_rows=None):
+    """The interface's ``forward_backward`` with ``gemms``: returns (loss, dH, dW, dBias)."""
+    vocab, device = weight.shape[0], hidden.device
+    flags = dict(with_argmax=with_argmax, with_entropy=with_entropy,
+                 with_logits_mean=with_logits_mean)
+
+    def chunk_gradient(piece, product):
+        piece_targets = targets[piece]
+        count = piece_targets.numel()
+        state = epilogue.fold_state(epilogue.fold_splits(count, vocab, device), count, device,
+                                    **flags)
+        epilogue.fold(product, 0, bias, piece_targets, state, vocab=vocab,
+                      temperature=temperature, softcap=softcap)
+        stats = epilogue.statistics(state, vocab)
+        chunk_loss, (grad_logprobs, grad_lse, grad_entropy, grad_logits_mean) = \
+            head(stats, piece)
+        if grad_logprobs is None and grad_lse is None and grad_entropy is None \
+                and grad_logits_mean is None:
+            return chunk_loss, None, None
+        mu = stats[1] - stats[3] if grad_entropy is not None else None   # sum_v p z
+        scale = RowScale.of(weight.dtype, grad_logprobs, grad_lse, grad_entropy,
+                            grad_logits_mean, stats[3], vocab)
+        grad = gradient_view(product, weight.dtype)
+        epilogue.grad(product, grad, 0, bias, piece_targets, stats[1], grad_logprobs,
+                      grad_lse, grad_entropy, mu, grad_logits_mean, vocab=vocab,
+                      temperature=temperature, softcap=softcap, filter_eps=filter_eps,
+                      inv_bound=None if scale is None else 1.0 / scale.bound)
+        return chunk_loss, grad, scale
+
+    size = chunk_rows or configs.one_pass_rows(vocab, _launch.interpreting())
+    return sweep(gemms, product_dtype, hidden, weight, bias, rows,
+                 _chunks(rows.numel(), vocab, size, boundaries), chunk_gradient,
+                 need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)

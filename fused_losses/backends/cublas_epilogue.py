@@ -55,49 +55,34 @@ def _check(hidden, weight, bias):
     return None if bias is None else bias.contiguous()
 
 
-# ---------------------------------------------------------------------------------------------
-# The backend interface
-# ---------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def forward(hidden, weight, bias, rows, targets, *, temperature=1.0, softcap=None,
-            with_argmax=False, with_entropy=False, with_logits_mean=False, chunk_bytes=None):
-    """hidden [M, H], weight [V, H], bias [V] | None, rows [N], targets [N] -> 5 x [N]."""
-    bias = _check(hidden, weight, bias)
-    num_rows, vocab = rows.numel(), weight.shape[0]
-    state = epilogue.fold_state(1, num_rows, hidden.device, with_argmax=with_argmax,
-                                with_entropy=with_entropy, with_logits_mean=with_logits_mean)
-    if num_rows:
-        scored = _scored_hidden(hidden, rows)
-        columns = configs.product_columns(num_rows, vocab, chunk_bytes or _chunk_bytes())
-        products = Products(columns, product_dtype(hidden), hidden.device)
-        for v0 in range(0, vocab, columns):
-            block = weight[v0:v0 + columns]
-            product = products.get(num_rows, block.shape[0])
-            matmul(scored, block.T, product)
-            epilogue.fold(product, v0, bias, targets, state, vocab=vocab,
-                          temperature=temperature, softcap=softcap)
-    return epilogue.statistics(state, vocab)
+def vocabulary_products(scored: torch.Tensor, weight: torch.Tensor, columns: int,
+                        products: Products):
+    """Yield ``(v0, weight[v0:v0 + C], product)`` per vocabulary chunk of ``columns``, in
+    increasing order: ``product [N, C] = scored @ weight[v0:v0 + C].T`` in ``products``' dtype
+    (fp32 wherever it can be had), in one reused buffer (each chunk is consumed before the
+    next is formed)."""
+    for v0 in range(0, weight.shape[0], columns):
+        block = weight[v0:v0 + columns]
+        product = products.get(scored.shape[0], block.shape[0])
+        matmul(scored, block.T, product)
+        yield v0, block, product
 
 
-@torch.no_grad()
-def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, grad_lse,
-             grad_entropy, grad_logits_mean, *, need_hidden=True, need_weight=True,
-             need_bias=True, temperature=1.0, softcap=None, filter_eps=None, chunk_bytes=None):
-    """Gradients (dH [M, H], dW [V, H], dBias [V]) in the input dtype; None where not needed.
-
-    dW is returned contiguous whatever the layout of ``weight`` (a transposed view included).
-    """
-    bias = _check(hidden, weight, bias)
+def vocabulary_sweep(hidden, weight, bias, rows, scored, scale, chunk_gradient, *,
+                     need_hidden=True, need_weight=True, need_bias=True, columns: int):
+    """The recompute backward's loop: per vocabulary chunk, the products of every scored row
+    (``scored`` = ``hidden[rows]``), ``chunk_gradient(v0, product) -> grad`` (the chunk's logit
+    gradient written in place, a ``gradient_view`` of ``product``, rows divided by
+    ``scale.bound`` when ``scale`` is given), then ``dH += G @ W[chunk]`` into an fp32
+    ``[N, H]`` accumulator, ``dW[chunk] = Gᵀ @ scored`` (K = N: written once, no fp32 [V, H]
+    buffer) and ``dBias[chunk]``. The distillation primitive's cuBLAS implementation forms the
+    teacher's chunk in its ``chunk_gradient``. Returns (dH [M, H], dW [V, H] contiguous,
+    dBias [V]) in the inputs' dtypes; None where not needed."""
     num_rows, (vocab, width) = rows.numel(), weight.shape
     need_bias = need_bias and bias is not None
     if num_rows == 0:
         return _zeros(hidden, weight, bias, need_hidden, need_weight, need_bias)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    scored = _scored_hidden(hidden, rows)
-    mu = lse - entropy if grad_entropy is not None else None       # sum_v p z
-    scale = RowScale.of(weight.dtype, grad_logprobs, grad_lse, grad_entropy, grad_logits_mean,
-                        entropy, vocab)
     # dW's other operand and alpha: the scored rows, or for fp16 their scaled copy
     rows_for_weight, alpha = (scored, 1.0) if scale is None else \
         (scale.scaled_rows(scored), scale.alpha())
@@ -105,17 +90,9 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
     grad_weight = torch.empty(vocab, width, dtype=weight.dtype, device=weight.device) \
         if need_weight else None
     grad_bias_f32 = torch.empty(vocab, **f32) if need_bias else None
-    columns = configs.product_columns(num_rows, vocab, chunk_bytes or _chunk_bytes())
     products = Products(columns, product_dtype(hidden), hidden.device)
-    for v0 in range(0, vocab, columns):
-        block = weight[v0:v0 + columns]
-        product = products.get(num_rows, block.shape[0])
-        matmul(scored, block.T, product)
-        grad = gradient_view(product, weight.dtype)
-        epilogue.grad(product, grad, v0, bias, targets, lse, grad_logprobs, grad_lse,
-                      grad_entropy, mu, grad_logits_mean, vocab=vocab,
-                      temperature=temperature, softcap=softcap, filter_eps=filter_eps,
-                      inv_bound=None if scale is None else 1.0 / scale.bound)
+    for v0, block, product in vocabulary_products(scored, weight, columns, products):
+        grad = chunk_gradient(v0, product)
         if need_hidden:
             matmul(grad, block, grad_hidden_f32, accumulate=True)
         if need_weight:
@@ -131,6 +108,57 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
         if scored is not hidden:
             grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_hidden)
     return grad_hidden, grad_weight, None if grad_bias_f32 is None else grad_bias_f32.to(bias.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend interface
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def forward(hidden, weight, bias, rows, targets, *, temperature=1.0, softcap=None,
+            with_argmax=False, with_entropy=False, with_logits_mean=False, chunk_bytes=None):
+    """hidden [M, H], weight [V, H], bias [V] | None, rows [N], targets [N] -> 5 x [N]."""
+    bias = _check(hidden, weight, bias)
+    num_rows, vocab = rows.numel(), weight.shape[0]
+    state = epilogue.fold_state(1, num_rows, hidden.device, with_argmax=with_argmax,
+                                with_entropy=with_entropy, with_logits_mean=with_logits_mean)
+    if num_rows:
+        columns = configs.product_columns(num_rows, vocab, chunk_bytes or _chunk_bytes())
+        products = Products(columns, product_dtype(hidden), hidden.device)
+        for v0, _, product in vocabulary_products(_scored_hidden(hidden, rows), weight,
+                                                  columns, products):
+            epilogue.fold(product, v0, bias, targets, state, vocab=vocab,
+                          temperature=temperature, softcap=softcap)
+    return epilogue.statistics(state, vocab)
+
+
+@torch.no_grad()
+def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, grad_lse,
+             grad_entropy, grad_logits_mean, *, need_hidden=True, need_weight=True,
+             need_bias=True, temperature=1.0, softcap=None, filter_eps=None, chunk_bytes=None):
+    """Gradients (dH [M, H], dW [V, H], dBias [V]) in the input dtype; None where not needed.
+
+    dW is returned contiguous whatever the layout of ``weight`` (a transposed view included).
+    """
+    bias = _check(hidden, weight, bias)
+    num_rows, vocab = rows.numel(), weight.shape[0]
+    mu = lse - entropy if grad_entropy is not None else None       # sum_v p z
+    scale = RowScale.of(weight.dtype, grad_logprobs, grad_lse, grad_entropy, grad_logits_mean,
+                        entropy, vocab) if num_rows else None
+
+    def chunk_gradient(v0, product):
+        grad = gradient_view(product, weight.dtype)
+        epilogue.grad(product, grad, v0, bias, targets, lse, grad_logprobs, grad_lse,
+                      grad_entropy, mu, grad_logits_mean, vocab=vocab,
+                      temperature=temperature, softcap=softcap, filter_eps=filter_eps,
+                      inv_bound=None if scale is None else 1.0 / scale.bound)
+        return grad
+
+    return vocabulary_sweep(
+        hidden, weight, bias, rows, _scored_hidden(hidden, rows) if num_rows else hidden,
+        scale, chunk_gradient, need_hidden=need_hidden, need_weight=need_weight,
+        need_bias=need_bias,
+        columns=configs.product_columns(num_rows, vocab, chunk_bytes or _chunk_bytes()))
 
 
 class _CublasGemms:

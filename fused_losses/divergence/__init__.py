@@ -31,9 +31,24 @@ divergence) and ``g_lp`` (of ``logprobs``, the student's log-prob of the target 
 temperature 1, for the hard cross-entropy term) make the raw-logit gradient
 
     dL/dz = (g_D/τ)·dD/ds + g_lp·(onehot(y) − softmax(z)).
+
+Non-finite logits, as for the log-prob primitive (``fused_losses.backends``), the same on
+every implementation:
+
+* A ``-inf`` logit (a vocabulary mask, e.g. a bias of ``-inf`` on padded rows) has
+  probability 0: its terms are 0 (0·log 0 = 0, in the mixture's too) and its gradient is 0.
+  Both models may mask, the same tokens or different ones.
+* Where one model has mass on a token the other masks, the KL that integrates against the
+  first is +inf: forward KL when the student masks a token the teacher supports, reverse KL
+  the other way round. The JSD stays finite (M > 0 wherever P or Q is). An infinite
+  divergence has no derivative: its row's gradient is NaN (so dW and dBias are NaN, as with
+  a NaN row), which a loss scaler skips like any overflow.
+* A NaN or ``+inf`` logit, or a row whose logits are all ``-inf``, in either model makes the
+  row's divergence, statistics and gradient row NaN. Ignored rows are never read.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -43,12 +58,12 @@ import torch
 
 from ..primitive import (cast_to_compute_dtype, check_options, compute_dtype, first_order_only,
                          no_autocast, validate)
+from ..backends import BACKENDS, CUDA_DEFAULT
 from . import torch_chunked, triton_fused
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-Backend = Literal["auto", "triton", "torch"]
-BACKENDS = ("auto", "triton", "torch")
+Backend = Literal["auto", "torch", "triton", "cublas"]
 
 
 class DivergenceOutput(NamedTuple):
@@ -159,28 +174,43 @@ def check_divergence(divergence, beta) -> None:
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 
-def resolve_implementation(backend: str, device: torch.device):
-    """The implementation module for ``backend`` on ``device``; errors list the valid names."""
-    if backend == "cublas":
-        raise ValueError("backend='cublas' has no distillation implementation yet; use "
-                         "'triton' (the fused kernels) or 'torch' (chunks through torch's "
-                         "GEMMs, cuBLAS on CUDA)")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} for distillation, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+def _load(backend: str):
+    """The implementation module of a concrete backend; ImportError without Triton."""
+    if backend == "torch":
         return torch_chunked
-    if backend == "triton" and device.type != "cuda" \
+    if backend == "triton":
+        triton_fused.available()  # raise ImportError now (at dispatch), not at the first launch
+        return triton_fused
+    return importlib.import_module(".cublas_epilogue", __name__)  # imports Triton
+
+
+def resolve_implementation(backend: str, device: torch.device):
+    """The implementation module for ``backend`` on ``device``; errors list the valid names.
+
+    The same names as the log-prob primitive (``fused_losses.BACKENDS``), one implementation
+    each: ``"auto"`` is ``fused_losses.backends.CUDA_DEFAULT`` on CUDA when Triton imports
+    (the library's CUDA default, a prediction in ``benchmarks/notes.md``), else ``"torch"``.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} for distillation, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return torch_chunked
+        try:
+            return _load(CUDA_DEFAULT)
+        except ImportError:
+            return torch_chunked
+    if backend != "torch" and device.type != "cuda" \
             and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(
-            f"backend='triton' needs CUDA tensors (got device {device}); CPU tensors run only "
-            "under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
+            f"backend={backend!r} needs CUDA tensors (got device {device}); CPU tensors run "
+            "only under the Triton interpreter (set TRITON_INTERPRET=1 before importing "
+            "triton)")
     try:
-        triton_fused.available()
-    except ImportError:
-        if backend == "auto":
-            return torch_chunked
-        raise
-    return triton_fused
+        return _load(backend)
+    except ImportError as err:
+        raise ValueError(f"backend={backend!r} needs Triton, which does not import here "
+                         f"({err}); use backend='torch'") from err
 
 
 def _prepare(hidden, weight, teacher_hidden, teacher_weight, targets, bias, teacher_bias, *,
@@ -194,7 +224,8 @@ def _prepare(hidden, weight, teacher_hidden, teacher_weight, targets, bias, teac
     impl = resolve_implementation(backend, hidden.device)
     if chunk_size is not None and impl is not torch_chunked:
         raise ValueError(f"chunk_size={chunk_size} (tokens per chunk) applies to "
-                         "backend='torch' only; the Triton kernels tile by themselves")
+                         "backend='torch' only; the Triton kernels tile by themselves and "
+                         "the cuBLAS chunks are sized by memory (kernels/configs.py)")
     flat_targets = targets.reshape(-1)
     # Ignored rows are never visited: they cost no FLOPs and get zero gradient.
     rows = (flat_targets != ignore_index).nonzero().squeeze(-1)
@@ -242,8 +273,8 @@ class LinearDivergenceFunction(torch.autograd.Function):
         stats = Stats(*impl.forward(hidden, weight, bias, teacher_hidden, teacher_weight,
                                     teacher_bias, rows, targets, **opts.kwargs()))
         ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight,
-                              teacher_bias, rows, targets, stats.lse, stats.teacher_lse,
-                              stats.raw_lse, stats.aux)
+                              teacher_bias, rows, targets, stats.divergence, stats.lse,
+                              stats.teacher_lse, stats.raw_lse, stats.aux)
         ctx.impl, ctx.opts = impl, opts
         ctx.set_materialize_grads(False)
         size = hidden.shape[0]
@@ -253,10 +284,12 @@ class LinearDivergenceFunction(torch.autograd.Function):
     @first_order_only
     def backward(ctx, grad_divergence, grad_logprobs):
         (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets,
-         lse, teacher_lse, raw_lse, aux) = ctx.saved_tensors
+         divergence, lse, teacher_lse, raw_lse, aux) = ctx.saved_tensors
         # Upstream grads of any strides (an expanded sum's are stride 0) become [N] rows.
         grads = [None if g is None else g.index_select(0, rows).to(lse.dtype).contiguous()
                  for g in (grad_divergence, grad_logprobs)]
+        if grads[0] is not None:  # an infinite divergence's row has a NaN gradient
+            grads[0] = torch_chunked.finite_or_nan(grads[0], divergence)
         nothing = (None,) * 7
         if all(g is None for g in grads) or rows.numel() == 0:
             return _zero_grads(hidden, weight, bias, ctx.needs_input_grad) + nothing
@@ -272,9 +305,9 @@ class LinearDivergenceFunction(torch.autograd.Function):
 class DivergenceLossFunction(torch.autograd.Function):
     """``Σ_rows D − hard_weight·logprobs`` with the student's gradients formed in forward.
 
-    With the torch implementation's one-pass ``forward_backward`` each chunk's logits are
-    formed once (4 GEMMs instead of 6); elsewhere forward then backward run here. dW is held
-    from forward to backward; backward only scales by the incoming scalar (once).
+    With an implementation's one-pass ``forward_backward`` (torch, cublas) each chunk's
+    logits are formed once (4 GEMMs instead of 6); elsewhere forward then backward run here.
+    dW is held from forward to backward; backward only scales by the incoming scalar (once).
     """
 
     @staticmethod
@@ -371,8 +404,11 @@ def linear_divergence(
         ignore_index (int): positions with this target cost nothing and output 0. Default: -100.
         return_logprobs (bool): also return the student's log-prob of ``targets`` at
             temperature 1 (the hard cross-entropy term's). Default: False.
-        backend (str): ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
-            (chunked PyTorch, any device) or ``"auto"``. Default: "auto".
+        backend (str): as for the log-prob primitive (``fused_losses.BACKENDS``):
+            ``"cublas"`` (cuBLAS GEMMs on chunks of both heads + fused Triton epilogues) or
+            ``"triton"`` (fused kernels), each on CUDA or on the CPU under
+            ``TRITON_INTERPRET=1``; ``"torch"`` (chunked PyTorch, any device); ``"auto"``:
+            the library's CUDA default on CUDA, ``"torch"`` elsewhere. Default: "auto".
         chunk_size (int, optional): torch backend only: tokens per chunk. Default: sized so
             each of the chunk's two logit buffers takes about 64 MiB.
 
@@ -418,9 +454,10 @@ def linear_divergence_loss(
     Args:
         hard_weight (float): weight of the cross-entropy term. Default: 0.0.
         grad_in_forward (bool, optional): form the student's gradients in the forward pass:
-            the torch backend then forms each chunk's logits once (4 GEMMs instead of 6) and
-            holds dW until backward, which may run once. ``None``: on when some student
-            tensor needs a gradient and the backend has that one-pass path (torch), else
+            the torch and cuBLAS implementations then form each chunk's logits once (4 GEMMs
+            instead of 6; for JSD's cuBLAS forward, instead of 8) and hold dW until
+            backward, which may run once. ``None``: on when some student tensor needs a
+            gradient and the backend has that one-pass path (torch, cublas), else
             ``linear_divergence`` with recompute in backward. Default: None.
         others: as in :func:`linear_divergence`.
 

@@ -46,10 +46,12 @@ def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
     return torch._log_softmax(x, 1, False, out=x)
 
 
-def _row_dot(x: torch.Tensor, y: torch.Tensor, product: torch.Tensor, ones: torch.Tensor):
-    """Σ_v x·y per row: one product pass into ``product``, then a GEMV against ones (fast,
-    unlike a row ``sum`` over few long rows)."""
-    return torch.mv(torch.mul(x, y, out=product), ones)
+def finite_or_nan(grad_divergence: torch.Tensor, divergence: torch.Tensor) -> torch.Tensor:
+    """The upstream gradient of the divergence, NaN on the rows whose divergence is not
+    finite: an infinite KL (a masked logit where the other model has mass) has no
+    derivative, so its row's logit gradient is NaN, as for a row with a NaN or +inf logit
+    (``fused_losses.backends``: then NaN reaches every entry of dW and dBias)."""
+    return torch.where(divergence.isfinite(), grad_divergence, float("nan"))
 
 
 def _rows(student, teacher, targets, scratch, ones, kind, beta, temperature, with_logprobs,
@@ -63,41 +65,44 @@ def _rows(student, teacher, targets, scratch, ones, kind, beta, temperature, wit
     Everything comes from two fused log-softmaxes and about ten elementwise passes with no
     [r, V] temporary beyond ``scratch``: on a CPU each pass costs a noticeable fraction of
     the GEMMs, so the formulas are arranged to need few.
+
+    ``-inf`` logits (a vocabulary mask) have probability 0 and contribute 0·log 0 = 0: in a
+    row whose two lse are finite, every NaN of a per-column term is such a product (0 times
+    an infinite log-ratio), so the sums skip NaN (``nansum``) and the gradient terms are
+    zeroed where NaN. A probability > 0 against a masked logit of the other model gives a
+    KL of +inf (:func:`finite_or_nan`). Rows with a NaN lse (a NaN or +inf logit, or only
+    -inf) are NaN throughout.
     """
     first, second = scratch
     want_grad = grad_divergence is not None or grad_logprobs is not None
-    if want_grad:  # g_D / τ per row: dL/dz = coef · dD/ds + the hard term
-        coef = torch.zeros_like(student[:, :1]) if grad_divergence is None \
-            else (grad_divergence / temperature).unsqueeze(1)
     raw_log = None  # log softmax(z) at temperature 1, when it differs from log q
     if with_logprobs and temperature != 1.0:
         raw_log = torch.log_softmax(student, dim=1)  # a block-sized temporary; rare path
+    # lse = max(x) − max(log softmax(x)): exact whichever columns are masked, and NaN exactly
+    # in the contract's NaN rows (two max passes, cheaper than a logsumexp)
+    top, teacher_top = student.amax(1), teacher.amax(1)
     if temperature != 1.0:
         student.mul_(1.0 / temperature)
-    # lse from one column: z_0 − log q_0 (exact to rounding; no extra pass)
-    lse, teacher_lse = student[:, 0].clone(), teacher[:, 0].clone()
     log_q, log_p = _log_softmax_(student), _log_softmax_(teacher)
-    lse -= log_q[:, 0]
-    teacher_lse -= log_p[:, 0]
+    lse = top * (1.0 / temperature) - log_q.amax(1)
+    teacher_lse = teacher_top - log_p.amax(1)
+    nan_rows = lse.isnan() | teacher_lse.isnan()
     raw_lse, logprobs = None, None
     if with_logprobs:
         source = log_q if raw_log is None else raw_log
         logprobs = source.gather(1, targets.unsqueeze(1)).squeeze(1)
         if raw_log is not None:
-            raw_lse = lse * temperature + (log_q[:, 0] * temperature - raw_log[:, 0])
+            raw_lse = top - raw_log.amax(1)
 
     aux = None
     if kind == "forward_kl":                                          # D = Σ p (log p − log q)
         p = torch.exp(log_p, out=second)
-        divergence = _row_dot(p, log_p, first, ones) - _row_dot(p, log_q, first, ones)
-        if want_grad:
-            q = torch.exp(log_q, out=first)
-            slope = torch.sub(q, p, out=student).mul_(coef)           # q − p
+        delta = log_p.sub_(log_q)
+        divergence = torch.nansum(torch.mul(p, delta, out=first), 1)
     elif kind == "reverse_kl":                                        # D = Σ q (log q − log p)
         q = torch.exp(log_q, out=first)
-        divergence = aux = _row_dot(q, log_q, second, ones) - _row_dot(q, log_p, second, ones)
-        if want_grad:                                                 # q (log q − log p − D)
-            slope = log_q.sub_(log_p).sub_(divergence.unsqueeze(1)).mul_(q).mul_(coef)
+        delta = log_q.sub_(log_p)
+        divergence = torch.nansum(torch.mul(q, delta, out=second), 1)
     else:
         # σ⁺(d) = L + c with L = logaddexp(δ, −c), c = log(β/(1−β)), and σ⁺(−d) = L − δ:
         # the shift never touches an element. S = Σ q σ⁺(d) = Σ q L + c.
@@ -106,15 +111,31 @@ def _rows(student, teacher, targets, scratch, ones, kind, beta, temperature, wit
         delta = log_p.sub_(log_q)
         tail = torch.logaddexp(delta, torch.full((), -shift, dtype=delta.dtype), out=log_q)
         softplus_neg = torch.sub(tail, delta, out=delta)              # σ⁺(−d), exact per element
-        p_term = _row_dot(p, softplus_neg, p, ones)                   # R = Σ p σ⁺(−d)
-        q_tail = torch.mul(q, tail, out=second)
+        p_term = torch.nansum(torch.mul(p, softplus_neg, out=p), 1)   # R = Σ p σ⁺(−d)
+        q_tail = torch.mul(q, tail, out=second).nan_to_num_(nan=0.0)  # q L, 0 where q = 0
         aux = torch.mv(q_tail, ones) + shift                          # S
         entropy = -beta * math.log(beta) - (1 - beta) * math.log1p(-beta)
         divergence = entropy - beta * p_term - (1 - beta) * aux
-        if want_grad:                                                 # −(1−β) q (σ⁺(d) − S)
+    divergence = torch.where(nan_rows, float("nan"), divergence)
+    if kind == "reverse_kl":
+        aux = divergence
+    if not want_grad:
+        return divergence, logprobs, lse, teacher_lse, raw_lse, aux
+    if grad_divergence is None:  # no divergence term (not even 0 times an infinite one)
+        q = torch.exp(log_q, out=first) if kind == "forward_kl" else q
+        slope = student.zero_()
+    else:  # dL/dz = coef · dD/ds + the hard term, coef = g_D / τ per row
+        coef = finite_or_nan(grad_divergence / temperature, divergence).unsqueeze(1)
+        if kind == "forward_kl":                                      # q − p
+            q = torch.exp(log_q, out=first)
+            slope = torch.sub(q, p, out=student).mul_(coef)
+        elif kind == "reverse_kl":                                    # q (log q − log p − D)
+            slope = delta.sub_(divergence.unsqueeze(1)).mul_(q).nan_to_num_(
+                nan=0.0, posinf=math.inf, neginf=-math.inf).mul_(coef)
+        else:                                                         # −(1−β) q (σ⁺(d) − S)
             slope = torch.mul(q_tail.addcmul_(q, (shift - aux).unsqueeze(1)),
                               coef * (beta - 1), out=student)
-    if want_grad and grad_logprobs is not None:  # + g_lp · (onehot(y) − softmax(z))
+    if grad_logprobs is not None:  # + g_lp · (onehot(y) − softmax(z))
         g = grad_logprobs.unsqueeze(1)
         slope.addcmul_(q if raw_log is None else raw_log.exp_(), g, value=-1)
         slope.scatter_add_(1, targets.unsqueeze(1), g)

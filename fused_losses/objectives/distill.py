@@ -70,12 +70,14 @@ def distill_loss(
         num_items_in_batch (int or Tensor, optional): divide the summed loss by this count of
             scored tokens instead of this batch's own (gradient accumulation). Default: None.
         ignore_index (int): label value of unscored positions. Default: -100.
-        backend (str): ``"auto"``, ``"torch"`` or ``"triton"``. Default: "auto".
+        backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cublas"``
+            (:func:`~fused_losses.divergence.linear_divergence`). Default: "auto".
         chunk_size (int, optional): torch backend: tokens per chunk. Default: None (sized by
             memory).
         grad_in_forward (bool, optional): see :func:`~fused_losses.divergence.
-            linear_divergence_loss` (default on for the torch backend when the student
-            needs gradients; the loss may then be backpropagated once). Default: None.
+            linear_divergence_loss` (default on for the torch and cuBLAS backends when the
+            student needs gradients; the loss may then be backpropagated once).
+            Default: None.
 
     Returns:
         LossOutput: scalar loss; metrics ``divergence`` (token mean of D) and, when

@@ -165,6 +165,43 @@ def test_every_backend_and_peer_is_planned_and_resolves():
         providers.get(mode, name)  # raises if the plan names a variant that does not exist
 
 
+def test_the_distillation_session_plans_every_implementation_and_both_peers():
+    """``--distill``: our CUDA default first, then the peers; every backend's default path,
+    the recompute path where it is another one; every name resolves; its jobs carry H_t."""
+    from fused_losses.backends import CUDA_DEFAULT
+
+    backends = providers.our_backends()
+    plan = gpu_session.distill_plan(backends)
+    assert plan[0] == ("distill", f"ours_{CUDA_DEFAULT}") and len(plan) == len(set(plan))
+    assert plan[1:3] == [("distill", p) for p in gpu_session.PEER_DISTILL]
+    assert {f"ours_{b}" for b in backends} <= {n for _, n in plan}
+    assert {"ours_cublas_recompute", "ours_torch_recompute"} <= {n for _, n in plan}
+    for mode, name in plan:
+        providers.get(mode, name)
+    import worker
+
+    jobs = gpu_session.job_list("distill", "ours_cublas", gpu_session.DISTILL_CASES)
+    assert jobs[0]["teacher_H"] == 5120 and set(jobs[0]) <= set(worker.JOB_KEYS)
+
+
+def test_the_floor_counts_the_teachers_logits():
+    case = dict(N=2, H=3, V=5, teacher_H=7)
+    assert gpu_session.run.floor_flops(dict(case, mode="ce")) == 6 * 2 * 3 * 5
+    assert gpu_session.run.floor_flops(dict(case, mode="distill")) == \
+        2 * 2 * (3 + 7) * 5 + 4 * 2 * 3 * 5
+
+
+def test_distillation_verdicts_against_its_peers():
+    rows = [_row("ours_cublas", 60.0, mode="distill", case="distill-8b", floor=46.0),
+            _row("ours_triton", 130.0, mode="distill", case="distill-8b", floor=46.0),
+            _row("liger_jsd", 66.0, mode="distill", case="distill-8b", floor=46.0),
+            _row("trl_chunked", 118.0, mode="distill", case="distill-8b", floor=46.0)]
+    verdicts = {v["target"]: v for v in gpu_session.evaluate_targets(rows)}
+    assert verdicts["faster than Liger's JSD loss"]["ratio"] == pytest.approx(60 / 66)
+    assert verdicts["faster than TRL's chunked divergence"]["ours"] == "ours_cublas"
+    assert verdicts["<= 1.5x the floor"]["verdict"] == "PASS"
+
+
 def test_report_and_incremental_json(tmp_path):
     session = gpu_session.Session(str(tmp_path), {"cases": []}, dry_run=True, budget=60)
     session.doc["meta"] = dict(date="2026-01-01", commit="abc", tree_sha256="0" * 16,

@@ -13,6 +13,17 @@ def logits_of(hidden, weight, bias=None):
     return z if bias is None else z + bias.double()
 
 
+def _kl(log_a, log_b):
+    """Σ_v a_v (log a_v − log b_v) over the columns where a_v > 0: 0·log 0 = 0 (a masked,
+    -inf logit has probability 0), +inf where b_v = 0 < a_v. Both logs are replaced by 0
+    outside the support before the product, so autograd's zero there stays zero (a ``where``
+    alone would multiply it by the NaN or inf of the unused branch)."""
+    keep = log_a > -math.inf
+    a = torch.where(keep, log_a, 0.0)
+    b = torch.where(keep, log_b, 0.0)
+    return torch.where(keep, a.exp() * (a - b), 0.0).sum(-1)
+
+
 def divergence(student_logits, teacher_logits, kind, beta=0.5, temperature=1.0):
     """Per-position divergence [...] of P = softmax(teacher/τ) and Q = softmax(student/τ)."""
     log_q = torch.log_softmax(student_logits.double() / temperature, dim=-1)
@@ -22,12 +33,16 @@ def divergence(student_logits, teacher_logits, kind, beta=0.5, temperature=1.0):
     if kind == "jsd" and beta == 1:
         kind = "reverse_kl"
     if kind == "forward_kl":
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
+        return _kl(log_p, log_q)
     if kind == "reverse_kl":
-        return (log_q.exp() * (log_q - log_p)).sum(-1)
-    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), 0)
-    return (beta * (log_p.exp() * (log_p - log_m)).sum(-1)
-            + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1))
+        return _kl(log_q, log_p)
+    # columns that both models mask are out of M's support: logsumexp(-inf, -inf) would
+    # give autograd a NaN there
+    either = (log_p > -math.inf) | (log_q > -math.inf)
+    log_m = torch.logsumexp(torch.stack([torch.where(either, log_p, 0.0) + math.log(beta),
+                                         torch.where(either, log_q, 0.0) + math.log(1 - beta)]),
+                            0)
+    return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
 
 def logprobs(student_logits, targets, ignore_index=-100):

@@ -1,5 +1,6 @@
-"""The two-head divergence primitive against float64 materialised references, on both
-implementations (Triton under the interpreter in float32, torch in float64), odd shapes."""
+"""The two-head divergence primitive against float64 materialised references, on every
+implementation (torch in float64; Triton and cuBLAS + epilogues under the interpreter in
+float32), odd shapes."""
 import pytest
 import torch
 
@@ -12,9 +13,10 @@ F64, F32 = torch.float64, torch.float32
 # (divergence, beta, temperature): every kind, JSD's two special ends, temperature != 1
 CASES = [("forward_kl", 0.5, 1.0), ("reverse_kl", 0.5, 0.7), ("jsd", 0.3, 2.5),
          ("jsd", 0.0, 1.0), ("jsd", 1.0, 1.5)]
-IMPLS = [pytest.param("torch", F64, id="torch"),
-         pytest.param("triton", F32, id="triton",
-                      marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))]
+IMPLS = [pytest.param("torch", F64, id="torch")] + [
+    pytest.param(name, F32, id=name,
+                 marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))
+    for name in ("triton", "cublas")]
 
 
 def heads(n=13, h=37, ht=29, v=101, *, bias=True, ignored=(2, 5), scale=1.0, seed=0):
@@ -65,7 +67,8 @@ def check(backend, dtype, kind, beta, temperature, tensors, *, scale=1.0, chunk_
 @pytest.mark.parametrize("kind,beta,temperature", CASES)
 def test_matches_reference(backend, dtype, kind, beta, temperature):
     # torch: chunks of 4 rows (several chunks); triton: 13 rows cross the interpreter's
-    # gradient chunk (2 vocabulary chunks at V=101)
+    # gradient chunk (2 vocabulary chunks at V=101); cublas: 2 vocabulary chunks of 78
+    # columns (recompute path), token chunks of 10 rows (one pass)
     check(backend, dtype, kind, beta, temperature, heads(bias=kind != "reverse_kl"),
           chunk_size=4 if backend == "torch" else None)
 
@@ -153,16 +156,22 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
 
-def test_grad_in_forward_equals_recompute_and_runs_once():
-    tensors = heads(n=9, ignored=(4,))
+@pytest.mark.parametrize("backend,dtype", [p for p in IMPLS if p.id != "triton"])
+@pytest.mark.parametrize("kind", ["jsd", "reverse_kl"])
+def test_grad_in_forward_equals_recompute_and_runs_once(backend, dtype, kind):
+    """The one pass (torch: chunks of 4 rows; cublas: token chunks of 10 rows at V = 101)
+    against the recompute path: loss, per-token terms, every student gradient."""
+    tensors = heads(n=13, ignored=(4,))
     hidden, weight, bias, t_hidden, t_weight, t_bias, targets = tensors
     results = []
     for one_pass in (True, False):
-        h, w, b = leaves((hidden, weight, bias), F64)
-        loss, out = linear_divergence_loss(h, w, t_hidden, t_weight, targets, bias=b,
-                                           teacher_bias=t_bias, divergence="jsd", beta=0.25,
-                                           temperature=1.5, hard_weight=0.8, backend="torch",
-                                           chunk_size=4, grad_in_forward=one_pass)
+        h, w, b = leaves((hidden, weight, bias), dtype)
+        loss, out = linear_divergence_loss(h, w, t_hidden.to(dtype), t_weight.to(dtype),
+                                           targets, bias=b, teacher_bias=t_bias.to(dtype),
+                                           divergence=kind, beta=0.25, temperature=1.5,
+                                           hard_weight=0.8, backend=backend,
+                                           chunk_size=4 if backend == "torch" else None,
+                                           grad_in_forward=one_pass)
         (loss * 0.5).backward()
         results.append((loss, out, h.grad, w.grad, b.grad))
         if one_pass:
@@ -171,10 +180,11 @@ def test_grad_in_forward_equals_recompute_and_runs_once():
     for got, want in zip(results[0], results[1]):
         items = got if isinstance(got, tuple) else (got,)
         for a, b in zip(items, want if isinstance(want, tuple) else (want,)):
-            assert_close(a.detach(), b.detach(), F64)
+            assert_close(a.detach(), b.detach(), dtype)
 
 
-def test_teacher_gets_no_gradient_and_may_have_its_own_dtype():
+@pytest.mark.parametrize("backend", [p.id for p in IMPLS])
+def test_teacher_gets_no_gradient_and_may_have_its_own_dtype(backend):
     """A bf16 teacher (its own head and hidden) under an fp32 student; the teacher's tensors
     stay without gradient even when they require one. Its logits come from a bf16 matmul, so
     the comparison is at bf16's tolerance."""
@@ -183,7 +193,7 @@ def test_teacher_gets_no_gradient_and_may_have_its_own_dtype():
                                   for t in (t_hidden, t_weight, t_bias))
     h, w = leaves((hidden, weight), F32)
     out = linear_divergence(h, w, t_hidden, t_weight, targets, teacher_bias=t_bias,
-                            divergence="forward_kl", backend="torch")
+                            divergence="forward_kl", backend=backend)
     out.divergence.sum().backward()
     assert all(t.grad is None for t in (t_hidden, t_weight, t_bias))
     ref_h, ref_w = leaves((hidden, weight), F64)
@@ -228,8 +238,8 @@ def test_each_head_in_its_compute_dtype():
     (dict(beta=1.5), ValueError, r"beta must be a number in \[0, 1\]"),
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
-    (dict(backend="cublas"), ValueError, "no distillation implementation yet"),
     (dict(backend="triton", chunk_size=4), ValueError, "chunk_size=4"),
+    (dict(backend="cublas", chunk_size=4), ValueError, "chunk_size=4"),
     (dict(teacher_hidden=[0.0]), TypeError, "teacher_hidden must be a torch.Tensor"),
 ])
 def test_bad_input_names_the_argument(change, error, match):
@@ -240,7 +250,7 @@ def test_bad_input_names_the_argument(change, error, match):
     args.update({k: v for k, v in change.items() if k in args})
     if "teacher_bias" in options:
         options["teacher_bias"] = options["teacher_bias"].float()
-    if not HAS_TRITON and options.get("backend") == "triton":
+    if not HAS_TRITON and options.get("backend") in ("triton", "cublas"):
         pytest.skip("triton not installed")
     with pytest.raises(error, match=match):
         linear_divergence(**args, **options)
@@ -264,3 +274,101 @@ def test_fp16_keeps_tiny_per_token_gradients(backend, dtype):
                                   t_weight.half().double(), targets, kind="forward_kl")
     want = torch.autograd.grad(want_div.sum() / 65536, ref[0])[0]
     assert_grad_close(got, want, torch.float16, name="dH")
+
+
+# A vocabulary mask is a bias of -inf (``fused_losses.backends``: probability 0). Columns
+# masked by both heads (padded rows, column 0 among them: an edge the lse trick must not
+# trip on), by the teacher only, by the student only; V = 101.
+SHARED_MASK, TEACHER_MASK, STUDENT_MASK = [0, 40, 96, 97, 98, 99, 100], [7, 64], [13, 77]
+# Which masks each divergence keeps finite: KL(P‖Q) needs Q > 0 wherever P > 0 and
+# KL(Q‖P) the reverse; the JSD's mixture is positive wherever either is.
+FINITE_MASKS = {"forward_kl": (TEACHER_MASK, []), "reverse_kl": ([], STUDENT_MASK),
+                "jsd": (TEACHER_MASK, STUDENT_MASK)}
+
+
+def masked(tensors, teacher_only, student_only):
+    """``heads()`` with -inf biases on the masked columns; no target on a masked column."""
+    hidden, weight, bias, t_hidden, t_weight, t_bias, targets = tensors
+    bias, t_bias = bias.clone(), t_bias.clone()
+    bias[SHARED_MASK + student_only] = -float("inf")
+    t_bias[SHARED_MASK + teacher_only] = -float("inf")
+    hit = torch.isin(targets, torch.tensor(SHARED_MASK + teacher_only + student_only))
+    targets = torch.where(hit, 3, targets)
+    return hidden, weight, bias, t_hidden, t_weight, t_bias, targets
+
+
+@pytest.mark.parametrize("backend,dtype", IMPLS)
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_vocabulary_mask(backend, dtype, kind):
+    """-inf logits weigh 0 (0·log 0 = 0) wherever the divergence stays finite: values and
+    gradients against the reference, and no gradient at all on the student's masked rows."""
+    tensors = masked(heads(n=9, ignored=(4,)), *FINITE_MASKS[kind])
+    check(backend, dtype, kind, 0.35, 1.3, tensors)
+    # the loss's own path (gradients formed in forward where the implementation has it)
+    hidden, weight, bias, t_hidden, t_weight, t_bias, targets = tensors
+    ours, ref = leaves((hidden, weight, bias), dtype), leaves((hidden, weight, bias), F64)
+    loss, _ = linear_divergence_loss(ours[0], ours[1], t_hidden.to(dtype), t_weight.to(dtype),
+                                     targets, bias=ours[2], teacher_bias=t_bias.to(dtype),
+                                     divergence=kind, beta=0.35, hard_weight=0.5,
+                                     backend=backend)
+    loss.backward()
+    want_div, want_lp = naive.per_token(*ref[:2], t_hidden, t_weight, targets, bias=ref[2],
+                                        teacher_bias=t_bias, kind=kind, beta=0.35)
+    (want_div.sum() - 0.5 * want_lp.sum()).backward()
+    for name, got, want in zip(("dH", "dW", "dBias"), ours, ref):
+        assert_close(got.grad, want.grad, dtype, name=name)
+    student_masked = bias == -float("inf")
+    assert not ours[1].grad[student_masked].any() and not ours[2].grad[student_masked].any()
+
+
+@pytest.mark.parametrize("backend,dtype", IMPLS)
+def test_infinite_divergence_and_nan_rows(backend, dtype):
+    """Decided per the contract: a KL is +inf where one model has mass on a token the other
+    masks, and an infinite divergence has no derivative, so its rows' gradients are NaN
+    (reaching every entry of dW, as a NaN row does); a NaN logit makes its row NaN, and
+    leaves the other rows exact."""
+    for kind, (teacher_only, student_only) in (("forward_kl", ([], STUDENT_MASK)),
+                                               ("reverse_kl", (TEACHER_MASK, []))):
+        hidden, weight, bias, t_hidden, t_weight, t_bias, targets = masked(
+            heads(n=5, ignored=(1,)), teacher_only, student_only)
+        h, w = leaves((hidden, weight), dtype)
+        out = linear_divergence(h, w, t_hidden.to(dtype), t_weight.to(dtype), targets,
+                                bias=bias.to(dtype), teacher_bias=t_bias.to(dtype),
+                                divergence=kind, backend=backend)
+        scored = targets != -100
+        assert torch.equal(out.divergence[scored], torch.full((4,), float("inf"), dtype=F32)
+                           .to(out.divergence.dtype)) and out.divergence[1] == 0
+        out.divergence.sum().backward()
+        assert h.grad[scored].isnan().all() and not h.grad[~scored].any(), kind
+        assert w.grad.isnan().all(), kind
+        h, w = leaves((hidden, weight), dtype)  # the loss's own path
+        loss, _ = linear_divergence_loss(h, w, t_hidden.to(dtype), t_weight.to(dtype), targets,
+                                         bias=bias.to(dtype), teacher_bias=t_bias.to(dtype),
+                                         divergence=kind, backend=backend)
+        loss.backward()
+        assert loss == float("inf") and h.grad[scored].isnan().all() and w.grad.isnan().all()
+    hidden, weight, bias, t_hidden, t_weight, t_bias, targets = masked(
+        heads(n=5, ignored=(1,)), *FINITE_MASKS["jsd"])
+    t_hidden = t_hidden.clone()
+    t_hidden[3, 5] = float("nan")
+    h, w = leaves((hidden, weight), dtype)
+    out = linear_divergence(h, w, t_hidden.to(dtype), t_weight.to(dtype), targets,
+                            bias=bias.to(dtype), teacher_bias=t_bias.to(dtype), beta=0.4,
+                            backend=backend)
+    want, _ = naive.per_token(hidden, weight, t_hidden, t_weight, targets, bias=bias,
+                              teacher_bias=t_bias, beta=0.4)
+    assert out.divergence[3].isnan() and not out.divergence[[0, 1, 2, 4]].isnan().any()
+    assert_close(out.divergence[[0, 1, 2, 4]], want[[0, 1, 2, 4]], dtype, name="other rows")
+    out.divergence.sum().backward()
+    assert h.grad[3].isnan().all() and torch.isfinite(h.grad[[0, 1, 2, 4]]).all()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_auto_follows_the_library_cuda_default():
+    """'auto' on CUDA is the log-prob primitive's CUDA default (resolved, not launched)."""
+    from fused_losses.backends import CUDA_DEFAULT
+    from fused_losses.divergence import resolve_implementation
+
+    assert resolve_implementation("auto", torch.device("cuda")) \
+        is resolve_implementation(CUDA_DEFAULT, torch.device("cpu"))
+    assert resolve_implementation("auto", torch.device("cpu")) is torch_chunked

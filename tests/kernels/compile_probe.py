@@ -7,10 +7,11 @@ variant: kernel, dtype, flags, arch, shared memory (bytes), registers per thread
 and whether Hopper's wgmma was emitted.
 
 Scopes: ``shipped`` (the default) compiles every default of ``configs.SHIPPED`` for its
-targets, each dtype of its class and both flag extremes; the epilogue kernels, which have no K loop, for bf16 and
-fp32 with every flag on (their heaviest variant). ``space`` compiles each autotune member
-that is not a default (``configs.SPACE``) on the exact path (every flag off: what tuning
-times) in bf16 or fp32: 112 compiles, minutes on two cores, so the test runs it as slow.
+targets, each dtype of its class and both flag extremes; the epilogue kernels (both
+families), which have no K loop, for bf16 and fp32 with every flag on (their heaviest
+variant). ``space`` compiles each autotune member that is not a default (``configs.SPACE``)
+on the exact path (every flag off: what tuning times) in bf16 or fp32: 112 compiles, minutes
+on two cores, so the test runs it as slow.
 
 A launch specialises its arguments: an integer equal to 1 becomes a constant and pointers
 and integers divisible by 16 are marked so. That decides whether loads vectorise and the
@@ -33,7 +34,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fused_losses.kernels import configs, divergence, epilogue, logprobs_bwd, logprobs_fwd, products
+from fused_losses.kernels import (configs, divergence, divergence_epilogue, epilogue, logprobs_bwd,
+                                  logprobs_fwd, products)
 
 # config table entry -> the kernels launched with it
 KERNELS = {
@@ -41,6 +43,9 @@ KERNELS = {
     "bwd": [logprobs_bwd._grad_logits_kernel, logprobs_bwd._grad_hidden_kernel,
             logprobs_bwd._grad_weight_kernel, products._products_kernel],
     "epilogue": [epilogue._fold_kernel, epilogue._grad_kernel],
+    "divergence_epilogue": [divergence_epilogue._pair_fold_kernel,
+                            divergence_epilogue._mixture_fold_kernel,
+                            divergence_epilogue._pair_grad_kernel],
     "divergence_fwd": [divergence._divergence_stats_kernel, divergence._mixture_stats_kernel],
     "divergence_bwd": [divergence._divergence_grad_kernel, logprobs_bwd._grad_hidden_kernel,
                        logprobs_bwd._grad_weight_kernel],
@@ -57,9 +62,11 @@ INT64_POINTERS = {"rows_ptr", "targets_ptr", "argmax_ptr"}
 FLOAT_SCALARS = {"inv_temperature", "softcap", "inv_vocab", "filter_eps", "log_ratio",
                  "one_minus_beta"}
 UNIT_STRIDES = {"stride_hh", "stride_wh", "stride_thh", "stride_twh"}
-# integer constexprs that select a code path: (value with every flag off, with every flag on);
-# the divergence kernels' KIND: forward KL (0, the simplest) and JSD (2, the largest)
-EXTREMES = {"KIND": (0, 2)}
+# constexprs that select a code path: (value with every flag off, with every flag on); the
+# divergence kernels' KIND: forward KL (0, the simplest) and JSD (2, the largest). Their
+# gradient kernels are never launched without any upstream gradient (nothing would be
+# computed), so the divergence's own stays on at both extremes.
+EXTREMES = {"KIND": (0, 2), "WITH_DIVERGENCE_GRAD": (True, True)}
 
 
 def signature(fn, dtype: str, meta: dict):
@@ -143,7 +150,7 @@ def variants(scope: str):
     if scope == "shipped":
         for entry, dtype_class, cfg, archs in configs.SHIPPED:
             for fn in KERNELS[entry]:
-                if entry == "epilogue":
+                if entry in ("epilogue", "divergence_epilogue"):
                     dtypes, flags = ["bf16" if dtype_class == "16bit" else "fp32"], \
                         flag_sets(fn)[-1:]
                 else:

@@ -61,11 +61,13 @@ def test_matches_naive_objective(kind, beta, temperature, hard_weight):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-def test_triton_interpreter_float32():
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+def test_interpreted_backends_float32(backend):
+    """The objective on the Triton kernels and on cuBLAS + epilogues (its one pass)."""
     (hidden, weight, bias), (t_hidden, t_weight, t_bias), labels = batch(T=4, dtype=F32)
     out = distill_loss(hidden, weight, t_hidden, t_weight, labels, bias=bias,
                        teacher_bias=t_bias, beta=0.3, temperature=1.7, hard_weight=0.4,
-                       backend="triton")
+                       backend=backend)
     want = naive.distill(hidden, weight, t_hidden, t_weight, labels, bias=bias,
                          teacher_bias=t_bias, beta=0.3, temperature=1.7, hard_weight=0.4)
     check(out.loss, want, (hidden, weight, bias), F32)
