@@ -333,11 +333,13 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
     Two paths, one ``loss_from``:
 
     * recompute: :func:`token_stats`, then ``loss_from(stats, every group)``; backward
-      recomputes the logits (4 matmuls). Used with the Triton backend, when
-      ``grad_in_forward=False`` is among ``primitive_options``, for a loss not ``additive``
-      over ``groups`` (a whole-batch statistic inside, e.g. ``bco_pair``'s δ), under
-      vocabulary parallelism and when nothing needs a gradient.
-    * gradient in forward (default on the torch backend, or ``grad_in_forward=True``):
+      recomputes the logits (4 matmuls). Used when ``grad_in_forward=False`` is among
+      ``primitive_options``, for a loss not ``additive`` over ``groups`` (a whole-batch
+      statistic inside, e.g. ``bco_pair``'s δ), under vocabulary parallelism, under
+      ``torch.compile``, when nothing needs a gradient, and where the backend has no
+      gradients-in-forward path (``gradients_in_forward_available``).
+    * gradient in forward (the default wherever the backend has it: every registered
+      backend's one pass; or ``grad_in_forward=True``):
       :func:`linear_logprobs_loss` over chunks of whole groups (3 matmuls; dW is held from
       forward to backward and the loss can be backpropagated once). Each chunk's statistics
       are placed into zero [B, T] tensors and ``loss_from`` counts the groups present in it;
