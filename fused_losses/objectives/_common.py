@@ -159,9 +159,15 @@ def check_labels(hidden: torch.Tensor, labels: torch.Tensor) -> None:
                         f"{getattr(labels, 'dtype', type(labels).__name__)}")
     if labels.dim() != 2:
         raise ValueError(f"labels must have shape [B, T], got {tuple(labels.shape)}")
+    check_hidden_rows(hidden, labels, "hidden")
+
+
+def check_hidden_rows(hidden, labels: torch.Tensor, name: str) -> None:
+    """``hidden`` (the argument called ``name``) is a ``[B, T, H]`` tensor over ``labels``'
+    ``[B, T]``."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 \
             or tuple(hidden.shape[:2]) != tuple(labels.shape):
-        raise ValueError(f"hidden must have shape [B, T, H] = [{labels.shape[0]}, "
+        raise ValueError(f"{name} must have shape [B, T, H] = [{labels.shape[0]}, "
                          f"{labels.shape[1]}, H] to match labels, got "
                          f"{tuple(getattr(hidden, 'shape', ()))}")
 
@@ -469,11 +475,7 @@ def reference_logprobs(labels, *, ref_logprobs=None, ref_hidden=None, ref_weight
         return masked(to_prediction_layout(ref_logprobs.detach()), scored)
     if ref_hidden is None or ref_weight is None:
         raise ValueError(f"{name}_hidden and {name}_weight go together; got only one of them")
-    if not isinstance(ref_hidden, torch.Tensor) or ref_hidden.dim() != 3 \
-            or tuple(ref_hidden.shape[:2]) != tuple(labels.shape):
-        raise ValueError(f"{name}_hidden must have shape [B, T, H] with [B, T] = "
-                         f"{tuple(labels.shape)} (labels), got "
-                         f"{tuple(getattr(ref_hidden, 'shape', ()))}")
+    check_hidden_rows(ref_hidden, labels, f"{name}_hidden")
     options = {k: v for k, v in primitive_options.items()
                if k != "bias" and not k.startswith("return_")}
     with torch.no_grad():
