@@ -5,11 +5,10 @@ import types
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_losses import patch_causal_lm, unpatch_causal_lm
 from fused_losses.integrations import FusedCausalLMOutput, add_fused_lm_head, is_patched
-from tests.helpers import assert_close
+from tests.helpers import LargestTensors, assert_close
 from tests.integrations.models import (ARCHS, VOCAB, build, hf_loss, model_inputs,
                                        next_token_targets)
 
@@ -24,21 +23,6 @@ def _assert_same_grads(actual, expected):
     assert actual.keys() == expected.keys()
     for name in expected:
         assert_close(actual[name], expected[name], F64, scale=10, name=name)
-
-
-class _LargestLogits(TorchDispatchMode):
-    """Records the most rows of any [..., V] tensor (logits or their gradient) an op makes."""
-
-    def __enter__(self):
-        self.largest = 0
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == VOCAB:
-                self.largest = max(self.largest, t.numel() // VOCAB)
-        return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -64,10 +48,10 @@ def test_no_logits_sized_tensor_is_formed():
     fused = patch_causal_lm(build("llama"))
     inputs, labels = model_inputs("llama", batch=4, length=24)
     labels[:, :16] = -100  # two thirds of the positions are prompt
-    with _LargestLogits() as seen:
+    with LargestTensors(VOCAB) as seen:
         fused(**inputs, labels=labels).loss.backward()
     scored = int((next_token_targets(labels) != -100).sum())
-    assert 0 < seen.largest <= scored < labels.numel() / 2  # the stock model: every position
+    assert 0 < seen.rows <= scored < labels.numel() / 2  # the stock model: every position
 
 
 def test_shift_labels_and_the_stock_loss_of_a_batch_without_labels():
