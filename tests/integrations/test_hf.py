@@ -9,7 +9,7 @@ import torch
 from fused_losses import patch_causal_lm, unpatch_causal_lm
 from fused_losses.integrations import FusedCausalLMOutput, add_fused_lm_head, is_patched
 from tests.helpers import LargestTensors, assert_close
-from tests.integrations.models import (ARCHS, VOCAB, build, hf_loss, model_inputs,
+from tests.integrations.models import (ARCHS, VOCAB, Wrapper, build, hf_loss, model_inputs,
                                        next_token_targets)
 
 F64 = torch.float64
@@ -278,14 +278,6 @@ def test_a_deep_copy_is_patched_on_its_own():
 
 
 def test_a_ddp_style_wrapper_is_patched_through():
-    class Wrapper(torch.nn.Module):  # like DDP: .module, forward calls it
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, *args, **kwargs):
-            return self.module(*args, **kwargs)
-
     stock, wrapped = build("qwen2"), patch_causal_lm(Wrapper(build("qwen2")))
     inputs, labels = model_inputs("qwen2")
     assert_close(wrapped(**inputs, labels=labels).loss,
@@ -361,7 +353,9 @@ def test_bad_inputs_name_the_problem():
     for bad, error in ((dict(temperature=True), TypeError),
                        (dict(temperature=float("inf")), ValueError),
                        (dict(backend="tritn"), ValueError), (dict(filter_eps=-1.0), ValueError),
-                       (dict(chunk_size=0), ValueError), (dict(grad_in_forward="no"), TypeError)):
+                       (dict(chunk_size=0), ValueError), (dict(grad_in_forward="no"), TypeError),
+                       (dict(cast_lm_head_to_fp32=1), TypeError),
+                       (dict(outputs="log_probs"), TypeError)):  # a str is not a tuple of names
         with pytest.raises(error, match=next(iter(bad))):
             patch_causal_lm(build("llama"), **bad)
     with pytest.raises(TypeError, match="unexpected keyword"):
