@@ -124,15 +124,15 @@ def train(cfg: Config) -> dict:
         """What a loss reads besides the policy: the step's item count (its divisor), the
         frozen models' outputs (by the same implementation as the policy's), the state."""
         with autocast:
-            return {"num_items": num_items, **recipe.context(models, batch, cfg.impl),
+            return {"num_items": num_items, **recipe.context(models, batch, cfg.impl, opts),
                     **state.values()}
 
     # --- wrapping, optimizer, batches, resume -----------------------------------------------
     core = PolicyLoss(lm, loss_step)
     model = distributed.wrap(core, lm, cfg.fsdp, procs)
     optimizer, scheduler = make_optimizer(core, cfg, procs.device)
-    source = recipe.sampler(cfg, lm, train_set, enc, procs)
-    eval_source = recipe.sampler(cfg, lm, eval_set, enc, procs)
+    source = recipe.sampler(cfg, lm, train_set, enc, procs, opts)
+    eval_source = recipe.sampler(cfg, lm, eval_set, enc, procs, opts)
     width = len(D.RESPONSES[recipe.data])
     step_once = Step(model, core, optimizer, scheduler, context, state.update, autocast,
                      cfg.grad_accum, cfg.grad_clip, width, procs)

@@ -78,11 +78,12 @@ def stats(source: BatchSource) -> dict[str, float]:
     return source.stats() if hasattr(source, "stats") else {}
 
 
-def dataset_batches(cfg, lm, data: D.Encoded, enc: D.Encoder,
-                    procs: Processes) -> BatchSource:
+def dataset_batches(cfg, lm, data: D.Encoded, enc: D.Encoder, procs: Processes,
+                    opts: dict) -> BatchSource:
     """The default batch source of a recipe: the training set itself. (A sampler for an
     on-policy objective takes the same arguments: the policy ``lm`` to generate with, the
-    encoded prompts, the tokenizer to decode completions and score them.)"""
+    encoded prompts, the tokenizer to decode completions and score them, the objective's
+    options.)"""
     width = len(data.rows[0]) if data.rows else 1
     return DatasetBatches(data, cfg.batch_size, cfg.seed, enc.pad_id, width, procs)
 
@@ -202,8 +203,8 @@ def checksum(rows) -> float:
     return float(total)
 
 
-def generation_batches(cfg, lm, data: D.Encoded, enc: D.Encoder,
-                       procs: Processes) -> GenerationBatches:
+def generation_batches(cfg, lm, data: D.Encoded, enc: D.Encoder, procs: Processes,
+                       opts: dict) -> GenerationBatches:
     """GRPO's batch source: the records' prompts, and as answers the final numbers of their
     reference completions."""
     prompts = [ids[:start] for ((ids, start),) in data.rows]

@@ -97,7 +97,7 @@ def test_the_loss_is_the_models_own_whatever_its_logit_transform(arch, impl):
     torch.testing.assert_close(loss, lm(**inputs, labels=labels).loss.double())
     dpo = RECIPES["dpo"]
     opts = options(dpo, {}, impl)
-    ctx = dict(dpo.context(dpo.frozen(None, lm, opts), batch, impl), num_items=2)
+    ctx = dict(dpo.context(dpo.frozen(None, lm, opts), batch, impl, opts), num_items=2)
     _, metrics = getattr(dpo, impl)(opts)(lm, batch, ctx)
     for name in ("rewards/chosen", "rewards/rejected"):  # the policy is its reference
         torch.testing.assert_close(metrics[name].double(), torch.zeros((), dtype=torch.float64),

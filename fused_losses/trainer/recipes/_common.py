@@ -70,7 +70,7 @@ def _no_models(cfg, lm, opts) -> dict:
     return {}
 
 
-def _no_context(models, batch, impl) -> dict:
+def _no_context(models, batch, impl, opts) -> dict:
     return {}
 
 
@@ -102,9 +102,10 @@ class Recipe:
     unfused_options: frozenset[str]  # options the unfused step implements
     items: Callable[[dict, dict], int]  # (batch, options) -> the loss divisor's count in batch
     frozen: Callable[..., dict] = _no_models  # (cfg, lm, options) -> frozen models by name
-    context: Callable[[dict, dict, str], dict] = _no_context  # (models, batch, impl) -> ctx
+    # (models, batch, impl, options) -> ctx
+    context: Callable[[dict, dict, str, dict], dict] = _no_context
     state: Callable[[dict], ObjectiveState] = _stateless
-    sampler: Callable[..., BatchSource] = dataset_batches  # (cfg, lm, data, enc, procs)
+    sampler: Callable[..., BatchSource] = dataset_batches  # (cfg, lm, data, enc, procs, options)
     check: Callable[..., list[str]] = _no_problems  # (cfg) -> problems with flags it reads
     own_flags: frozenset[str] = frozenset()  # Config fields only this objective reads: set
     # for another objective they are an error, not silently ignored
@@ -220,8 +221,9 @@ def frozen_logprobs(model, batch, impl: str) -> torch.Tensor:
                                        **lm_head.options).logp)
 
 
-def reference_context(models: dict, batch, impl: str) -> dict:
-    """``ref_logprobs`` from the batch (precomputed) or from the frozen reference."""
+def reference_context(models: dict, batch, impl: str, opts: dict) -> dict:
+    """``ref_logprobs`` from the batch (precomputed) or from the frozen reference (a
+    ``Recipe.context``)."""
     if "ref_logprobs" in batch:
         return {"ref_logprobs": batch["ref_logprobs"]}
     return {"ref_logprobs": frozen_logprobs(models["ref"], batch, impl)}

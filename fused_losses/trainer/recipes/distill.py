@@ -93,7 +93,7 @@ def frozen(cfg, lm, opts) -> dict:
 
 
 @torch.no_grad()
-def context(models, batch, impl) -> dict:
+def context(models, batch, impl, opts) -> dict:
     """The teacher's hidden states and head (both implementations form its logits from them)."""
     teacher = models["teacher"]
     hidden = decode(teacher, batch)

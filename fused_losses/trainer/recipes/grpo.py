@@ -126,8 +126,8 @@ def frozen(cfg, lm, opts) -> dict:
     return {"ref": frozen_copy(lm)} if opts["beta"] else {}
 
 
-def context(models, batch, impl) -> dict:
-    return reference_context(models, batch, impl) if "ref" in models else {}
+def context(models, batch, impl, opts) -> dict:
+    return reference_context(models, batch, impl, opts) if "ref" in models else {}
 
 
 def check(cfg) -> list[str]:

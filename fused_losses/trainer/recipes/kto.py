@@ -84,7 +84,7 @@ def frozen(cfg, lm, opts) -> dict:
     return {"ref": frozen_copy(lm)}
 
 
-def context(models, batch, impl) -> dict:
+def context(models, batch, impl, opts) -> dict:
     """The reference on the batch and on its mismatched pairs (same implementation)."""
     ids, labels, mask = fused_losses.mismatched_pairs(batch["input_ids"], batch["labels"],
                                                       batch["attention_mask"])
