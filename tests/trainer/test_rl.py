@@ -68,6 +68,23 @@ def test_grpo_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache, flags):
     assert fused["train_tokens_per_s"] > 0
 
 
+def test_grpo_and_kto_train_a_soft_capped_model_on_its_own_logits(tmp_path, tok_cache):
+    """Gemma-2 caps its logits: both steps applied the bare head, so at step 1, where the
+    policy is its reference, GRPO's KL and KTO's rewards (scored by the reference with the
+    cap) were not 0; now both implementations agree step by step on the capped logits."""
+    grpo = dict(GRPO, loss_type="grpo", beta=0.1, loss_kwargs='{"entropy_coef": 0.01}')
+    for objective, flags, keys in [
+            ("grpo", grpo, ("loss", "grad_norm", "reward", "kl", "entropy")),
+            ("kto", {"beta": 0.5}, ("loss", "grad_norm", "rewards/chosen", "rewards/rejected"))]:
+        for impl in ("fused", "unfused"):
+            run(tiny_args(tmp_path / objective / impl, objective, arch="gemma2", impl=impl,
+                          **flags))
+        assert_same_run(tmp_path / objective / "fused", tmp_path / objective / "unfused", keys)
+        first = records(tmp_path / objective / "fused")[0]
+        for key in ("kl",) if objective == "grpo" else ("rewards/chosen", "rewards/rejected"):
+            assert abs(first[key]) < 1e-6, (objective, key, first[key])
+
+
 def test_kto_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache):
     run(tiny_args(tmp_path / "f", "kto", impl="fused", beta=0.5))
     run(tiny_args(tmp_path / "u", "kto", impl="unfused", beta=0.5))
@@ -123,3 +140,4 @@ def test_group_advantages_are_trls():
 def test_cli_errors(tmp_path, capsys, objective, flags, message):
     assert loop.main(tiny_args(tmp_path, objective, **flags)) == 2
     assert message in capsys.readouterr().err
+

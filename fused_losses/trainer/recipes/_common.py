@@ -139,12 +139,6 @@ class Head(NamedTuple):
     # temperature (1 / logit scale); the primitive's keywords
 
 
-def head_weight(lm, hidden: torch.Tensor) -> torch.Tensor:
-    """The output embedding's weight alone, in hidden's dtype: without the model's logit
-    transform (see :func:`head`, which the recipes should use)."""
-    return head(lm, hidden).weight
-
-
 def check_head(lm, flag: str) -> None:
     """A model whose logits are more than its decoder, its head and the transform read from
     its config (an unread logit multiplier) is refused, naming the flag that gave it."""

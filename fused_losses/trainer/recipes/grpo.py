@@ -19,11 +19,12 @@ from __future__ import annotations
 import torch
 
 import fused_losses
+from fused_losses.objectives.logprobs import merged_options
 
 from .. import rewards as R
 from ..sampling import generation_batches
-from ._common import (IGNORE, Recipe, decode, frozen_copy, head_weight, masked_mean,
-                      materialise, reference_context, shift, to_prediction_layout)
+from ._common import (IGNORE, Recipe, decode, frozen_copy, head, masked_mean, materialise,
+                      reference_context, shift, to_prediction_layout)
 
 TOKEN_ITEMS = frozenset({"dapo", "bnpo", "cispo"})
 
@@ -46,22 +47,26 @@ def reward_metrics(batch) -> dict:
 def fused(opts):
     def step(lm, batch, ctx):
         hidden = decode(lm, batch)
+        lm_head = head(lm, hidden)
         ref = {k: ctx[k] for k in ("ref_logprobs",) if k in ctx}
-        out = fused_losses.grpo_loss(hidden, head_weight(lm, hidden), batch["labels"],
-                                     batch["advantages"], **ref, **opts)
+        out = fused_losses.grpo_loss(hidden, lm_head.weight, batch["labels"],
+                                     batch["advantages"], **ref,
+                                     **merged_options(lm_head, opts))
         share = items(batch, opts) / ctx["num_items"]
         return out.loss * share, {**out.metrics, **reward_metrics(batch)}
     return step
 
 
 def unfused(opts):
-    """TRL's GRPO loss written out on materialised logits (prediction layout)."""
+    """TRL's GRPO loss written out on the model's own materialised logits (prediction
+    layout)."""
     loss_type, beta, coef = opts["loss_type"], opts["beta"], opts["entropy_coef"]
     low, high = opts["epsilon_low"], opts["epsilon_high"]
 
     def step(lm, batch, ctx):
         hidden = decode(lm, batch)
-        stats = materialise(hidden, head_weight(lm, hidden), batch["labels"])
+        lm_head = head(lm, hidden)
+        stats = materialise(hidden, lm_head.weight, batch["labels"], **lm_head.options)
         logp, mask = stats.logp, stats.mask
         adv = batch["advantages"].to(logp.dtype).unsqueeze(1)
         log_ratio = logp - logp.detach()  # on-policy: the sampling policy is this one
