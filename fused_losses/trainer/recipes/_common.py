@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_losses
-from fused_losses.objectives.logprobs import causal_lm_head, check_logit_transform
+from fused_losses.objectives.logprobs import causal_lm_head, check_logit_transform, merged_options
 from fused_losses.reference import reference_logits
 
 from .. import data as D
@@ -203,16 +203,18 @@ def load_frozen(path: str, like, flag: str):
 
 
 @torch.no_grad()
-def frozen_logprobs(model, batch, impl: str) -> torch.Tensor:
+def frozen_logprobs(model, batch, impl: str, temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probs of a frozen model, labels' layout, [B, T] (float32, or the model's
-    dtype), computed by the same implementation as the policy's."""
+    dtype), computed by the same implementation as the policy's: of the model's own logits
+    divided by ``temperature`` (GRPO's sampling temperature; 1 elsewhere)."""
+    options = {"temperature": temperature}
     if impl == "fused":
         return fused_losses.token_logprobs(model, batch["input_ids"], batch["labels"],
-                                           batch["attention_mask"])
+                                           batch["attention_mask"], **options)
     hidden = decode(model, batch)
     lm_head = head(model, hidden)
     return to_label_layout(materialise(hidden, lm_head.weight, batch["labels"],
-                                       **lm_head.options).logp)
+                                       **merged_options(lm_head, options)).logp)
 
 
 def reference_context(models: dict, batch, impl: str, opts: dict) -> dict:
