@@ -21,12 +21,16 @@ from .fileio import write_atomically, write_text_atomically
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "fused-losses-trainer/1"
 # Fields that change what a step computes; a checkpoint from a run that differs in one of them
-# cannot be continued. (--max-steps may grow; logging and bar options do not matter.)
-FINGERPRINT = ("objective", "impl", "model", "model_config", "data", "batch_size", "grad_accum",
-               "max_length", "too_long", "train_size", "lr", "warmup_steps", "min_lr_ratio",
-               "weight_decay", "grad_clip", "beta", "loss_type", "divergence", "variant",
-               "temperature", "hard_weight", "loss_kwargs", "seed", "fsdp", "precompute_ref",
-               "num_generations", "max_completion_length", "teacher")
+# cannot be continued. (--max-steps may grow; logging and bar options do not matter.) The
+# frozen models are fingerprinted by their flags (--reward-model, --reward-ref, --teacher),
+# not their weights; --eval-data and --eval-size decide which of --data's records are
+# trained on; --bf16 the step's arithmetic on CUDA.
+FINGERPRINT = ("objective", "impl", "model", "model_config", "data", "eval_data", "eval_size",
+               "batch_size", "grad_accum", "max_length", "too_long", "train_size", "lr",
+               "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "beta", "loss_type",
+               "divergence", "variant", "temperature", "hard_weight", "loss_kwargs",
+               "reward_model", "reward_ref", "teacher", "num_generations",
+               "max_completion_length", "seed", "fsdp", "precompute_ref", "bf16")
 
 
 def for_resume(out: Path, cfg: Config) -> dict | None:
