@@ -159,9 +159,15 @@ def check_labels(hidden: torch.Tensor, labels: torch.Tensor) -> None:
                         f"{getattr(labels, 'dtype', type(labels).__name__)}")
     if labels.dim() != 2:
         raise ValueError(f"labels must have shape [B, T], got {tuple(labels.shape)}")
+    check_hidden_rows(hidden, labels, "hidden")
+
+
+def check_hidden_rows(hidden, labels: torch.Tensor, name: str) -> None:
+    """``hidden`` (the argument called ``name``) is a ``[B, T, H]`` tensor over ``labels``'
+    ``[B, T]``."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 \
             or tuple(hidden.shape[:2]) != tuple(labels.shape):
-        raise ValueError(f"hidden must have shape [B, T, H] = [{labels.shape[0]}, "
+        raise ValueError(f"{name} must have shape [B, T, H] = [{labels.shape[0]}, "
                          f"{labels.shape[1]}, H] to match labels, got "
                          f"{tuple(getattr(hidden, 'shape', ()))}")
 
@@ -333,11 +339,13 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
     Two paths, one ``loss_from``:
 
     * recompute: :func:`token_stats`, then ``loss_from(stats, every group)``; backward
-      recomputes the logits (4 matmuls). Used with the Triton backend, when
-      ``grad_in_forward=False`` is among ``primitive_options``, for a loss not ``additive``
-      over ``groups`` (a whole-batch statistic inside, e.g. ``bco_pair``'s δ), under
-      vocabulary parallelism and when nothing needs a gradient.
-    * gradient in forward (default on the torch backend, or ``grad_in_forward=True``):
+      recomputes the logits (4 matmuls). Used when ``grad_in_forward=False`` is among
+      ``primitive_options``, for a loss not ``additive`` over ``groups`` (a whole-batch
+      statistic inside, e.g. ``bco_pair``'s δ), under vocabulary parallelism, under
+      ``torch.compile``, when nothing needs a gradient, and where the backend has no
+      gradients-in-forward path (``gradients_in_forward_available``).
+    * gradient in forward (the default wherever the backend has it: every registered
+      backend's one pass; or ``grad_in_forward=True``):
       :func:`linear_logprobs_loss` over chunks of whole groups (3 matmuls; dW is held from
       forward to backward and the loss can be backpropagated once). Each chunk's statistics
       are placed into zero [B, T] tensors and ``loss_from`` counts the groups present in it;
@@ -467,11 +475,7 @@ def reference_logprobs(labels, *, ref_logprobs=None, ref_hidden=None, ref_weight
         return masked(to_prediction_layout(ref_logprobs.detach()), scored)
     if ref_hidden is None or ref_weight is None:
         raise ValueError(f"{name}_hidden and {name}_weight go together; got only one of them")
-    if not isinstance(ref_hidden, torch.Tensor) or ref_hidden.dim() != 3 \
-            or tuple(ref_hidden.shape[:2]) != tuple(labels.shape):
-        raise ValueError(f"{name}_hidden must have shape [B, T, H] with [B, T] = "
-                         f"{tuple(labels.shape)} (labels), got "
-                         f"{tuple(getattr(ref_hidden, 'shape', ()))}")
+    check_hidden_rows(ref_hidden, labels, f"{name}_hidden")
     options = {k: v for k, v in primitive_options.items()
                if k != "bias" and not k.startswith("return_")}
     with torch.no_grad():
