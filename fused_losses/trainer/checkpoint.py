@@ -7,6 +7,7 @@ steps (bco_pair's running δ; a sampler's state) and the run's fingerprint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -82,8 +83,11 @@ def load(path: Path, cfg: Config) -> dict:
         raise TrainError(f"{path} is not a fused-losses trainer checkpoint; refusing to resume, "
                          "nothing was changed")
     mine = {k: getattr(cfg, k) for k in FINGERPRINT}
-    diff = {k: (state["config"].get(k), v) for k, v in mine.items()
-            if state["config"].get(k) != v}
+    # A field the checkpoint lacks was added to the fingerprint after it was written: the run
+    # that wrote it behaved as the field's default does.
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    theirs = {k: state["config"].get(k, defaults[k]) for k in FINGERPRINT}
+    diff = {k: (theirs[k], v) for k, v in mine.items() if theirs[k] != v}
     if diff:
         listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise TrainError(f"{path} was written by an incompatible run ({listing}); refusing to "

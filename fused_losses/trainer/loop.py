@@ -114,7 +114,7 @@ def train(cfg: Config) -> dict:
     models = recipe.frozen(cfg, lm, opts)  # copies of the start policy, reward models, ...
     if cfg.precompute_ref and "ref" in models:  # the log-probs travel with the batches instead
         recipes.precompute_reference(models.pop("ref"), (train_set, eval_set), out, cfg.impl,
-                                     enc.pad_id, procs)
+                                     enc.pad_id, procs, opts.get("temperature", 1.0))
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(lm)
     loss_step = (recipe.fused if cfg.impl == "fused" else recipe.unfused)(opts)

@@ -121,6 +121,19 @@ def test_resume_refuses_a_checkpoint_of_other_frozen_models_or_data(tmp_path, fi
         checkpoint.load(path, dataclasses.replace(cfg, **{field: value}))
 
 
+def test_a_checkpoint_older_than_a_fingerprint_field_resumes_at_its_default(tmp_path):
+    """A field added to the fingerprint after the checkpoint was written: the run that wrote
+    it behaved as the default does, so a run at the default continues it; another value is
+    refused."""
+    cfg = loop.Config(objective="sft", output_dir=str(tmp_path))
+    path = tmp_path / checkpoint.CHECKPOINT
+    older = {k: getattr(cfg, k) for k in checkpoint.FINGERPRINT if k not in ("bf16", "eval_size")}
+    torch.save({"format": checkpoint.FORMAT, "step": 2, "config": older}, path)
+    assert checkpoint.load(path, cfg)["step"] == 2
+    with pytest.raises(TrainError, match="incompatible run \\(eval_size: checkpoint 64"):
+        checkpoint.load(path, dataclasses.replace(cfg, eval_size=32))
+
+
 def test_resume_with_another_reward_model_is_refused(tmp_path, tok_cache, capsys):
     # REINFORCE's rewards are log-ratios of --reward-model to --reward-ref: a resumed run
     # scoring with another reward model was continued silently.

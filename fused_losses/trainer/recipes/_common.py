@@ -206,7 +206,8 @@ def load_frozen(path: str, like, flag: str):
 def frozen_logprobs(model, batch, impl: str, temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probs of a frozen model, labels' layout, [B, T] (float32, or the model's
     dtype), computed by the same implementation as the policy's: of the model's own logits
-    divided by ``temperature`` (GRPO's sampling temperature; 1 elsewhere)."""
+    divided by ``temperature`` (the objective's: a reference is scored at the temperature the
+    policy is; reward models at 1)."""
     options = {"temperature": temperature}
     if impl == "fused":
         return fused_losses.token_logprobs(model, batch["input_ids"], batch["labels"],
@@ -222,15 +223,17 @@ def reference_context(models: dict, batch, impl: str, opts: dict) -> dict:
     ``Recipe.context``)."""
     if "ref_logprobs" in batch:
         return {"ref_logprobs": batch["ref_logprobs"]}
-    return {"ref_logprobs": frozen_logprobs(models["ref"], batch, impl)}
+    return {"ref_logprobs": frozen_logprobs(models["ref"], batch, impl,
+                                            opts.get("temperature", 1.0))}
 
 
 @torch.no_grad()
 def precompute_reference(ref_lm, datasets, out: Path, impl: str, pad_id: int,
-                         procs: Processes) -> None:
-    """Reference log-probs of every row, computed once and cached in the output directory
-    (keyed by the implementation); each record's rows are padded alone, so the values do not
-    depend on which batch a record later lands in."""
+                         procs: Processes, temperature: float = 1.0) -> None:
+    """Reference log-probs of every row at the objective's ``temperature``, computed once and
+    cached in the output directory (keyed by the implementation; the checkpoint's fingerprint
+    holds the temperature); each record's rows are padded alone, so the values do not depend
+    on which batch a record later lands in."""
     path = out / f"ref_logprobs_{impl}.pt"
     if path.exists():
         cached = torch.load(path, weights_only=False)
@@ -242,7 +245,7 @@ def precompute_reference(ref_lm, datasets, out: Path, impl: str, pad_id: int,
         refs = []
         for index in range(len(data.rows)):
             batch = {k: v.to(device) for k, v in D.collate(data, [index], pad_id).items()}
-            values = frozen_logprobs(ref_lm, batch, impl).float().cpu()
+            values = frozen_logprobs(ref_lm, batch, impl, temperature).float().cpu()
             refs.append(tuple(values[k, :len(ids)].clone()
                               for k, (ids, _) in enumerate(data.rows[index])))
         data.ref = refs

@@ -93,8 +93,10 @@ def context(models, batch, impl, opts) -> dict:
     ids, labels, mask = fused_losses.mismatched_pairs(batch["input_ids"], batch["labels"],
                                                       batch["attention_mask"])
     kl_batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    return {"ref_logprobs": frozen_logprobs(models["ref"], batch, impl), "kl_batch": kl_batch,
-            "kl_ref_logprobs": frozen_logprobs(models["ref"], kl_batch, impl)}
+    temperature = opts.get("temperature", 1.0)  # the reference is scored as the policy is
+    return {"ref_logprobs": frozen_logprobs(models["ref"], batch, impl, temperature),
+            "kl_batch": kl_batch,
+            "kl_ref_logprobs": frozen_logprobs(models["ref"], kl_batch, impl, temperature)}
 
 
 def check(cfg) -> list[str]:
