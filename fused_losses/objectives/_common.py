@@ -18,7 +18,7 @@ from typing import Callable, Literal, NamedTuple
 import torch
 
 from ..primitive import (LogProbs, gradients_in_forward_available, linear_logprobs_loss,
-                         next_token_targets)
+                         next_token_targets, no_autocast)
 from ..vocab_parallel import linear_logprobs
 
 IGNORE_INDEX = -100
@@ -241,8 +241,14 @@ def discounted_suffix_sum(values: torch.Tensor, gamma: float, block: int = 128) 
     Exact for any ``gamma`` in [0, 1] and any length: each block of ``block`` positions is
     summed with a [block, block] matrix of powers and the sum of the block after it is
     carried backwards (no ``gamma^-t`` rescaling, which underflows on long sequences).
-    Differentiable; ``gamma = 0`` gives ``values`` back.
+    In ``values``' dtype whatever autocast is on (autocast would run the block sums in
+    bf16). Differentiable; ``gamma = 0`` gives ``values`` back.
     """
+    with no_autocast(values.device):
+        return _discounted_suffix_sum(values, gamma, block)
+
+
+def _discounted_suffix_sum(values: torch.Tensor, gamma: float, block: int) -> torch.Tensor:
     length = values.shape[-1]
     size = max(1, min(block, length))
     pos = torch.arange(size, device=values.device)
@@ -351,6 +357,8 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
       are placed into zero [B, T] tensors and ``loss_from`` counts the groups present in it;
       detached copies are gathered so the returned TokenStats is the full batch's.
 
+    ``loss_from`` runs with autocast off on both paths, as the primitive runs it.
+
     Args:
         loss_from (callable): ``(TokenStats, BoolTensor [groups]) -> scalar`` (see
             ``LossFrom``).
@@ -383,7 +391,10 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
     if not _grad_in_forward(requested, additive, hidden, weight, options):
         stats = token_stats(hidden, weight, labels, options, targets=targets)
         every = torch.ones(num_groups, dtype=torch.bool, device=labels.device)
-        return loss_from(stats, shaped(every)), stats
+        # loss_from runs with autocast off on both paths (the one pass runs it inside the
+        # primitive, which turns autocast off), so both give the same loss under autocast.
+        with no_autocast(hidden.device):
+            return loss_from(stats, shaped(every)), stats
 
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     ignore_index = options.get("ignore_index", IGNORE_INDEX)
@@ -419,7 +430,8 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
         .index_add_(0, flat_groups, scored) == 0
     zeros = LogProbs(*(None if full is None or i == 2 else torch.zeros_like(full)
                        for i, full in enumerate(stats.out)))
-    loss = loss + loss_from(TokenStats(zeros, mask, targets), shaped(empty))
+    with no_autocast(hidden.device):
+        loss = loss + loss_from(TokenStats(zeros, mask, targets), shaped(empty))
     return loss, stats
 
 
