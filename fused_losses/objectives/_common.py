@@ -46,8 +46,11 @@ class LossOutput(NamedTuple):
     """What every objective returns.
 
     ``loss`` is a differentiable scalar; ``metrics`` maps names (TRL's where TRL has one) to
-    detached scalar tensors. No host synchronisation happens inside a loss: call ``.item()``
-    on the metrics when you log them.
+    detached scalar tensors: call ``.item()`` on them when you log. A loss's own math never
+    waits for the device; the primitive call inside it does, briefly: the scored-row
+    compaction (a ``nonzero``, once per forward and once per backward) and, on the
+    gradients-in-forward path with chunks of whole sequences or pairs, their boundaries
+    (a ``.tolist()``). See the README, "torch.compile and host synchronisation".
     """
 
     loss: torch.Tensor

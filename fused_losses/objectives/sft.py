@@ -121,6 +121,9 @@ def sft_loss(
     ``num_items_in_batch`` replaces the divisor (e.g. the number of sequences, for the
     paper's expectation over sequences). The other divergences take φ through
     :func:`phi_safe`: below the cut-off where ``φ'(u) = max_weight``, φ is its tangent.
+    They are f-divergences of the implicit reward of the target tokens (``kl`` and
+    ``jensen_shannon`` included), not distillation to a reference's whole next-token
+    distribution: for that, see :func:`~fused_losses.distill_loss`.
 
     Shifting: ``labels`` are Hugging Face labels aligned with ``input_ids``; the loss shifts
     them itself (``hidden[:, t]`` predicts ``labels[:, t+1]``). The primitive
