@@ -64,10 +64,10 @@ def step_tolerances(argv: list[str], steps: int) -> list[float]:
     records, _ = D.load_records(cfg.data, cfg.eval_data, recipe.data, cfg.train_size,
                                 cfg.eval_size)
     train_set = D.encode_records(records, recipe.data, enc, cfg.max_length, cfg.too_long)
-    batch = recipe.sampler(cfg, lm, train_set, enc, Processes(1, 0, torch.device("cpu"))) \
-        .batch(0)
+    batch = recipe.sampler(cfg, lm, train_set, enc, Processes(1, 0, torch.device("cpu")),
+                           opts).batch(0)
     models = recipe.frozen(cfg, lm, opts)
-    frozen = {impl: recipe.context(models, batch, impl) for impl in ("fused", "unfused")}
+    frozen = {impl: recipe.context(models, batch, impl, opts) for impl in ("fused", "unfused")}
     ctx = {"num_items": recipe.items(batch, opts), **frozen["unfused"],
            **recipe.state(opts).values()}
     inputs = {k: v.detach().requires_grad_() for k, v in frozen["unfused"].items()}

@@ -235,3 +235,15 @@ def test_compare_refuses_torchrun(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert loop.main(["--objective", "sft", "--compare", "--output-dir", str(tmp_path)]) == 2
     assert "without torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("objective, flags", [("dpo", {}), ("dpo", {"precompute_ref": True}),
+                                              ("kto", {})], ids=["dpo", "dpo-precomputed",
+                                                                 "kto"])
+def test_the_reference_is_scored_at_the_objectives_temperature(tmp_path, objective, flags):
+    """At step 1 the policy is its reference: with --temperature both are scored at it, so
+    every implicit reward is 0 (with the reference at 1 they were not)."""
+    run(tiny_args(tmp_path, objective, max_steps=1, temperature=0.7, **flags))
+    first = records(tmp_path)[0]
+    for key in ("rewards/chosen", "rewards/rejected"):
+        assert abs(first[key]) < 1e-5, (key, first[key])
