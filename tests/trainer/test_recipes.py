@@ -1,10 +1,12 @@
 """Recipes on hand-made batches: item counts, option checks, the unfused steps' edge cases."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
-from fused_losses.trainer.recipes import RECIPES, options
+from fused_losses.trainer.recipes import RECIPES, keyword_defaults, options
 
 from .trainer_helpers import tiny_model
 
@@ -238,3 +240,14 @@ def loop_config(objective: str, **fields):
     from fused_losses.trainer.config import Config
 
     return Config(objective=objective, output_dir="unused", model_config="{}", **fields)
+
+
+@pytest.mark.parametrize("objective", sorted(RECIPES))
+def test_no_tensor_argument_is_offered_as_a_user_option(objective):
+    """The step provides the objective's tensors (references, hidden states, KL inputs);
+    a tensor argument missing from ``Recipe.provided`` would be settable by --loss-kwargs."""
+    recipe = RECIPES[objective]
+    parameters = inspect.signature(recipe.objective).parameters
+    offered = [name for name in keyword_defaults(recipe)
+               if "Tensor" in str(parameters[name].annotation)]
+    assert not offered, offered

@@ -113,4 +113,5 @@ RECIPE = Recipe(objective=fused_losses.kto_loss, data="preference", fused=fused,
                 items=completions, frozen=frozen, context=context, check=check,
                 provided=frozenset({"preference_labels", "ref_logprobs", "ref_hidden",
                                     "ref_weight", "ref_bias", "kl", "kl_hidden", "kl_labels",
-                                    "kl_ref_logprobs", "kl_ref_hidden"}))
+                                    "kl_ref_logprobs", "kl_ref_hidden", "ref_logps",
+                                    "ref_KL_logps"}))
