@@ -9,7 +9,7 @@ import torch
 from fused_losses.trainer import loop
 from fused_losses.trainer.data import DataError, read_jsonl
 
-from .rounding import step_tolerances
+from .rounding import metric_tolerances, step_tolerances
 from .trainer_helpers import TINY, losses, tiny_args
 
 
@@ -40,6 +40,10 @@ OBJECTIVES = [("sft", {}), ("sft", {"divergence": "kl"}), ("sft", {"divergence":
               ("reinforce", {"loss_kwargs": '{"kl_coef": 0.1}'})]
 
 
+# Metrics computed from per-token log-probs (of the policy and the frozen models)
+LOGPROB_METRICS = ("reward", "return", "kl", "logps/")
+
+
 def records(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -61,6 +65,10 @@ def test_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache, reward_model,
     for x, y, bound in zip(a, b, bounds):
         assert abs(x["loss"] - y["loss"]) <= bound, (x["step"], x["loss"], y["loss"], bound)
         assert x.keys() == y.keys()
+    # Step 1 runs the same weights: the metrics made of log-probs agree to rounding too.
+    shared = [k for k in a[0] if k.startswith(LOGPROB_METRICS) and k != "rewards/accuracies"]
+    for key, tolerance in metric_tolerances(argv, shared).items():
+        assert abs(a[0][key] - b[0][key]) <= tolerance, (key, a[0][key], b[0][key], tolerance)
     assert abs(fused["eval/loss"] - unfused["eval/loss"]) <= bounds[3]
     assert fused.keys() == unfused.keys()
     if objective in ("dpo", "dil", "simpo", "orpo", "cpo"):
