@@ -294,20 +294,16 @@ def _cublas_recompute(s: _Head) -> int:
 
 def _fused_one_pass(s: _Head, gathers_rows: bool) -> int:
     """``backends/_one_pass.run`` (cublas and triton): dH zeros_like(hidden), the fp32 dW
-    accumulator, one ``[r, V]`` fp32 products buffer (the largest chunk's); per chunk GEMM 2's
-    fresh fp32 ``[r, H]`` dH rows (made while the previous chunk's are still bound) and, on
-    cuBLAS, the chunk's gathered hidden rows; at the end dW's cast, with the last chunk's
-    buffers still referenced (the loop's views outlive ``del products``)."""
+    accumulator, one ``[r, V]`` fp32 products buffer (the largest chunk's); per chunk, on
+    cuBLAS, its gathered hidden rows, and GEMM 2's fresh fp32 ``[r, H]`` dH rows beside their
+    cast; at the end dW's cast, the products and the last chunk's buffers freed before it."""
     d, h, v = s.d, s.h, s.v
-    r, last, count = _chunk_rows(s.n, s.chunking.pass_rows(v), s.group)
-    base = d * s.m * h + 4 * v * h + 4 * r * v
+    r = _chunk_rows(s.n, s.chunking.pass_rows(v), s.group)[0]
+    base = d * s.m * h + 4 * v * h
     operand = d * r * h if gathers_rows else 0
     cast = d * r * h if s.low else 0  # dH rows' cast before index_copy_
-    loop = base + operand + max(4 * r * h * (2 if count > 1 else 1), 4 * r * h + cast)
-    if gathers_rows and count > 1:  # the next chunk's gather beside the previous one's
-        loop = max(loop, base + 2 * operand + 4 * r * h)
-    end = base + (d * last * h if gathers_rows else 0) + 4 * last * h + (d * v * h if s.low
-                                                                          else 0)
+    loop = base + 4 * r * v + operand + 4 * r * h + cast
+    end = base + (d * v * h if s.low else 0)
     return max(loop, end)
 
 
