@@ -282,14 +282,23 @@ def _triton_recompute(s: _Head) -> int:
 def _cublas_recompute(s: _Head) -> int:
     """``cublas_epilogue.backward``: dW in the compute dtype (one GEMM per vocabulary chunk),
     fp32 dH of the scored rows, one ``[N, C]`` fp32 products chunk, the scored rows gathered
-    when they are not ``hidden`` itself in order; at the end dH's cast and (gathered) its
-    scatter into ``zeros_like(hidden)``. The products are still referenced there (the loop's
-    views outlive the ``del``). Its forward holds less (the products and the gather)."""
+    when they are not ``hidden`` itself in order; at the end, the products and the gathered
+    rows freed, dH's cast beside the fp32 dH, then (gathered) the cast's scatter into
+    ``zeros_like(hidden)``, the fp32 dH freed first. Its forward holds less (the products and
+    the gather)."""
     d, n, h, v = s.d, s.n, s.h, s.v
     columns = kernel_configs.product_columns(n, v, s.chunking.product_chunk_bytes)
-    gather = d * n * h if s.gathered else 0
-    loop = d * v * h + 4 * n * h + 4 * n * columns + gather
-    return loop + (d * n * h if s.low else 0) + (d * s.m * h if s.gathered else 0)
+    loop = d * v * h + 4 * n * h + 4 * n * columns + (d * n * h if s.gathered else 0)
+    return max(loop, d * v * h + _grad_hidden_end(s, scatter=s.gathered))
+
+
+def _grad_hidden_end(s: _Head, scatter: bool) -> int:
+    """A recompute backward's dH at its end: the fp32 dH of the scored rows beside its cast,
+    then, with ``scatter``, the cast (fp32: the fp32 dH itself) beside the scatter's
+    ``zeros_like(hidden)``."""
+    cast = s.d * s.n * s.h if s.low else 4 * s.n * s.h
+    return max(4 * s.n * s.h + (cast if s.low else 0),
+               cast + s.d * s.m * s.h if scatter else 0)
 
 
 def _fused_one_pass(s: _Head, gathers_rows: bool) -> int:
