@@ -269,14 +269,14 @@ def _torch_term(s: _Head, path: str) -> int:
 
 def _triton_recompute(s: _Head) -> int:
     """``kernels/logprobs_bwd.backward``: dW in the compute dtype (written once), fp32 dH of
-    the scored rows, one ``[N, VC]`` gradient chunk; at the end dH's cast and its scatter into
-    ``zeros_like(hidden)``. The chunk is still referenced there (the loop's view ``chunk``
-    outlives the ``del``)."""
+    the scored rows, one ``[N, VC]`` gradient chunk; at the end, the chunk freed, dH's cast
+    and its scatter into ``zeros_like(hidden)`` (always: the launcher does not look at the
+    rows, which would cost a host sync)."""
     d, n, h, v = s.d, s.n, s.h, s.v
     columns = kernel_configs.chunk_width(n, v, d, s.chunking.backward_block_v(s.dtype),
                                          s.chunking.grad_chunk_bytes)
     loop = d * v * h + 4 * n * h + d * n * columns
-    return loop + (d * n * h if s.low else 0) + d * s.m * h
+    return max(loop, d * v * h + _grad_hidden_end(s, scatter=True))
 
 
 def _cublas_recompute(s: _Head) -> int:
