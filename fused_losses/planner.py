@@ -214,14 +214,11 @@ class Chunking:
 GPU_CHUNKING = Chunking()
 
 
-def _chunk_rows(rows: int, size: int, group: int | None) -> tuple[int, int, int]:
-    """(largest, last, count) of the row chunks ``torch_chunked._chunks`` cuts: about ``size``
-    rows, ending only at group boundaries (uniform groups of ``group`` rows)."""
-    if rows == 0:
-        return 0, 0, 0
+def _chunk_rows(rows: int, size: int, group: int | None) -> int:
+    """Rows of the largest row chunk ``torch_chunked._chunks`` cuts: about ``size`` rows,
+    ending only at group boundaries (uniform groups of ``group`` rows)."""
     step = size if group is None else group * max(1, size // group)
-    count = -(-rows // step)
-    return min(step, rows), rows - step * (count - 1), count
+    return min(step, rows)
 
 
 @dataclass(frozen=True)
@@ -253,17 +250,15 @@ def _torch_term(s: _Head, path: str) -> int:
     ``_Workspace`` per call; ``backward`` and ``forward_backward`` hold the same buffers, only
     their chunks differ (the one pass's end at group boundaries)."""
     size = max(1, s.chunking.torch_chunk_bytes // (4 * s.v))
-    c, last, _ = _chunk_rows(s.n, size, s.group if path == "one-pass" else None)
+    c = _chunk_rows(s.n, size, s.group if path == "one-pass" else None)
     d, h, v = s.d, s.h, s.v
     accumulators = d * s.m * h + 4 * v * h
     # workspace: the chunk's fp32 logits, their 16-bit copy for the GEMMs, the soft-cap factor
     work = 4 * c * v + (d * c * v if s.low else 0) + (4 * c * v if s.softcap else 0)
-    rows = d * c * h  # the chunk's hidden rows (index_select)
-    # _Accumulator.add: dH's part [c, H] is still bound while dW's update runs; 16-bit: the
-    # update's [V, H] product in the compute dtype and its fp32 copy (fp32: addmm_ in place)
-    update = d * c * h + (d + 4) * v * h if s.low else 4 * c * h
-    loop = accumulators + work + rows + update
-    end = accumulators + work + d * last * h + (d * v * h if s.low else 0)  # dW's cast
+    # the chunk's hidden rows (index_select) and its dH part [c, H] (freed before dW's update,
+    # which allocates nothing: addmm_ in place, or 16-bit operands into fp32 by cuBLAS)
+    loop = accumulators + work + 2 * d * c * h
+    end = accumulators + (d * v * h if s.low else 0)  # dW's cast, the workspace freed
     return max(loop, end)
 
 
@@ -307,7 +302,7 @@ def _fused_one_pass(s: _Head, gathers_rows: bool) -> int:
     cuBLAS, its gathered hidden rows, and GEMM 2's fresh fp32 ``[r, H]`` dH rows beside their
     cast; at the end dW's cast, the products and the last chunk's buffers freed before it."""
     d, h, v = s.d, s.h, s.v
-    r = _chunk_rows(s.n, s.chunking.pass_rows(v), s.group)[0]
+    r = _chunk_rows(s.n, s.chunking.pass_rows(v), s.group)
     base = d * s.m * h + 4 * v * h
     operand = d * r * h if gathers_rows else 0
     cast = d * r * h if s.low else 0  # dH rows' cast before index_copy_
@@ -414,7 +409,7 @@ def head_forward_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab:
         return (d + 8) * m * v + stats
     backend = resolve_backend_name(backend)
     if backend == "torch":
-        c = _chunk_rows(n, max(1, chunking.torch_chunk_bytes // (4 * v)), None)[0]
+        c = _chunk_rows(n, max(1, chunking.torch_chunk_bytes // (4 * v)), None)
         return 4 * c * v + d * c * h + stats
     if backend == "cublas":
         columns = kernel_configs.product_columns(n, v, chunking.product_chunk_bytes)

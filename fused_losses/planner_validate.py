@@ -18,11 +18,11 @@ memory is the peak of what the step allocates above the inputs, dW and dH includ
 * on the CPU, :class:`fused_losses._memory.LiveTensorPeak`: the exact peak of live tensor
   storages (every ATen op seen by a dispatch mode; no allocator or RSS noise), in this
   process. The Triton backends run under ``TRITON_INTERPRET=1`` with the interpreter's chunk
-  budgets (the case's ``chunk_bytes`` when given: a few chunks at these sizes). Two CPU
-  stand-ins are not counted, because the GPU code they replace allocates nothing: the
-  fp32 upcasts of a 16-bit GEMM (``backends/_gemm.matmul`` and the torch backend's
-  ``_matmul_fp32``; cuBLAS writes fp32 from 16-bit operands directly). By default the Triton
-  kernels are not executed (their launches return at once): a kernel writes into tensors
+  budgets (the case's ``chunk_bytes`` when given: a few chunks at these sizes). The CPU's
+  stand-ins are not counted, because the GPU code they replace allocates nothing: the fp32
+  upcasts of a 16-bit GEMM (``backends/_gemm.matmul``, the torch backend's ``_matmul_fp32``
+  and ``_addmm_fp32``; cuBLAS writes fp32 from 16-bit operands directly). By default the
+  Triton kernels are not executed (their launches return at once): a kernel writes into tensors
   allocated before it and allocates none itself, so the allocations, and the peak, are those
   of a real run. ``--run-kernels`` executes them in the interpreter (slowly) and collects
   Python's reference cycles after each launch (the interpreter's frames keep a launch's
@@ -216,8 +216,9 @@ def _gpu_stand_ins(tracker: LiveTensorPeak, run_kernels: bool):
     with contextlib.ExitStack() as stack:
         for module in (cublas_epilogue, _one_pass):
             stack.enter_context(mock.patch.object(module, "matmul", uncounted(_gemm.matmul)))
-        stack.enter_context(mock.patch.object(torch_chunked, "_matmul_fp32",
-                                              uncounted(torch_chunked._matmul_fp32)))
+        for name in ("_matmul_fp32", "_addmm_fp32"):
+            stack.enter_context(mock.patch.object(torch_chunked, name,
+                                                  uncounted(getattr(torch_chunked, name))))
         if os.environ.get("TRITON_INTERPRET") == "1":
             from triton.runtime import interpreter
 
