@@ -303,10 +303,49 @@ def validate(cases=CASES, echo=print, run_kernels: bool = False) -> list[dict]:
              f"{case['vocab']:>7} {case['dtype']:<9}{predicted / 2**20:>14.3f}"
              f"{measured / 2**20:>14.3f}{error:>+8.2%}")
     if results:
+        echo("")
+        for line in summary(results):
+            echo(line)
         worst = max(results, key=lambda r: abs(r["error"]))
         echo(f"largest |error|: {abs(worst['error']):.2%} over {len(results)} cases "
              f"({describe(worst)})")
     return results
+
+
+def _row(case: dict) -> tuple[str, str]:
+    """The (backend, path) row of :func:`summary` that a case falls in."""
+    if case["impl"] == "unfused":
+        return "unfused (materialised reference)", "-"
+    path = case["path"]
+    if "one_pass_bytes" in case:
+        path += ", pairs beyond the one-pass budget"
+    elif case.get("group"):
+        path += f", groups of {case['group']} rows"
+    elif case.get("softcap"):
+        path += f", soft-cap {case['softcap']:g}"
+    return case["backend"], path
+
+
+def summary(results: list[dict]) -> list[str]:
+    """The results per backend x path, the Markdown table of ``docs/planner.md``: cases,
+    error range, the worst case's predicted / measured MiB."""
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for result in results:
+        rows.setdefault(_row(result), []).append(result)
+    order = ("unfused (materialised reference)",) + BACKEND_NAMES
+
+    def percent(error: float) -> str:
+        return f"{error:+.2%}".replace("-", "\N{MINUS SIGN}")
+
+    lines = ["| backend | path | cases | error range | worst: predicted / measured MiB |",
+             "|---|---|---:|---|---|"]
+    for (backend, path), group in sorted(rows.items(), key=lambda kv: order.index(kv[0][0])):
+        errors = [r["error"] for r in group]
+        worst = max(group, key=lambda r: abs(r["error"]))
+        lines.append(f"| {backend} | {path} | {len(group)} | {percent(min(errors))} to "
+                     f"{percent(max(errors))} | {worst['predicted'] / 2**20:.3f} / "
+                     f"{worst['measured'] / 2**20:.3f} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

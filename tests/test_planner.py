@@ -161,6 +161,21 @@ def test_head_term_matches_the_measured_live_tensor_peak(case):
     assert abs(predicted - measured) <= 0.015 * measured, (predicted, measured)
 
 
+def test_validation_summary_has_one_row_per_backend_and_path():
+    # docs/planner.md's table is this summary of `python -m fused_losses.planner_validate`.
+    mib = 1 << 20
+    results = [dict(_fused("cublas", "one-pass"), predicted=99 * mib, measured=100 * mib,
+                    error=-0.01),
+               dict(_fused("cublas", "one-pass"), predicted=201 * mib, measured=200 * mib,
+                    error=0.005),
+               dict(_fused("torch", "one-pass", group=24), predicted=mib, measured=mib,
+                    error=0.0)]
+    lines = planner_validate.summary(results)
+    assert lines[2:] == [
+        "| torch | one-pass, groups of 24 rows | 1 | +0.00% to +0.00% | 1.000 / 1.000 |",
+        "| cublas | one-pass | 2 | \N{MINUS SIGN}1.00% to +0.50% | 99.000 / 100.000 |"]
+
+
 def test_skipped_kernels_allocate_what_run_kernels_allocate():
     # The validation skips the Triton launches (kernels write into tensors allocated before
     # them); running them in the interpreter measures the same bytes.
