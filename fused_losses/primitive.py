@@ -201,15 +201,17 @@ def check_options(*, deterministic: bool = False, filter_eps=None, chunk_size=No
 # Autograd
 # ---------------------------------------------------------------------------------------------
 
-def first_order_only(backward):
+def first_order_only(backward, name: str | None = None):
     """Make differentiating a Function's gradients (double backward: a gradient penalty
     through ``create_graph=True``) a clear error instead of a silent zero.
 
     ``torch.autograd.function.once_differentiable`` marks the gradients only when an upstream
     gradient requires grad; ours also depend on the saved hidden and weight, so with
     ``create_graph=True`` they are always marked, and any use of them in a backward raises.
+    ``name``: what the message calls the Function (default: the backward's class).
     """
-    message = (f"fused_losses: {backward.__qualname__.split('.')[0]} has no double backward: "
+    name = name or backward.__qualname__.split(".")[0]
+    message = (f"fused_losses: {name} has no double backward: "
                "its gradients cannot be differentiated again (create_graph=True followed by "
                "a penalty on a gradient). Compute such a penalty without the fused LM head.")
 
@@ -409,7 +411,11 @@ def _op_backward(ctx, g_logprobs, g_lse, _g_argmax, g_entropy, g_logits_mean):
     return (*(g if need else None for g, need in zip(grads, needs)),) + (None,) * 10
 
 
-_logprobs_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+# Eagerly, or compiled by a backend without AOTAutograd (which refuses double backward by
+# itself), the op's backward would otherwise fail on the backward op having no autograd.
+_logprobs_op.register_autograd(
+    first_order_only(_op_backward, "the custom op fused_losses::linear_logprobs"),
+    setup_context=_op_setup_context)
 
 
 def _compiled_logprobs(hidden, weight, targets, bias, *, ignore_index, temperature, softcap,
