@@ -448,17 +448,22 @@ def _loss_and_grads(loss_fn: ChunkLoss, stats: tuple, positions: torch.Tensor):
         leaves = [s if s is None or not s.is_floating_point() else s.detach().requires_grad_()
                   for s in stats]
         first_node = leaves[1].view_as(leaves[1]).grad_fn._sequence_nr()
-        loss = loss_fn(LogProbs(*leaves), positions)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) \
-                else type(loss).__name__
-            raise TypeError(f"loss_fn must return a scalar (0-dim) tensor, got {got}")
+        loss = _scalar(loss_fn(LogProbs(*leaves), positions))
         wrt = [leaves[i] for i in (0, 1, 3, 4)]
         present = [t for t in wrt if t is not None]
         _check_closed_over_statistics(loss, present, first_node)
         found = iter(torch.autograd.grad(loss, present, allow_unused=True)) if loss.requires_grad \
             else iter([None] * len(present))
     return loss.detach(), Grads(*(None if t is None else next(found) for t in wrt))
+
+
+def _scalar(loss):
+    """``loss_fn``'s result, which must be a scalar (0-dim) tensor."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) \
+            else type(loss).__name__
+        raise TypeError(f"loss_fn must return a scalar (0-dim) tensor, got {got}")
+    return loss
 
 
 def _check_closed_over_statistics(loss: torch.Tensor, leaves: list, first_node: int) -> None:
@@ -757,6 +762,6 @@ def linear_logprobs_loss(
             # gets its gradient).
             with torch.no_grad():
                 stats = inputs.backend.forward(*tensors, **_forward_kwargs(opts))
-            return loss_fn(LogProbs(*stats), rows)
+            return _scalar(loss_fn(LogProbs(*stats), rows))
         return GradInForwardFunction.apply(*tensors, inputs.backend, opts, loss_fn,
                                            boundaries)

@@ -369,21 +369,25 @@ def _logprobs_loss_reference(args, kwargs):
     return [args["loss_fn"](stats, positions)]
 
 
-def _with_a_scored_token(args):
-    """The arguments with a scored token and a hidden that needs a gradient: only then is a
-    ``loss_fn`` called and its result read. Every token its own group."""
+def _with_a_scored_token(args, needs_grad=True):
+    """The arguments with a scored token (only then is a ``loss_fn`` called for certain),
+    every token its own group, and a hidden that needs a gradient or not."""
     hidden, targets = args["hidden"], args["targets"].clone()
     if targets.numel() == 0:
         hidden = hidden.new_zeros(1, *hidden.shape[1:])
         targets = targets.new_full((1, targets.shape[1]), -100)
     targets.view(-1)[0] = 0
-    return dict(args, hidden=hidden.detach().requires_grad_(), targets=targets, groups=None)
+    return dict(args, hidden=hidden.detach().requires_grad_(needs_grad), targets=targets,
+                groups=None)
 
 
 _LEARNABLE = torch.ones((), dtype=F64, requires_grad=True)
 LOSS_FN_MUTATIONS = {
     "loss_fn not scalar": ("loss_fn", lambda a: dict(
         _with_a_scored_token(a), loss_fn=lambda stats, positions: stats.logprobs)),
+    "loss_fn not scalar, no gradient": ("loss_fn", lambda a: dict(
+        _with_a_scored_token(a, needs_grad=False),
+        loss_fn=lambda stats, positions: stats.logprobs)),
     "loss_fn reads a learnable tensor": ("loss_fn", lambda a: dict(
         _with_a_scored_token(a),
         loss_fn=lambda stats, positions: _LEARNABLE * stats.logprobs.sum())),
