@@ -164,7 +164,8 @@ class FusedPPOLoss(FusedGRPOLoss):
 
 class FusedKTOLoss(FusedLoss):
     """:func:`kto_loss`; ``forward(hidden, weight, labels, preference_labels,
-    ref_logprobs=..., kl=... or kl_hidden=..., kl_labels=..., kl_ref_logprobs=..., **kw)``."""
+    ref_logprobs=... (or TRL's ref_logps=...), kl=... or kl_hidden=..., kl_labels=...,
+    kl_ref_logprobs=... (or TRL's ref_KL_logps=...), **kw)``."""
 
     loss_fn = staticmethod(kto_loss)
 

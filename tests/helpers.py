@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # (rtol, atol) for fused results in a given input dtype against the float64 reference.
 # bf16/fp16 logits are formed by a low-precision matmul, so their error is that of torch's
@@ -182,3 +184,32 @@ def check_against_reference(backend, dtype, hidden, weight, targets, bias, *,
     for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert got.dtype == dtype
         assert_grad_close(got, want, dtype, backend=backend, name=f"grad {name}")
+
+
+class LargestTensors(TorchDispatchMode):
+    """Inside ``with LargestTensors(vocab) as seen:``, records what every ATen op returns
+    (views included, autograd's backward too): ``seen.rows``, the most rows of any
+    ``[..., vocab]`` tensor (logits or their gradient), and ``seen.elements``, the most
+    elements of any tensor. A fused loss must keep both at its chunk, not its batch.
+
+    The Triton interpreter copies each kernel argument's storage through ``uint8`` byte
+    tensors (itemsize times its elements); those are skipped: the arguments themselves are
+    made by ops recorded here."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.rows = self.elements = 0
+
+    def __enter__(self) -> "LargestTensors":
+        self.rows = self.elements = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dtype != torch.uint8:
+                self.elements = max(self.elements, t.numel())
+                if t.dim() and t.shape[-1] == self.vocab:
+                    self.rows = max(self.rows, t.numel() // self.vocab)
+        return out

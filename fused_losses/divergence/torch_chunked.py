@@ -146,13 +146,14 @@ class _Chunk:
     """Both models' logits for a chunk of scored rows, in two reused [rows, V] buffers."""
 
     def __init__(self, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-                 temperature):
+                 temperature, chunk_rows):
         vocab, device = weight.shape[0], hidden.device
         self.student_ws, self.teacher_ws = _Workspace(vocab, device), _Workspace(vocab, device)
         self.inputs = (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
         self.temperature = temperature
         acc = _acc_dtype(hidden.dtype)
-        rows_per_block = max(1, ROW_BLOCK_BYTES // (acc.itemsize * vocab))
+        # never more rows than the longest chunk: a small chunk_size bounds the scratch too
+        rows_per_block = max(1, min(ROW_BLOCK_BYTES // (acc.itemsize * vocab), chunk_rows))
         self.scratch = tuple(torch.empty(rows_per_block, vocab, dtype=acc, device=device)
                              for _ in range(2))
         self.ones = torch.ones(vocab, dtype=acc, device=device)
@@ -178,10 +179,11 @@ class _Chunk:
 def _run(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, rows, targets, *,
          kind, beta, temperature, with_logprobs, chunk_size, grads=None, accumulator=None):
     """Walk the chunks; per row block, statistics and (with ``grads``) the logit gradient."""
+    pieces = list(_chunks(rows.numel(), weight.shape[0], chunk_size))
     chunk = _Chunk(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-                   temperature)
+                   temperature, max((piece.stop - piece.start for piece in pieces), default=0))
     parts = []
-    for piece in _chunks(rows.numel(), weight.shape[0], chunk_size):
+    for piece in pieces:
         hidden_chunk, student, teacher = chunk.logits(rows[piece])
         chunk_targets = targets[piece]
         upstream = [None if g is None else g[piece] for g in grads or (None, None)]

@@ -88,6 +88,7 @@ class _Patch:
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
             return args, kwargs
+        self._check_head_is_patched()
         keep = kwargs.get("logits_to_keep", 0)
         if not (isinstance(keep, int) and keep == 0):
             raise ValueError(f"logits_to_keep={keep!r} with labels: a patched model scores "
@@ -100,6 +101,20 @@ class _Patch:
             fused_lm_head=bool(fused_lm_head),
             trl_options=self._trl_options(module) if fused_lm_head else None)
         return args, kwargs
+
+    def _check_head_is_patched(self) -> None:
+        """A head replaced or wrapped after patching would either never compute the loss or
+        compute it without what wraps it (an adapter's delta): refuse both."""
+        current = self.causal_lm.get_output_embeddings()
+        if current is not self.head:
+            raise RuntimeError(
+                f"the output embedding of {type(self.causal_lm).__name__} was replaced after "
+                f"patch_causal_lm patched it ({type(self.head).__name__} then, "
+                f"{type(current).__name__} now: resize_token_embeddings, "
+                "set_output_embeddings or an adapter on the head), so the loss would not be "
+                "the model's. Call patch_causal_lm(model) again after replacing the head (an "
+                "adapter-wrapped head cannot be patched), or unpatch_causal_lm(model) for the "
+                "stock loss")
 
     def _trl_options(self, module) -> dict | None:
         found = trl_head_options(module)
@@ -116,7 +131,8 @@ class _Patch:
         if result is None:
             raise RuntimeError(
                 f"{type(module).__name__}'s forward never called its output embedding "
-                f"({type(self.head).__name__} from get_output_embeddings()), so "
+                f"({type(self.head).__name__} from get_output_embeddings()): it forms its "
+                "logits some other way (from the head's weight directly?), so "
                 "patch_causal_lm cannot compute its loss; unpatch_causal_lm(model) restores "
                 "the stock loss")
         logits = output.get("logits")
@@ -152,8 +168,10 @@ class _Patch:
         if request is None:
             return type(head).forward(head, hidden)
         if self.result is not None:
-            raise RuntimeError("the output embedding ran twice in one forward with labels; "
-                               "patch_causal_lm supports one head call per forward")
+            raise RuntimeError("the output embedding ran twice in one forward with labels "
+                               "(a second head call in the model or a hook); patch_causal_lm "
+                               "computes one loss per forward from one head call. "
+                               "unpatch_causal_lm(model) restores the stock loss")
         weight, bias = head.weight, head.bias
         _check_weight(weight)
         labels = request.labels.to(hidden.device)
@@ -303,10 +321,15 @@ def patch_causal_lm(
             "adapter-wrapped head")
     if is_patched(model):
         unpatch_causal_lm(model)
+    elif isinstance(getattr(vars(head).get("forward"), "__self__", None), _Patch):
+        raise ValueError(f"the output embedding of {type(causal_lm).__name__} is already "
+                         "patched, through another module (a wrapper of this model, such as "
+                         "DDP's, or the model inside the wrapper given now); patch one of "
+                         "them only: unpatch_causal_lm the one patched first")
     elif "forward" in vars(head):
-        raise ValueError(f"the output embedding of {type(causal_lm).__name__} already has a "
-                         "patched forward (patched through another wrapper of this model?); "
-                         "unpatch_causal_lm that one first")
+        raise ValueError(f"the output embedding of {type(causal_lm).__name__} has a forward "
+                         "of its own set on the instance (by another library?), which "
+                         "patch_causal_lm would replace; remove it first")
     # Every option is checked here, at patch time, not at the first training step.
     if temperature is not None:
         check_positive_finite("temperature (None for the TRL head's, else 1.0)", temperature)

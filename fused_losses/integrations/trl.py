@@ -90,8 +90,9 @@ def trl_head_options(model: torch.nn.Module) -> dict | None:
                     f"{type(model).__name__}.forward is wrapped by a fused LM head "
                     f"({function.__qualname__} in {code.co_filename}) whose options "
                     f"{wanted} cannot be read, so patch_causal_lm cannot serve its "
-                    "fused_lm_head=True calls faithfully. Patch the model before that head "
-                    "is added with fused_losses.integrations.add_fused_lm_head instead")
+                    "fused_lm_head=True calls faithfully (before or after the patch alike). "
+                    "Add the head with fused_losses.integrations.add_fused_lm_head (TRL's "
+                    "signature) instead of that one")
             return {name: cells[name] for name in wanted}
         forward = getattr(function, "__wrapped__", None)
     return None

@@ -18,7 +18,7 @@ from typing import Callable, Literal, NamedTuple
 import torch
 
 from ..primitive import (LogProbs, gradients_in_forward_available, linear_logprobs_loss,
-                         next_token_targets)
+                         next_token_targets, no_autocast)
 from ..vocab_parallel import linear_logprobs
 
 IGNORE_INDEX = -100
@@ -46,8 +46,11 @@ class LossOutput(NamedTuple):
     """What every objective returns.
 
     ``loss`` is a differentiable scalar; ``metrics`` maps names (TRL's where TRL has one) to
-    detached scalar tensors. No host synchronisation happens inside a loss: call ``.item()``
-    on the metrics when you log them.
+    detached scalar tensors: call ``.item()`` on them when you log. A loss's own math never
+    waits for the device; the primitive call inside it does, briefly: the scored-row
+    compaction (a ``nonzero``, once per forward and once per backward) and, on the
+    gradients-in-forward path with chunks of whole sequences or pairs, their boundaries
+    (a ``.tolist()``). See the README, "torch.compile and host synchronisation".
     """
 
     loss: torch.Tensor
@@ -241,8 +244,14 @@ def discounted_suffix_sum(values: torch.Tensor, gamma: float, block: int = 128) 
     Exact for any ``gamma`` in [0, 1] and any length: each block of ``block`` positions is
     summed with a [block, block] matrix of powers and the sum of the block after it is
     carried backwards (no ``gamma^-t`` rescaling, which underflows on long sequences).
-    Differentiable; ``gamma = 0`` gives ``values`` back.
+    In ``values``' dtype whatever autocast is on (autocast would run the block sums in
+    bf16). Differentiable; ``gamma = 0`` gives ``values`` back.
     """
+    with no_autocast(values.device):
+        return _discounted_suffix_sum(values, gamma, block)
+
+
+def _discounted_suffix_sum(values: torch.Tensor, gamma: float, block: int) -> torch.Tensor:
     length = values.shape[-1]
     size = max(1, min(block, length))
     pos = torch.arange(size, device=values.device)
@@ -351,6 +360,8 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
       are placed into zero [B, T] tensors and ``loss_from`` counts the groups present in it;
       detached copies are gathered so the returned TokenStats is the full batch's.
 
+    ``loss_from`` runs with autocast off on both paths, as the primitive runs it.
+
     Args:
         loss_from (callable): ``(TokenStats, BoolTensor [groups]) -> scalar`` (see
             ``LossFrom``).
@@ -383,7 +394,10 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
     if not _grad_in_forward(requested, additive, hidden, weight, options):
         stats = token_stats(hidden, weight, labels, options, targets=targets)
         every = torch.ones(num_groups, dtype=torch.bool, device=labels.device)
-        return loss_from(stats, shaped(every)), stats
+        # loss_from runs with autocast off on both paths (the one pass runs it inside the
+        # primitive, which turns autocast off), so both give the same loss under autocast.
+        with no_autocast(hidden.device):
+            return loss_from(stats, shaped(every)), stats
 
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     ignore_index = options.get("ignore_index", IGNORE_INDEX)
@@ -419,7 +433,8 @@ def fused_objective(hidden, weight, labels, primitive_options: dict, loss_from: 
         .index_add_(0, flat_groups, scored) == 0
     zeros = LogProbs(*(None if full is None or i == 2 else torch.zeros_like(full)
                        for i, full in enumerate(stats.out)))
-    loss = loss + loss_from(TokenStats(zeros, mask, targets), shaped(empty))
+    with no_autocast(hidden.device):
+        loss = loss + loss_from(TokenStats(zeros, mask, targets), shaped(empty))
     return loss, stats
 
 
@@ -503,7 +518,7 @@ def _shape_of(value) -> str:
 def sequence_reference(labels, *, average: bool, ref_logprobs=None, ref_hidden=None,
                        ref_weight=None, ref_bias=None, ref_sequence_logps=None,
                        ref_chosen_logps=None, ref_rejected_logps=None, required=True,
-                       **primitive_options):
+                       name="ref", sequence_name=None, **primitive_options):
     """The reference's per-sequence log-probs [rows], detached: summed (``S^ref``) or
     length-normalised (``Ā^ref``, ``average``); or None when none is given and not
     ``required``.
@@ -511,9 +526,17 @@ def sequence_reference(labels, *, average: bool, ref_logprobs=None, ref_hidden=N
     From per-token ``ref_logprobs``/``ref_hidden``... (see :func:`reference_logprobs`), or
     precomputed per sequence, as TRL stores them (``precompute_ref_log_probs``): summed over
     each row's scored tokens, either ``ref_sequence_logps [rows]`` or, for a preference batch,
-    ``ref_chosen_logps [B]`` and ``ref_rejected_logps [B]`` (TRL's names). A per-sequence sum
-    is divided by the row's scored-token count when ``average``.
+    ``ref_chosen_logps [B]`` and ``ref_rejected_logps [B]`` (TRL's names; a preference loss
+    takes only this form). A per-sequence sum is divided by the row's scored-token count
+    when ``average``.
+
+    Errors name the caller's arguments: ``name`` is the prefix of the per-token ones
+    (``{name}_logprobs``, ``{name}_hidden``) and ``sequence_name`` the caller's name for
+    ``ref_sequence_logps`` (KTO's ``ref_logps``, ``ref_KL_logps``); None for a preference
+    loss.
     """
+    per_sequence_form = f"{sequence_name} [B]" if sequence_name \
+        else "ref_chosen_logps [B] and ref_rejected_logps [B]"
     ignore_index = primitive_options.get("ignore_index", IGNORE_INDEX)
     mask = (shift_targets(labels, ignore_index) != ignore_index)
     pairs = ref_chosen_logps is not None or ref_rejected_logps is not None
@@ -523,32 +546,28 @@ def sequence_reference(labels, *, average: bool, ref_logprobs=None, ref_hidden=N
             raise ValueError("ref_chosen_logps and ref_rejected_logps go together; got only "
                              f"{'ref_chosen_logps' if ref_rejected_logps is None else 'ref_rejected_logps'}")
         half = labels.shape[0] // 2
-        for name, t in (("ref_chosen_logps", ref_chosen_logps),
-                        ("ref_rejected_logps", ref_rejected_logps)):
-            check_per_sequence(name, t, half, labels.device)
-        if ref_sequence_logps is not None:
-            raise ValueError("pass ref_sequence_logps or ref_chosen_logps/ref_rejected_logps, "
-                             "not both")
+        for pair_name, t in (("ref_chosen_logps", ref_chosen_logps),
+                             ("ref_rejected_logps", ref_rejected_logps)):
+            check_per_sequence(pair_name, t, half, labels.device)
         ref_sequence_logps = torch.cat((ref_chosen_logps, ref_rejected_logps))
+        sequence_name = "ref_chosen_logps/ref_rejected_logps"
     elif ref_sequence_logps is not None:
-        check_per_sequence("ref_sequence_logps", ref_sequence_logps, labels.shape[0],
-                           labels.device)
+        check_per_sequence(sequence_name, ref_sequence_logps, labels.shape[0], labels.device)
     if ref_sequence_logps is not None:
         if per_token:
-            raise ValueError("pass a per-token reference (ref_logprobs or ref_hidden/"
-                             "ref_weight) or a per-sequence one "
-                             f"({'ref_chosen_logps/ref_rejected_logps' if pairs else 'ref_sequence_logps'}), not both")
+            raise ValueError(f"pass a per-token reference ({name}_logprobs or {name}_hidden/"
+                             f"ref_weight) or a per-sequence one ({sequence_name}), not both")
         count = mask.sum(-1)
         total = masked(ref_sequence_logps.detach(), count > 0)  # a row with nothing scored: 0
         return total / count.clamp_min(1).to(total.dtype) if average else total
     ref = reference_logprobs(labels, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
                              ref_weight=ref_weight, ref_bias=ref_bias, required=False,
-                             **primitive_options)
+                             name=name, **primitive_options)
     if ref is None:
         if required:
-            raise ValueError("this loss needs a reference: pass ref_logprobs [B, T] (labels "
-                             "layout), ref_hidden [B, T, H] with ref_weight [V, H], or TRL's "
-                             "per-sequence ref_chosen_logps [B] and ref_rejected_logps [B]")
+            raise ValueError(f"this loss needs a reference: pass {name}_logprobs [B, T] "
+                             f"(labels layout), {name}_hidden [B, T, H] with ref_weight [V, H], "
+                             f"or TRL's per-sequence {per_sequence_form} (summed log-probs)")
         return None
     return sequence_logps(ref, mask.to(ref.dtype), average)
 

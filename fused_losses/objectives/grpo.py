@@ -26,8 +26,9 @@ from typing import Callable, Literal
 import torch
 
 from ._common import (IGNORE_INDEX, LossOutput, check_call, check_choice, check_count,
-                      check_positive, check_range, fused_objective, masked_mean,
-                      reference_logprobs, shift_targets, to_prediction_layout, token_metrics)
+                      check_options, check_positive, check_range, fused_objective, masked_mean,
+                      own_options, reference_logprobs, shift_targets, to_prediction_layout,
+                      token_metrics)
 
 # Metric names, as TRL's GRPOTrainer logs them.
 KL = "kl"
@@ -303,6 +304,10 @@ def ppo_loss(
 
     Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", Eq. 7.
     """
+    # Checked here, under the name the user called: grpo_loss would name itself.
+    grpo_options = own_options(grpo_loss)
+    check_options("ppo_loss", {k: v for k, v in options.items() if k not in grpo_options},
+                  own=grpo_options)
     if not isinstance(advantages, torch.Tensor) or advantages.dim() != 2:
         raise ValueError(f"ppo_loss takes per-token advantages [B, T] = "
                          f"{tuple(labels.shape)} (labels layout), got "

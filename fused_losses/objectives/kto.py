@@ -26,7 +26,8 @@ from ._common import (IGNORE_INDEX, LOGITS_CHOSEN, LOGITS_REJECTED, LOGPS_CHOSEN
                       LOGPS_REJECTED, REWARDS_CHOSEN, REWARDS_MARGINS, REWARDS_REJECTED,
                       LossOutput, check_bool, check_call, check_choice, check_positive,
                       check_range, fused_objective, masked_mean, present_mean,
-                      reference_logprobs, sequence_logps, shift_targets, token_metrics)
+                      reference_logprobs, sequence_logps, sequence_reference, shift_targets,
+                      token_metrics)
 
 # (ρ [B], z, β, desirable [B] bool) -> per-sequence loss [B], before the class weights.
 UnpairedLoss = Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor], torch.Tensor]
@@ -54,11 +55,13 @@ def kto_loss(
     ref_hidden: torch.Tensor | None = None,
     ref_weight: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
     kl: float | torch.Tensor | None = None,
     kl_hidden: torch.Tensor | None = None,
     kl_labels: torch.Tensor | None = None,
     kl_ref_logprobs: torch.Tensor | None = None,
     kl_ref_hidden: torch.Tensor | None = None,
+    ref_KL_logps: torch.Tensor | None = None,
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
@@ -75,7 +78,11 @@ def kto_loss(
         preference_labels (Tensor): [B] bool (or 0/1 integers): True = desirable.
         ref_logprobs (Tensor, optional): [B, T] reference log-probs, labels layout; or
             ``ref_hidden``/``ref_weight``/``ref_bias`` to compute them fused under
-            ``no_grad``. One of the two is required.
+            ``no_grad``; or ``ref_logps``. One of the three is required.
+        ref_logps (Tensor, optional): [B] TRL's precomputed per-sequence reference
+            (``KTOTrainer``'s ``ref_logps`` column with ``precompute_ref_log_probs``): the
+            reference's log-probs summed over each row's scored tokens (divided by the row's
+            count here with ``average_log_prob``). Default: None.
         kl (float or Tensor, optional): the reference point z, given (a scalar, or [B] one per
             sequence, as Liger takes it); clamped at 0 and detached. Default: None.
         kl_hidden (Tensor, optional): [B', T', H] the policy's hidden states on mismatched
@@ -86,6 +93,9 @@ def kto_loss(
             with ``weight``. Without ``kl`` or ``kl_hidden``, z = 0 (as Liger without ``kl``;
             TRL always estimates it for ``"kto"``). Under DDP, average z over ranks
             yourself (TRL gathers it) and pass it as ``kl``. Default: None.
+        ref_KL_logps (Tensor, optional): [B'] TRL's precomputed per-sequence reference on the
+            mismatched batch (its ``ref_KL_logps`` column), summed like ``ref_logps``, in
+            place of ``kl_ref_logprobs``/``kl_ref_hidden``. Default: None.
         beta (float): > 0. Default: 0.1.
         desirable_weight (float): >= 0, λ_D. Default: 1.0.
         undesirable_weight (float): >= 0, λ_U. Default: 1.0.
@@ -113,18 +123,23 @@ def kto_loss(
     check_range("undesirable_weight", undesirable_weight, 0.0, math.inf)
     check_bool("average_log_prob", average_log_prob)
     desirable = _preferences(preference_labels, labels)
-    ref = reference_logprobs(labels, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
-                             ref_weight=ref_weight, ref_bias=ref_bias, **primitive_options)
-    z = _reference_point(kl, kl_hidden, kl_labels, kl_ref_logprobs, kl_ref_hidden, weight,
-                         ref_weight, ref_bias, labels, average_log_prob, primitive_options)
+    # ref_weight scores ref_hidden, kl_ref_hidden or both: given for kl_ref_hidden alone it
+    # is no per-token reference of the batch itself (ref_logps may then be the batch's).
+    own_weight = None if ref_hidden is None and kl_ref_hidden is not None else ref_weight
+    reference = sequence_reference(
+        labels, average=average_log_prob, ref_logprobs=ref_logprobs, ref_hidden=ref_hidden,
+        ref_weight=own_weight, ref_bias=ref_bias, ref_sequence_logps=ref_logps,
+        sequence_name="ref_logps", **primitive_options)
+    z = _reference_point(kl, kl_hidden, kl_labels, kl_ref_logprobs, kl_ref_hidden,
+                         ref_KL_logps, weight, ref_weight, ref_bias, labels, average_log_prob,
+                         primitive_options)
     class_weight = torch.where(desirable, *(torch.tensor(float(w), dtype=torch.float64,
                                                          device=labels.device)
                                             for w in (desirable_weight, undesirable_weight)))
 
     def rewards_of(stats):  # (S [B], ρ [B])
         policy = sequence_logps(stats.out.logprobs, stats.mask, average_log_prob)
-        reference = sequence_logps(ref.to(policy), stats.mask, average_log_prob)
-        return policy, policy - reference
+        return policy, policy - reference.to(policy)
 
     def loss_from(stats, present):
         rho = rewards_of(stats)[1]
@@ -216,12 +231,15 @@ def _preferences(preference_labels, labels) -> torch.Tensor:
     return preference_labels != 0
 
 
-def _reference_point(kl, kl_hidden, kl_labels, kl_ref_logprobs, kl_ref_hidden, weight,
-                     ref_weight, ref_bias, labels, average, primitive_options) -> torch.Tensor:
+def _reference_point(kl, kl_hidden, kl_labels, kl_ref_logprobs, kl_ref_hidden, ref_KL_logps,
+                     weight, ref_weight, ref_bias, labels, average,
+                     primitive_options) -> torch.Tensor:
     """z: given, or TRL's estimate on the mismatched batch; clamped at 0, detached; 0-d or
     [B]."""
-    estimate_given = any(t is not None for t in (kl_hidden, kl_labels, kl_ref_logprobs,
-                                                 kl_ref_hidden))
+    estimate = {"kl_hidden": kl_hidden, "kl_labels": kl_labels,
+                "kl_ref_logprobs": kl_ref_logprobs, "kl_ref_hidden": kl_ref_hidden,
+                "ref_KL_logps": ref_KL_logps}
+    estimate_given = any(t is not None for t in estimate.values())
     if kl is not None and estimate_given:
         raise ValueError("pass either kl (the reference point) or kl_hidden/kl_labels (a "
                          "mismatched batch to estimate it on), not both")
@@ -241,31 +259,35 @@ def _reference_point(kl, kl_hidden, kl_labels, kl_ref_logprobs, kl_ref_hidden, w
     if not estimate_given:
         return torch.zeros((), dtype=torch.float64, device=labels.device)
     if kl_hidden is None or kl_labels is None:
-        raise ValueError("kl_hidden [B', T', H] and kl_labels [B', T'] go together; got only "
-                         + ("kl_labels" if kl_hidden is None else "kl_hidden"))
+        raise ValueError("the estimate is taken on a mismatched batch: kl_hidden [B', T', H] "
+                         "and kl_labels [B', T'] go together; got only "
+                         + ", ".join(name for name, t in estimate.items() if t is not None))
     if not isinstance(kl_labels, torch.Tensor) or kl_labels.dim() != 2 \
             or kl_labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"kl_labels must be an integer tensor [B', T'], got "
                          f"{getattr(kl_labels, 'dtype', type(kl_labels).__name__)} of shape "
                          f"{tuple(getattr(kl_labels, 'shape', ()))}")
-    if (kl_ref_logprobs is None) == (kl_ref_hidden is None):
+    references = [name for name in ("kl_ref_logprobs", "kl_ref_hidden", "ref_KL_logps")
+                  if estimate[name] is not None]
+    if len(references) != 1:
         raise ValueError("the estimate needs the reference on the mismatched batch: pass "
-                         "exactly one of kl_ref_logprobs [B', T'] and kl_ref_hidden [B', T', H]")
+                         "exactly one of kl_ref_logprobs [B', T'], kl_ref_hidden [B', T', H] "
+                         "and TRL's per-sequence ref_KL_logps [B'] (summed); got "
+                         + (", ".join(references) or "none"))
     if kl_ref_hidden is not None and ref_weight is None:
         raise ValueError("kl_ref_hidden is scored with ref_weight (and ref_bias): pass "
                          "ref_weight [V, H]")
+    reference = sequence_reference(
+        kl_labels, average=average, ref_logprobs=kl_ref_logprobs, ref_hidden=kl_ref_hidden,
+        ref_weight=None if kl_ref_hidden is None else ref_weight,
+        ref_bias=None if kl_ref_hidden is None else ref_bias, ref_sequence_logps=ref_KL_logps,
+        name="kl_ref", sequence_name="ref_KL_logps", **primitive_options)
     policy = reference_logprobs(kl_labels, ref_hidden=kl_hidden, ref_weight=weight,
                                 ref_bias=primitive_options.get("bias"), name="kl",
                                 **primitive_options)
-    reference = reference_logprobs(kl_labels, ref_logprobs=kl_ref_logprobs,
-                                   ref_hidden=kl_ref_hidden,
-                                   ref_weight=None if kl_ref_hidden is None else ref_weight,
-                                   ref_bias=None if kl_ref_hidden is None else ref_bias,
-                                   name="kl_ref", **primitive_options)
     ignore_index = primitive_options.get("ignore_index", IGNORE_INDEX)
     mask = (shift_targets(kl_labels, ignore_index) != ignore_index).to(policy.dtype)
-    gap = sequence_logps(policy, mask, average) \
-        - sequence_logps(reference.to(policy), mask, average)
+    gap = sequence_logps(policy, mask, average) - reference.to(policy)
     return gap.mean().double().clamp_min(0)
 
 

@@ -121,6 +121,9 @@ def sft_loss(
     ``num_items_in_batch`` replaces the divisor (e.g. the number of sequences, for the
     paper's expectation over sequences). The other divergences take φ through
     :func:`phi_safe`: below the cut-off where ``φ'(u) = max_weight``, φ is its tangent.
+    They are f-divergences of the implicit reward of the target tokens (``kl`` and
+    ``jensen_shannon`` included), not distillation to a reference's whole next-token
+    distribution: for that, see :func:`~fused_losses.distill_loss`.
 
     Shifting: ``labels`` are Hugging Face labels aligned with ``input_ids``; the loss shifts
     them itself (``hidden[:, t]`` predicts ``labels[:, t+1]``). The primitive
@@ -212,13 +215,22 @@ def sft_loss(
         u = beta * ((masked(rho, mask).sum(-1) if sequence else rho) + values)
         return (u, *phi_safe(divergence, u, max_weight=max_weight))
 
-    def loss_from(stats, present):  # groups are sequences: the values span the sequence
+    # With φ(u) = u and no value terms the loss is −β·Σ_t m_t·logp_t / divisor in either
+    # mode: a sum over tokens, so chunks of any tokens keep the one-pass path for a sequence
+    # of any length. Otherwise a term (a sequence's u, or a token's lse(s_{t+1})) spans
+    # positions: chunks of whole sequences.
+    token_sum = linear and not needs_values
+
+    def loss_from(stats, present):  # present: [B, T] tokens if token_sum, else [B] rows
+        if token_sum:
+            return -beta * masked(stats.out.logprobs, scored & present).sum() / divisor
         _, phi, _ = terms(stats)
         counted = terms_mask & (present if sequence else present.unsqueeze(-1))
         return -masked(phi, counted).sum() / divisor
 
     loss, stats = fused_objective(hidden, weight, labels, primitive_options, loss_from,
-                                  groups="sequence", targets=targets, return_lse=needs_values)
+                                  groups="token" if token_sum else "sequence",
+                                  targets=targets, return_lse=needs_values)
     u, _, guarded = terms(stats)
     share = terms_mask.to(u.dtype)
     metrics = {

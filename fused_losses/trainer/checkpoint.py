@@ -7,6 +7,7 @@ steps (bco_pair's running δ; a sampler's state) and the run's fingerprint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -21,12 +22,16 @@ from .fileio import write_atomically, write_text_atomically
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "fused-losses-trainer/1"
 # Fields that change what a step computes; a checkpoint from a run that differs in one of them
-# cannot be continued. (--max-steps may grow; logging and bar options do not matter.)
-FINGERPRINT = ("objective", "impl", "model", "model_config", "data", "batch_size", "grad_accum",
-               "max_length", "too_long", "train_size", "lr", "warmup_steps", "min_lr_ratio",
-               "weight_decay", "grad_clip", "beta", "loss_type", "divergence", "variant",
-               "temperature", "hard_weight", "loss_kwargs", "seed", "fsdp", "precompute_ref",
-               "num_generations", "max_completion_length", "teacher")
+# cannot be continued. (--max-steps may grow; logging and bar options do not matter.) The
+# frozen models are fingerprinted by their flags (--reward-model, --reward-ref, --teacher),
+# not their weights; --eval-data and --eval-size decide which of --data's records are
+# trained on; --bf16 the step's arithmetic on CUDA.
+FINGERPRINT = ("objective", "impl", "model", "model_config", "data", "eval_data", "eval_size",
+               "batch_size", "grad_accum", "max_length", "too_long", "train_size", "lr",
+               "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "beta", "loss_type",
+               "divergence", "variant", "temperature", "hard_weight", "loss_kwargs",
+               "reward_model", "reward_ref", "teacher", "num_generations",
+               "max_completion_length", "seed", "fsdp", "precompute_ref", "bf16")
 
 
 def for_resume(out: Path, cfg: Config) -> dict | None:
@@ -78,8 +83,11 @@ def load(path: Path, cfg: Config) -> dict:
         raise TrainError(f"{path} is not a fused-losses trainer checkpoint; refusing to resume, "
                          "nothing was changed")
     mine = {k: getattr(cfg, k) for k in FINGERPRINT}
-    diff = {k: (state["config"].get(k), v) for k, v in mine.items()
-            if state["config"].get(k) != v}
+    # A field the checkpoint lacks was added to the fingerprint after it was written: the run
+    # that wrote it behaved as the field's default does.
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    theirs = {k: state["config"].get(k, defaults[k]) for k in FINGERPRINT}
+    diff = {k: (theirs[k], v) for k, v in mine.items() if theirs[k] != v}
     if diff:
         listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise TrainError(f"{path} was written by an incompatible run ({listing}); refusing to "

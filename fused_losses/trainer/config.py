@@ -60,7 +60,8 @@ class Config:
                                "forward_kl, reverse_kl or jsd (default jsd)")
     variant: str = _f(None, "dil variant (default lsif)")
     temperature: float = _f(None, "softmax temperature of the objective's logits (distill: of "
-                                  "both models'; default 1)")
+                                  "both models'; grpo: also the sampling temperature and the "
+                                  "reference's; default 1)")
     hard_weight: float = _f(None, "distill: weight of the student's cross-entropy on the labels "
                                   "(default 0)")
     loss_kwargs: str = _f(None, "more keyword arguments for the objective, as inline JSON")

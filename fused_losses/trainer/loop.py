@@ -114,7 +114,7 @@ def train(cfg: Config) -> dict:
     models = recipe.frozen(cfg, lm, opts)  # copies of the start policy, reward models, ...
     if cfg.precompute_ref and "ref" in models:  # the log-probs travel with the batches instead
         recipes.precompute_reference(models.pop("ref"), (train_set, eval_set), out, cfg.impl,
-                                     enc.pad_id, procs)
+                                     enc.pad_id, procs, opts.get("temperature", 1.0))
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(lm)
     loss_step = (recipe.fused if cfg.impl == "fused" else recipe.unfused)(opts)
@@ -124,15 +124,15 @@ def train(cfg: Config) -> dict:
         """What a loss reads besides the policy: the step's item count (its divisor), the
         frozen models' outputs (by the same implementation as the policy's), the state."""
         with autocast:
-            return {"num_items": num_items, **recipe.context(models, batch, cfg.impl),
+            return {"num_items": num_items, **recipe.context(models, batch, cfg.impl, opts),
                     **state.values()}
 
     # --- wrapping, optimizer, batches, resume -----------------------------------------------
     core = PolicyLoss(lm, loss_step)
     model = distributed.wrap(core, lm, cfg.fsdp, procs)
     optimizer, scheduler = make_optimizer(core, cfg, procs.device)
-    source = recipe.sampler(cfg, lm, train_set, enc, procs)
-    eval_source = recipe.sampler(cfg, lm, eval_set, enc, procs)
+    source = recipe.sampler(cfg, lm, train_set, enc, procs, opts)
+    eval_source = recipe.sampler(cfg, lm, eval_set, enc, procs, opts)
     width = len(D.RESPONSES[recipe.data])
     step_once = Step(model, core, optimizer, scheduler, context, state.update, autocast,
                      cfg.grad_accum, cfg.grad_clip, width, procs)

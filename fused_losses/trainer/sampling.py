@@ -78,11 +78,12 @@ def stats(source: BatchSource) -> dict[str, float]:
     return source.stats() if hasattr(source, "stats") else {}
 
 
-def dataset_batches(cfg, lm, data: D.Encoded, enc: D.Encoder,
-                    procs: Processes) -> BatchSource:
+def dataset_batches(cfg, lm, data: D.Encoded, enc: D.Encoder, procs: Processes,
+                    opts: dict) -> BatchSource:
     """The default batch source of a recipe: the training set itself. (A sampler for an
     on-policy objective takes the same arguments: the policy ``lm`` to generate with, the
-    encoded prompts, the tokenizer to decode completions and score them.)"""
+    encoded prompts, the tokenizer to decode completions and score them, the objective's
+    options, its sampling temperature among them.)"""
     width = len(data.rows[0]) if data.rows else 1
     return DatasetBatches(data, cfg.batch_size, cfg.seed, enc.pad_id, width, procs)
 
@@ -108,6 +109,7 @@ class GenerationBatches:
     batch_size: int  # prompts per step over all processes
     num_generations: int
     max_completion_length: int
+    temperature: float  # the loss's (``sampling_temperature``): it scores what was sampled
     seed: int
     procs: Processes
     last: dict = field(default_factory=dict)  # what sampling the latest batch cost
@@ -141,11 +143,12 @@ class GenerationBatches:
         self.lm.eval()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(_seed_of(seed))
-            # The full distribution at temperature 1 (top_k=0 turns off generate's default
-            # top-50), as TRL samples by default.
+            # The whole distribution of the model's own logits divided by the loss's
+            # temperature (top_k=0 turns off generate's default top-50), as TRL samples.
             out = self.lm.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=self.max_completion_length,
+                temperature=self.temperature, top_k=0, top_p=1.0,
+                max_new_tokens=self.max_completion_length,
                 num_return_sequences=self.num_generations, pad_token_id=self.enc.pad_id,
                 eos_token_id=self.enc.eos_id)[:, width:].cpu()
         self.lm.train(was_training)
@@ -202,11 +205,19 @@ def checksum(rows) -> float:
     return float(total)
 
 
-def generation_batches(cfg, lm, data: D.Encoded, enc: D.Encoder,
-                       procs: Processes) -> GenerationBatches:
+def sampling_temperature(opts: dict) -> float:
+    """The temperature GRPO samples at: the loss's own ``temperature`` option (default 1), so
+    that the loss and the reference score the distribution the completions came from (TRL
+    samples at ``temperature`` and divides the logits of both by it)."""
+    return float(opts.get("temperature", 1.0))
+
+
+def generation_batches(cfg, lm, data: D.Encoded, enc: D.Encoder, procs: Processes,
+                       opts: dict) -> GenerationBatches:
     """GRPO's batch source: the records' prompts, and as answers the final numbers of their
-    reference completions."""
+    reference completions; sampled at the loss's temperature."""
     prompts = [ids[:start] for ((ids, start),) in data.rows]
     answers = [R.final_number(enc.decode(ids[start:])) for ((ids, start),) in data.rows]
     return GenerationBatches(lm, prompts, answers, enc, cfg.batch_size, cfg.num_generations,
-                             cfg.max_completion_length, cfg.seed, procs)
+                             cfg.max_completion_length, sampling_temperature(opts), cfg.seed,
+                             procs)

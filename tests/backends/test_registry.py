@@ -31,6 +31,21 @@ def test_auto_is_torch_on_cpu_and_triton_needs_cuda_or_the_interpreter(monkeypat
                 backends.resolve_backend(name, torch.device("cpu"))
 
 
+def test_auto_on_cuda_is_the_cuda_default_and_torch_without_triton(monkeypatch):
+    """Resolution only (no CUDA tensor is made): the default the notes' predictions chose."""
+    cuda = torch.device("cuda")
+    assert backends.resolve_backend("auto", cuda) is backends._load(backends.CUDA_DEFAULT)
+
+    def no_triton(name):
+        if backends._REGISTRY[name].triton:
+            raise ImportError("no module named 'triton'")
+        return load(name)
+
+    load = backends._load
+    monkeypatch.setattr(backends, "_load", no_triton)
+    assert backends.resolve_backend("auto", cuda) is load("torch")
+
+
 @pytest.mark.parametrize("name", ["cuda", "Torch", None, 3])
 def test_unknown_names_list_the_valid_ones(name):
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch'"):

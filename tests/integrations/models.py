@@ -75,6 +75,17 @@ def model_inputs(arch: str, batch=3, length=9, seed=0):
     return inputs, labels
 
 
+class Wrapper(torch.nn.Module):
+    """Like DDP: the model as ``.module``, its forward calls it."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
 def next_token_targets(labels):
     return F.pad(labels[:, 1:], (0, 1), value=-100)
 

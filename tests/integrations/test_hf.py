@@ -5,12 +5,11 @@ import types
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_losses import patch_causal_lm, unpatch_causal_lm
 from fused_losses.integrations import FusedCausalLMOutput, add_fused_lm_head, is_patched
-from tests.helpers import assert_close
-from tests.integrations.models import (ARCHS, VOCAB, build, hf_loss, model_inputs,
+from tests.helpers import LargestTensors, assert_close
+from tests.integrations.models import (ARCHS, VOCAB, Wrapper, build, hf_loss, model_inputs,
                                        next_token_targets)
 
 F64 = torch.float64
@@ -24,21 +23,6 @@ def _assert_same_grads(actual, expected):
     assert actual.keys() == expected.keys()
     for name in expected:
         assert_close(actual[name], expected[name], F64, scale=10, name=name)
-
-
-class _LargestLogits(TorchDispatchMode):
-    """Records the most rows of any [..., V] tensor (logits or their gradient) an op makes."""
-
-    def __enter__(self):
-        self.largest = 0
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == VOCAB:
-                self.largest = max(self.largest, t.numel() // VOCAB)
-        return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -64,10 +48,10 @@ def test_no_logits_sized_tensor_is_formed():
     fused = patch_causal_lm(build("llama"))
     inputs, labels = model_inputs("llama", batch=4, length=24)
     labels[:, :16] = -100  # two thirds of the positions are prompt
-    with _LargestLogits() as seen:
+    with LargestTensors(VOCAB) as seen:
         fused(**inputs, labels=labels).loss.backward()
     scored = int((next_token_targets(labels) != -100).sum())
-    assert 0 < seen.largest <= scored < labels.numel() / 2  # the stock model: every position
+    assert 0 < seen.rows <= scored < labels.numel() / 2  # the stock model: every position
 
 
 def test_shift_labels_and_the_stock_loss_of_a_batch_without_labels():
@@ -294,14 +278,6 @@ def test_a_deep_copy_is_patched_on_its_own():
 
 
 def test_a_ddp_style_wrapper_is_patched_through():
-    class Wrapper(torch.nn.Module):  # like DDP: .module, forward calls it
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, *args, **kwargs):
-            return self.module(*args, **kwargs)
-
     stock, wrapped = build("qwen2"), patch_causal_lm(Wrapper(build("qwen2")))
     inputs, labels = model_inputs("qwen2")
     assert_close(wrapped(**inputs, labels=labels).loss,
@@ -377,7 +353,9 @@ def test_bad_inputs_name_the_problem():
     for bad, error in ((dict(temperature=True), TypeError),
                        (dict(temperature=float("inf")), ValueError),
                        (dict(backend="tritn"), ValueError), (dict(filter_eps=-1.0), ValueError),
-                       (dict(chunk_size=0), ValueError), (dict(grad_in_forward="no"), TypeError)):
+                       (dict(chunk_size=0), ValueError), (dict(grad_in_forward="no"), TypeError),
+                       (dict(cast_lm_head_to_fp32=1), TypeError),
+                       (dict(outputs="log_probs"), TypeError)):  # a str is not a tuple of names
         with pytest.raises(error, match=next(iter(bad))):
             patch_causal_lm(build("llama"), **bad)
     with pytest.raises(TypeError, match="unexpected keyword"):

@@ -58,6 +58,12 @@ def test_contract_on_cuda(backend, check):
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_mean_cross_entropy_over_8192_tokens_on_cuda(backend, dtype):
+    contract.check_mean_over_8192_tokens(backend, dtype, device=CUDA, shape=(8192, 512, 32000))
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_all_tokens_ignored_on_cuda(backend):
     hidden, weight, targets, _ = make_inputs(64, 256, 5000, torch.bfloat16, device=CUDA)
     targets.fill_(-100)

@@ -187,3 +187,42 @@ def test_grad_in_forward_must_be_a_bool():
     hidden, weight, labels, _ = _pairs()
     with pytest.raises(TypeError, match="grad_in_forward must be None or a bool"):
         simpo_loss(hidden, weight, labels, backend="torch", grad_in_forward="yes")
+
+
+@pytest.mark.parametrize("case,one_pass", [
+    (dict(), True), (dict(value_mode="token", beta=0.5), True),
+    (dict(num_items_in_batch=5), True),
+    (dict(value_grad=True), False),  # lse(s_0) − lse(s_T) spans the sequence
+    (dict(divergence="kl"), False)],  # φ is not linear: a sequence's u is needed whole
+    ids=["plain", "token-beta", "num_items", "value_grad", "kl"])
+def test_sft_one_pass_for_a_sequence_longer_than_the_budget(case, one_pass, monkeypatch):
+    """Plain SFT (φ(u) = u, no value terms) is a sum over tokens: its chunks need not hold
+    whole sequences, so one sequence far longer than the one-pass budget keeps the one pass
+    (3 matmuls) instead of forward then backward (4). Equal to cross-entropy on
+    materialised float64 logits."""
+    from fused_losses.backends import torch_chunked
+    calls = {"one_pass": 0, "backward": 0}
+    for name, key in (("forward_backward", "one_pass"), ("backward", "backward")):
+        original = getattr(torch_chunked, name)
+        monkeypatch.setattr(torch_chunked, name, lambda *a, _f=original, _k=key, **k:
+                            calls.__setitem__(_k, calls[_k] + 1) or _f(*a, **k))
+    monkeypatch.setattr(torch_chunked, "ONE_PASS_BYTES", 4 * 41 * 3)  # 3 rows of V = 41
+    hidden, weight, labels, bias = batch(rows=1, T=23, V=41, bias=True)
+    labels[0, :3] = -100  # a prompt
+    kwargs = dict(case, bias=bias, chunk_size=4)
+    if "divergence" in case:
+        kwargs["ref_logprobs"] = _ref(hidden, weight, labels)
+    out = sft_loss(hidden, weight, labels, **kwargs, backend="torch")
+    assert calls == ({"one_pass": 1, "backward": 0} if one_pass
+                     else {"one_pass": 0, "backward": 1})
+    if not one_pass:
+        return  # the path is the point here; test_sft.py checks these values
+    logits = naive.logits_of(hidden, weight, bias)[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 41), labels[:, 1:].reshape(-1),
+                                            reduction="sum")
+    want = case.get("beta", 1.0) * nll / case.get("num_items_in_batch", int((labels != -100)
+                                                                             .sum()))
+    assert_close(out.loss, want, F64, name="loss")
+    for got, expected in zip(torch.autograd.grad(out.loss, (hidden, weight, bias)),
+                             torch.autograd.grad(want, (hidden, weight, bias))):
+        assert_close(got, expected, F64, scale=10, name="grad")

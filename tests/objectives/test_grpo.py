@@ -309,7 +309,7 @@ def test_matches_trl_grpo_trainer(case):
 # ----------------------------------------------------------------------------------------
 
 LIGER_CASES = [dict(loss_type=t, level="token") for t in LOSS_TYPES]
-LIGER_CASES += [dict(loss_type=t, level="sequence") for t in ("grpo", "dapo")]
+LIGER_CASES += [dict(loss_type=t, level="sequence") for t in ("grpo", "bnpo", "dr_grpo", "dapo")]
 LIGER_CASES += [dict(loss_type="bnpo", level="token", is_ratio=True, beta=0.0, bias=True)]
 
 

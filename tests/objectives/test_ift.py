@@ -29,7 +29,8 @@ def naive_ift(model, input_ids, labels, attention_mask, lam, gamma, detach=False
     further = torch.cat((input_ids[:, :1], logits.argmax(-1)[:, :-1]), dim=1)
     mixed = torch.where(labels == -100, input_ids, further)
     embeds = (1 - lam) * inputs_embeds + lam * embed(mixed)
-    logp = model(inputs_embeds=embeds, attention_mask=attention_mask).logits.log_softmax(-1)
+    logits = model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+    logp = logits.double().log_softmax(-1)  # float64 math on the head's logits (autocast: bf16)
     per_seq = []
     for b in range(labels.shape[0]):
         T = labels.shape[1]

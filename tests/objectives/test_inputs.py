@@ -1,16 +1,19 @@
 """What every objective does with its inputs: NaN or inf at ignored positions never reach the
 loss or a gradient, an empty batch is a zero loss, an unknown keyword is a TypeError naming
 the public function."""
+import inspect
 import math
 
 import pytest
 import torch
 
 import fused_losses
-from fused_losses import (cpo_loss, dil_loss, dpo_loss, orpo_loss, reinforce_loss, sft_loss,
-                          simpo_loss)
+from fused_losses import (cpo_loss, dil_loss, distill_loss, dpo_loss, grpo_loss, ift_loss,
+                          kto_loss, objectives, orpo_loss, ppo_loss, reinforce_loss, sft_loss,
+                          simpo_loss, token_logprobs, token_rewards)
 from tests.helpers import assert_close
 from tests.objectives import naive
+from tests.objectives.models import lm_batch, tiny_model
 from tests.objectives.naive import batch, grads, pairs
 
 F64 = torch.float64
@@ -84,19 +87,53 @@ def test_empty_batch_is_a_zero_loss(fn, options, paired):
     assert dw is None or torch.count_nonzero(dw) == 0
 
 
+def _needed(fn):
+    """(positional, keyword) arguments of a valid call of ``fn``."""
+    hidden, weight, labels, _ = pairs()
+    rows, per_token = labels.shape[0], torch.zeros(labels.shape, dtype=F64)
+    if fn in (ift_loss, token_logprobs, token_rewards):
+        model = tiny_model("llama")
+        input_ids, lm_labels, _ = lm_batch()
+        models = (model, model) if fn is token_rewards else (model,)
+        return (*models, input_ids, lm_labels), {}
+    return {
+        distill_loss: ((hidden, weight, hidden.detach(), weight.detach(), labels), {}),
+        grpo_loss: ((hidden, weight, labels, torch.zeros(rows, dtype=F64)), {}),
+        ppo_loss: ((hidden, weight, labels, per_token), dict(old_logprobs=per_token)),
+        kto_loss: ((hidden, weight, labels, torch.ones(rows, dtype=torch.bool)),
+                   dict(ref_logprobs=per_token)),
+        reinforce_loss: ((hidden, weight, labels), dict(rewards=per_token)),
+    }.get(fn, ((hidden, weight, labels), {}))
+
+
 PUBLIC_OBJECTIVES = [sft_loss, dpo_loss, simpo_loss, orpo_loss, cpo_loss, dil_loss,
-                     reinforce_loss]
+                     reinforce_loss, grpo_loss, ppo_loss, kto_loss, distill_loss, ift_loss,
+                     token_logprobs, token_rewards]
+
+
+def test_every_public_objective_is_checked_for_unknown_keywords():
+    """A new public objective (``*_loss``, or one passing options on to the primitive)
+    joins ``PUBLIC_OBJECTIVES``."""
+    public = [getattr(objectives, name) for name in objectives.__all__]
+    takes_options = [fn for fn in public if inspect.isfunction(fn) and (
+        fn.__name__.endswith("_loss") or any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                             for p in inspect.signature(fn).parameters.values()))]
+    assert set(takes_options) == set(PUBLIC_OBJECTIVES)
 
 
 @pytest.mark.parametrize("fn", PUBLIC_OBJECTIVES, ids=lambda f: f.__name__)
 def test_unknown_keyword_names_the_public_function(fn):
-    """Was a TypeError from linear_logprobs (or silently swallowed); now Python's own
-    wording, for the function the user called."""
-    hidden, weight, labels, _ = pairs()
-    needed = dict(rewards=torch.zeros(labels.shape, dtype=F64)) if fn is reinforce_loss else {}
+    """Was a TypeError from linear_logprobs (or silently swallowed), or from grpo_loss for
+    ppo_loss; now Python's own wording, for the function the user called, with a hint
+    where the function takes the primitive's options through ``**`` (a function with a
+    closed signature gets Python's own error, which names it too)."""
+    args, kwargs = _needed(fn)
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                     for p in inspect.signature(fn).parameters.values())
+    hint = r"; did you mean 'temperature'\?" if open_ended else ""
     with pytest.raises(TypeError, match=rf"^{fn.__name__}\(\) got an unexpected keyword "
-                                        r"argument 'temprature'; did you mean 'temperature'\?"):
-        fn(hidden, weight, labels, temprature=2.0, **needed, **TORCH)
+                                        rf"argument 'temprature'{hint}"):
+        fn(*args, **kwargs, temprature=2.0, **TORCH)
 
 
 @pytest.mark.parametrize("name", [n for n in fused_losses.__all__

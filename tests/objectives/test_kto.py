@@ -170,13 +170,13 @@ def trl_kto(x, desirable, *, beta, dw, uw, loss_type):
     mean_logits = naive.logits_of(x.hidden, x.weight).mean(-1)
     main = SimpleNamespace(log_probs=logps[:, 1:], mean_logits=mean_logits[:, :-1],
                            entropy=naive_entropy(x.hidden, x.weight, x.labels)[:, 1:])
+    ref_logps, ref_kl_logps = trl_per_sequence(x)
     batch_ = {"input_ids": x.labels.clamp_min(0), "attention_mask": torch.ones_like(x.labels),
               "completion_mask": mask.long(), "label": desirable,
               "KL_input_ids": x.kl_labels.clamp_min(0),
               "KL_attention_mask": torch.ones_like(x.kl_labels),
               "KL_completion_mask": kl_mask.long(),
-              "ref_logps": naive.seq(x.ref, mask, False),
-              "ref_KL_logps": naive.seq(x.kl_ref, kl_mask, False)}
+              "ref_logps": ref_logps, "ref_KL_logps": ref_kl_logps}
 
     def model(input_ids, **_):
         if input_ids is batch_["input_ids"]:
@@ -195,12 +195,17 @@ def trl_kto(x, desirable, *, beta, dw, uw, loss_type):
     return loss, {k: v[-1] for k, v in metrics["train"].items() if k != "num_tokens"}
 
 
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["per_token", "trl_columns"])
 @pytest.mark.parametrize("loss_type", sorted(KTO_LOSSES))
-def test_matches_trl_kto_trainer(loss_type):
+def test_matches_trl_kto_trainer(loss_type, per_sequence):
+    """Per-token references, or TRL's own per-sequence columns (the values TRL is fed)."""
     x = kto_batch()
     want, trl_metrics = trl_kto(x, DESIRABLE, beta=0.3, dw=1.2, uw=0.8, loss_type=loss_type)
-    out = kto_loss(x.hidden, x.weight, x.labels, DESIRABLE, ref_logprobs=x.ref,
-                   kl_hidden=x.kl_hidden, kl_labels=x.kl_labels, kl_ref_logprobs=x.kl_ref,
+    ref_logps, ref_kl_logps = trl_per_sequence(x)
+    refs = dict(ref_logps=ref_logps, ref_KL_logps=ref_kl_logps) if per_sequence \
+        else dict(ref_logprobs=x.ref, kl_ref_logprobs=x.kl_ref)
+    out = kto_loss(x.hidden, x.weight, x.labels, DESIRABLE, **refs,
+                   kl_hidden=x.kl_hidden, kl_labels=x.kl_labels,
                    beta=0.3, desirable_weight=1.2, undesirable_weight=0.8, loss_type=loss_type,
                    return_entropy=True, **TORCH)
     if loss_type != "kto":  # TRL estimates z for the metric; the loss does not use it
@@ -212,6 +217,51 @@ def test_matches_trl_kto_trainer(loss_type):
     assert set(trl_metrics) <= set(out.metrics), set(trl_metrics) - set(out.metrics)
     for name, value in trl_metrics.items():
         assert_close(out.metrics[name], torch.tensor(value, dtype=F64), F64, name=name)
+
+
+def trl_per_sequence(x):
+    """TRL's precomputed columns: the references summed per row (``ref_logps`` [B],
+    ``ref_KL_logps`` [B'])."""
+    mask, kl_mask = x.labels != -100, x.kl_labels != -100
+    return naive.seq(x.ref, mask, False), naive.seq(x.kl_ref, kl_mask, False)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_trl_per_sequence_references_equal_per_token(average):
+    """TRL's ``ref_logps``/``ref_KL_logps`` (summed per row; divided by the row's count
+    here with ``average_log_prob``) give the loss, gradients and metrics of the per-token
+    references they sum; with a row that has nothing scored."""
+    x = kto_batch(bias=True)
+    x.labels[3] = -100
+    ref_logps, ref_kl_logps = trl_per_sequence(x)
+    kw = dict(kl_hidden=x.kl_hidden, kl_labels=x.kl_labels, bias=x.bias, beta=0.5,
+              average_log_prob=average, **TORCH)
+    a = kto_loss(x.hidden, x.weight, x.labels, DESIRABLE, ref_logprobs=x.ref,
+                 kl_ref_logprobs=x.kl_ref, **kw)
+    b = kto_loss(x.hidden, x.weight, x.labels, DESIRABLE, ref_logps=ref_logps,
+                 ref_KL_logps=ref_kl_logps, **kw)
+    assert a.metrics["kl"] > 0
+    _check(b.loss, a.loss, x)
+    for name in a.metrics:
+        assert_close(b.metrics[name], a.metrics[name], F64, name=name)
+    module = FusedKTOLoss(beta=0.5, average_log_prob=average, backend="torch")
+    c = module(x.hidden, x.weight, x.labels, DESIRABLE, ref_logps=ref_logps,
+               ref_KL_logps=ref_kl_logps, kl_hidden=x.kl_hidden, kl_labels=x.kl_labels,
+               bias=x.bias)
+    assert_close(c.loss, a.loss.detach(), F64, name="module loss")
+
+
+def test_per_sequence_reference_with_the_reference_head_on_the_mismatched_batch():
+    """``ref_logps`` for the batch while ``ref_weight`` scores ``kl_ref_hidden``: the
+    weight belongs to the estimate, not a second reference of the batch."""
+    x = kto_batch()
+    kl_ref_hidden = x.kl_hidden + 0.1 * torch.randn_like(x.kl_hidden)
+    ref_weight = x.weight.detach() * 1.05
+    x.kl_ref = naive.labels_logps(kl_ref_hidden, ref_weight, x.kl_labels)[0]
+    out = kto_loss(x.hidden, x.weight, x.labels, DESIRABLE, ref_logps=trl_per_sequence(x)[0],
+                   kl_hidden=x.kl_hidden, kl_labels=x.kl_labels, kl_ref_hidden=kl_ref_hidden,
+                   ref_weight=ref_weight, **TORCH)
+    _check(out.loss, naive_kto(x, DESIRABLE, z=naive_estimate(x)), x)
 
 
 # ----------------------------------------------------------------------------------------
@@ -298,6 +348,23 @@ def test_module_stores_options():
      ValueError, "exactly one of kl_ref_logprobs"),
     (dict(kl_hidden=torch.zeros(5, 9, 16), kl_labels=torch.zeros(5, 9, dtype=torch.long),
           kl_ref_hidden=torch.zeros(5, 9, 16)), ValueError, "pass ref_weight"),
+    (dict(ref_logps=torch.zeros(5, dtype=F64)), ValueError,
+     r"per-token reference \(ref_logprobs or ref_hidden/ref_weight\) or a per-sequence one "
+     r"\(ref_logps\), not both"),
+    (dict(ref_logprobs=None, ref_logps=torch.zeros(4, dtype=F64)), ValueError,
+     r"ref_logps must be a tensor of shape \[5\]"),
+    (dict(ref_logprobs=None, ref_logps=torch.zeros(5, dtype=torch.long)), TypeError,
+     "ref_logps must be a floating tensor"),
+    (dict(ref_logprobs=None), ValueError, "or TRL's per-sequence ref_logps"),
+    (dict(kl_hidden=torch.zeros(5, 11, 16, dtype=F64), kl_labels=torch.zeros(5, 11, dtype=torch.long),
+          kl_ref_logprobs=torch.zeros(5, 11, dtype=F64), ref_KL_logps=torch.zeros(5, dtype=F64)),
+     ValueError, "exactly one of .* got kl_ref_logprobs, ref_KL_logps"),
+    (dict(kl_hidden=torch.zeros(5, 11, 16, dtype=F64), kl_labels=torch.zeros(5, 11, dtype=torch.long),
+          ref_KL_logps=torch.zeros(3, dtype=F64)), ValueError,
+     r"ref_KL_logps must be a tensor of shape \[5\]"),
+    (dict(ref_KL_logps=torch.zeros(5, dtype=F64)), ValueError,
+     "kl_hidden .* and kl_labels .* go together; got only ref_KL_logps"),
+    (dict(kl=0.1, ref_KL_logps=torch.zeros(5, dtype=F64)), ValueError, "not both"),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
     x = kto_batch()

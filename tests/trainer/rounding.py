@@ -35,6 +35,7 @@ size lr, so the two runs part after step 1. No test configuration is such a case
 """
 from __future__ import annotations
 
+import math
 import sys
 from unittest import mock
 
@@ -54,8 +55,8 @@ C = 32  # rounding steps of a reordered sum of up to 2^32 terms
 MARGIN = 2.0
 
 
-def step_tolerances(argv: list[str], steps: int) -> list[float]:
-    """Bounds on ``|loss_fused − loss_unfused|`` at steps 1..``steps`` of the run ``argv``."""
+def _first_batch(argv: list[str]):
+    """The run's recipe, options, start policy, first batch and frozen models."""
     cfg = parse_args(argv)
     recipe = recipes.RECIPES[cfg.objective]
     opts = recipes.options(recipe, loss_options(cfg), "unfused")
@@ -64,10 +65,23 @@ def step_tolerances(argv: list[str], steps: int) -> list[float]:
     records, _ = D.load_records(cfg.data, cfg.eval_data, recipe.data, cfg.train_size,
                                 cfg.eval_size)
     train_set = D.encode_records(records, recipe.data, enc, cfg.max_length, cfg.too_long)
-    batch = recipe.sampler(cfg, lm, train_set, enc, Processes(1, 0, torch.device("cpu"))) \
-        .batch(0)
-    models = recipe.frozen(cfg, lm, opts)
-    frozen = {impl: recipe.context(models, batch, impl) for impl in ("fused", "unfused")}
+    batch = recipe.sampler(cfg, lm, train_set, enc, Processes(1, 0, torch.device("cpu")),
+                           opts).batch(0)
+    return recipe, opts, lm, batch, recipe.frozen(cfg, lm, opts)
+
+
+def _delta(model, batch) -> float:
+    """The largest difference of the two implementations' log-probs of one model."""
+    scored = D.IGNORE != batch["labels"]
+    fused = fused_losses.token_logprobs(model, batch["input_ids"], batch["labels"],
+                                        batch["attention_mask"])
+    return float(((fused - frozen_logprobs(model, batch, "unfused")) * scored).abs().max())
+
+
+def step_tolerances(argv: list[str], steps: int) -> list[float]:
+    """Bounds on ``|loss_fused − loss_unfused|`` at steps 1..``steps`` of the run ``argv``."""
+    recipe, opts, lm, batch, models = _first_batch(argv)
+    frozen = {impl: recipe.context(models, batch, impl, opts) for impl in ("fused", "unfused")}
     ctx = {"num_items": recipe.items(batch, opts), **frozen["unfused"],
            **recipe.state(opts).values()}
     inputs = {k: v.detach().requires_grad_() for k, v in frozen["unfused"].items()}
@@ -104,20 +118,40 @@ def step_tolerances(argv: list[str], steps: int) -> list[float]:
     loss.backward()
 
     with torch.no_grad():  # δ: the two implementations' values of the same inputs
-        scored = D.IGNORE != batch["labels"]
-        policy = fused_losses.token_logprobs(lm, batch["input_ids"], batch["labels"],
-                                             batch["attention_mask"])
-        delta = float(((policy - frozen_logprobs(lm, batch, "unfused")) * scored).abs().max())
+        delta = _delta(lm, batch)
         # per token: Σ_v |∂L/∂z_tv| bounds |∂L/∂logp_t| + |∂L/∂lse_t|
         terms = [(delta, stats.logits.grad.abs().sum(-1), stats.logp) for stats in kept]
         terms += [(float((frozen["fused"][name] - x).abs().max()), x.grad.abs(), x)
                   for name, x in inputs.items() if x.grad is not None]
         if logits:  # δ of any model's log-probs (the policy's, the teacher's) for every logit
-            delta_any = max([delta] + [
-                float(((fused_losses.token_logprobs(m, batch["input_ids"], batch["labels"],
-                                                    batch["attention_mask"])
-                        - frozen_logprobs(m, batch, "unfused")) * scored).abs().max())
-                for m in models.values()])
+            delta_any = max([delta] + [_delta(m, batch) for m in models.values()])
             terms += [(delta_any, z.grad.abs(), z) for z in logits]
     first = sum(d * float(k.sum()) + C * U * float((k * x.detach().abs()).sum()) for d, k, x in terms)
     return [MARGIN * k * first for k in range(1, steps + 1)]
+
+
+# Step-1 metrics that are token means of per-token terms; the others sum up to T terms a row.
+TOKEN_MEANS = ("reward/mean", "kl/mean")
+
+
+def metric_tolerances(argv: list[str], keys) -> dict[str, float]:
+    """Bounds on ``|metric_fused − metric_unfused|`` at step 1 (the same weights) for the
+    metrics built from log-probs: rewards, returns, KL terms, sequence log-probs.
+
+    Each is a mean, over tokens or rows, of per-token terms made of the log-probs of the
+    policy and of the frozen models with coefficients of size at most c = max(1, β): a token
+    mean (``TOKEN_MEANS``) differs by at most c · (Σ_m δ_m + log2(n) · u · L) (n: the batch's
+    scored tokens, L = max|ℓ|; the second term is a reordered sum's rounding), a mean of row
+    sums (sequence log-probs, implicit rewards, REINFORCE's returns with γ ≤ 1) by T times
+    that (T: the most scored tokens of a row).
+    """
+    recipe, opts, lm, batch, models = _first_batch(argv)
+    with torch.no_grad():
+        deltas = [_delta(m, batch) for m in (lm, *models.values())]
+        logp = frozen_logprobs(lm, batch, "unfused")
+    scored = D.IGNORE != batch["labels"]
+    rows_tokens, tokens = float(scored.sum(-1).max()), float(scored.sum())
+    c = max(1.0, float(opts.get("beta") or 0.0))
+    per_token = c * (sum(deltas) + math.log2(tokens) * U * float(logp.abs().max()))
+    return {key: MARGIN * per_token * (1 if key in TOKEN_MEANS else rows_tokens)
+            for key in keys}

@@ -2,6 +2,7 @@
 and a distillation teacher loaded again included); bad checkpoints are refused."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -11,9 +12,10 @@ import time
 import pytest
 import torch
 
-from fused_losses.trainer import loop
+from fused_losses.trainer import checkpoint, loop
+from fused_losses.trainer.errors import TrainError
 
-from .trainer_helpers import losses, tiny_args, train_until_first_checkpoint
+from .trainer_helpers import TINY, losses, save_tiny, tiny_args, train_until_first_checkpoint
 
 # Large enough that a step takes a noticeable time, so the kill lands mid-run.
 SLOW = dict(max_steps=40, save_every=4, batch_size=8, max_length=200)
@@ -86,6 +88,65 @@ def test_incompatible_checkpoint_is_refused(tmp_path, tok_cache, capsys):
     assert loop.main(tiny_args(out, "sft", max_steps=4)) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert (out / "checkpoint.pt").read_bytes() == before
+
+
+# Config fields left out of the fingerprint: none changes what a training step computes.
+# (A new field must be placed in one list or the other: the test below fails until it is.)
+UNFINGERPRINTED = {
+    "compare", "output_dir", "resume",  # where and how the run is started
+    "max_steps",  # may grow: a finished run can be continued
+    "eval_every", "save_every", "progress",  # when it evaluates, saves, draws the bar
+    "activation_checkpointing",  # recomputes the same activations
+    "tokenizer_cache",  # where the (deterministic) embedded tokenizer is kept
+    "threads",  # CPU threads
+}
+
+
+def test_the_fingerprint_holds_every_field_that_changes_a_step():
+    fields = {f.name for f in dataclasses.fields(loop.Config)}
+    assert not set(checkpoint.FINGERPRINT) & UNFINGERPRINTED
+    assert set(checkpoint.FINGERPRINT) | UNFINGERPRINTED == fields, \
+        sorted(fields - set(checkpoint.FINGERPRINT) - UNFINGERPRINTED)
+
+
+@pytest.mark.parametrize("field,value", [("reward_ref", "/runs/other-ref"), ("bf16", False),
+                                         ("eval_size", 32), ("eval_data", "held-out.jsonl")])
+def test_resume_refuses_a_checkpoint_of_other_frozen_models_or_data(tmp_path, field, value):
+    cfg = loop.Config(objective="reinforce", output_dir=str(tmp_path), reward_model="/runs/sft")
+    path = tmp_path / checkpoint.CHECKPOINT
+    torch.save({"format": checkpoint.FORMAT, "step": 2,
+                "config": {k: getattr(cfg, k) for k in checkpoint.FINGERPRINT}}, path)
+    assert checkpoint.load(path, cfg)["step"] == 2
+    with pytest.raises(TrainError, match=f"incompatible run \\({field}: checkpoint"):
+        checkpoint.load(path, dataclasses.replace(cfg, **{field: value}))
+
+
+def test_a_checkpoint_older_than_a_fingerprint_field_resumes_at_its_default(tmp_path):
+    """A field added to the fingerprint after the checkpoint was written: the run that wrote
+    it behaved as the default does, so a run at the default continues it; another value is
+    refused."""
+    cfg = loop.Config(objective="sft", output_dir=str(tmp_path))
+    path = tmp_path / checkpoint.CHECKPOINT
+    older = {k: getattr(cfg, k) for k in checkpoint.FINGERPRINT if k not in ("bf16", "eval_size")}
+    torch.save({"format": checkpoint.FORMAT, "step": 2, "config": older}, path)
+    assert checkpoint.load(path, cfg)["step"] == 2
+    with pytest.raises(TrainError, match="incompatible run \\(eval_size: checkpoint 64"):
+        checkpoint.load(path, dataclasses.replace(cfg, eval_size=32))
+
+
+def test_resume_with_another_reward_model_is_refused(tmp_path, tok_cache, capsys):
+    # REINFORCE's rewards are log-ratios of --reward-model to --reward-ref: a resumed run
+    # scoring with another reward model was continued silently.
+    first, other = (save_tiny(tmp_path / name, TINY["llama"], seed=seed)
+                    for name, seed in (("sft", 1), ("other", 2)))
+    out = tmp_path / "run"
+    loop.train(loop.parse_args(tiny_args(out, "reinforce", reward_model=first, max_steps=1)))
+    before = (out / checkpoint.CHECKPOINT).read_bytes()
+    assert loop.main(tiny_args(out, "reinforce", reward_model=other, max_steps=2,
+                               resume=True)) == 2
+    err = capsys.readouterr().err
+    assert f"incompatible run (reward_model: checkpoint {first!r} vs now {other!r})" in err
+    assert (out / checkpoint.CHECKPOINT).read_bytes() == before
 
 
 def test_resume_carries_the_objectives_state(tmp_path, tok_cache, monkeypatch):

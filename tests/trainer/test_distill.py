@@ -22,11 +22,14 @@ def records(out) -> list[dict]:
 
 
 # β ≠ 0.5: the JSD is not symmetric in P and Q then, so swapped roles would show.
+# Granite: a student whose own logits are its head's divided by 4 (both steps once distilled
+# the bare head's).
 CASES = [{"beta": 0.3}, {"divergence": "forward_kl", "temperature": 2.0, "hard_weight": 0.5},
-         {"divergence": "reverse_kl"}]
+         {"divergence": "reverse_kl"}, {"arch": "granite", "hard_weight": 0.5}]
 
 
-@pytest.mark.parametrize("flags", CASES, ids=["jsd-0.3", "forward_kl-t2-hard", "reverse_kl"])
+@pytest.mark.parametrize("flags", CASES, ids=["jsd-0.3", "forward_kl-t2-hard", "reverse_kl",
+                                              "granite-student-hard"])
 def test_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache, tiny_teacher, flags):
     """distill_loss on the two heads vs distill_loss_reference on both models' materialised
     logits: the same losses within the bound ``rounding.py`` derives, the same metrics."""
@@ -92,4 +95,21 @@ def test_a_teacher_of_another_vocabulary_is_refused_at_set_up(tmp_path, tok_cach
     line = one_line_error(capsys)
     assert f"--teacher {other}: its vocabulary has 1030 entries but the student's has 1024" \
         in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_a_soft_capped_model_is_refused_at_set_up(tmp_path, tok_cache, tiny_teacher, capsys,
+                                                  role):
+    # distill_loss has no soft-cap: Gemma-2's capped logits cannot be distilled from or into
+    # (both steps once used the bare head, silently).
+    if role == "student":
+        argv, flag = tiny_args(tmp_path / "run", "distill", arch="gemma2",
+                               teacher=tiny_teacher), "--model-config"
+    else:
+        teacher = save_tiny(tmp_path / "teacher", TINY["gemma2"], seed=1)
+        argv, flag = tiny_args(tmp_path / "run", "distill", teacher=teacher), f"--teacher {teacher}"
+    assert loop.main(argv) == 2
+    assert f"{flag}: Gemma2ForCausalLM soft-caps its logits (final_logit_softcapping 1) and " \
+           "distill_loss has no soft-cap" in one_line_error(capsys)
     assert not (tmp_path / "run").exists()

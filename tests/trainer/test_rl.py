@@ -68,6 +68,44 @@ def test_grpo_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache, flags):
     assert fused["train_tokens_per_s"] > 0
 
 
+def test_grpo_and_kto_train_a_soft_capped_model_on_its_own_logits(tmp_path, tok_cache):
+    """Gemma-2 caps its logits: both steps applied the bare head, so at step 1, where the
+    policy is its reference, GRPO's KL and KTO's rewards (scored by the reference with the
+    cap) were not 0; now both implementations agree step by step on the capped logits."""
+    grpo = dict(GRPO, loss_type="grpo", beta=0.1, loss_kwargs='{"entropy_coef": 0.01}')
+    for objective, flags, keys in [
+            ("grpo", grpo, ("loss", "grad_norm", "reward", "kl", "entropy")),
+            ("kto", {"beta": 0.5}, ("loss", "grad_norm", "rewards/chosen", "rewards/rejected"))]:
+        for impl in ("fused", "unfused"):
+            run(tiny_args(tmp_path / objective / impl, objective, arch="gemma2", impl=impl,
+                          **flags))
+        assert_same_run(tmp_path / objective / "fused", tmp_path / objective / "unfused", keys)
+        first = records(tmp_path / objective / "fused")[0]
+        for key in ("kl",) if objective == "grpo" else ("rewards/chosen", "rewards/rejected"):
+            assert abs(first[key]) < 1e-6, (objective, key, first[key])
+
+
+def test_grpo_samples_and_scores_at_the_losss_temperature(tmp_path, tok_cache, monkeypatch):
+    """generate sampled at temperature 1 whatever --temperature the loss divided by, and the
+    reference scored at 1: now all three use it (the KL is 0 while the policy is its
+    reference), and the unfused step implements it."""
+    from transformers.generation.utils import GenerationMixin
+
+    temperatures, generate = [], GenerationMixin.generate
+
+    def recording(self, *args, **kwargs):
+        temperatures.append(kwargs.get("temperature"))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recording)
+    flags = dict(GRPO, beta=0.1, temperature=0.7)
+    run(tiny_args(tmp_path / "f", "grpo", impl="fused", **flags))
+    run(tiny_args(tmp_path / "u", "grpo", impl="unfused", **flags))
+    assert temperatures and set(temperatures) == {0.7}  # training and held-out batches
+    assert_same_run(tmp_path / "f", tmp_path / "u", ("loss", "grad_norm", "reward", "kl"))
+    assert abs(records(tmp_path / "f")[0]["kl"]) < 1e-6
+
+
 def test_kto_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache):
     run(tiny_args(tmp_path / "f", "kto", impl="fused", beta=0.5))
     run(tiny_args(tmp_path / "u", "kto", impl="unfused", beta=0.5))
@@ -119,7 +157,22 @@ def test_group_advantages_are_trls():
     ("grpo", {"num_generations": 1}, "--num-generations must be >= 2 for grpo"),
     ("kto", {"precompute_ref": True}, "--precompute-ref is not available for kto"),
     ("grpo", {"loss_type": "ppo"}, "loss_type must be one of"),
+    ("grpo", {"precompute_ref": True, "beta": 0.1}, "--precompute-ref is not available for grpo"),
+    ("grpo", {"temperature": 0}, "temperature must be a finite number > 0 for grpo"),
+    ("grpo", {"loss_kwargs": '{"temperature": -1}'}, "temperature must be a finite number > 0"),
 ])
 def test_cli_errors(tmp_path, capsys, objective, flags, message):
     assert loop.main(tiny_args(tmp_path, objective, **flags)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_grpo_refuses_a_temperature_a_soft_capped_model_cannot_take(tmp_path, tok_cache, capsys):
+    # generate divides the capped logits by τ; the primitive caps z/τ: not the same
+    # distribution, so the pair is refused at set-up, before anything is written.
+    assert loop.main(tiny_args(tmp_path / "run", "grpo", arch="gemma2", temperature=0.7,
+                               **GRPO)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--temperature 0.7 with --model-config: Gemma2ForCausalLM soft-caps its logits " \
+           "(final_logit_softcapping 1)" in err
+    assert not (tmp_path / "run").exists()

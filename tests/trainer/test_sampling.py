@@ -17,7 +17,7 @@ class DrawingSource:
     """Records drawn at random from a generator that is never reseeded: the next batch
     depends on every draw before it, as a sampler's generations do."""
 
-    def __init__(self, cfg, lm, data, enc, procs):
+    def __init__(self, cfg, lm, data, enc, procs, opts):
         self.data, self.size, self.pad_id = data, cfg.batch_size, enc.pad_id
         self.generator = torch.Generator().manual_seed(cfg.seed)
 

@@ -9,7 +9,7 @@ import torch
 from fused_losses.trainer import loop
 from fused_losses.trainer.data import DataError, read_jsonl
 
-from .rounding import step_tolerances
+from .rounding import metric_tolerances, step_tolerances
 from .trainer_helpers import TINY, losses, tiny_args
 
 
@@ -40,6 +40,10 @@ OBJECTIVES = [("sft", {}), ("sft", {"divergence": "kl"}), ("sft", {"divergence":
               ("reinforce", {"loss_kwargs": '{"kl_coef": 0.1}'})]
 
 
+# Metrics computed from per-token log-probs (of the policy and the frozen models)
+LOGPROB_METRICS = ("reward", "return", "kl", "logps/")
+
+
 def records(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -61,6 +65,10 @@ def test_fused_and_unfused_agree_step_by_step(tmp_path, tok_cache, reward_model,
     for x, y, bound in zip(a, b, bounds):
         assert abs(x["loss"] - y["loss"]) <= bound, (x["step"], x["loss"], y["loss"], bound)
         assert x.keys() == y.keys()
+    # Step 1 runs the same weights: the metrics made of log-probs agree to rounding too.
+    shared = [k for k in a[0] if k.startswith(LOGPROB_METRICS) and k != "rewards/accuracies"]
+    for key, tolerance in metric_tolerances(argv, shared).items():
+        assert abs(a[0][key] - b[0][key]) <= tolerance, (key, a[0][key], b[0][key], tolerance)
     assert abs(fused["eval/loss"] - unfused["eval/loss"]) <= bounds[3]
     assert fused.keys() == unfused.keys()
     if objective in ("dpo", "dil", "simpo", "orpo", "cpo"):
@@ -235,3 +243,15 @@ def test_compare_refuses_torchrun(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert loop.main(["--objective", "sft", "--compare", "--output-dir", str(tmp_path)]) == 2
     assert "without torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("objective, flags", [("dpo", {}), ("dpo", {"precompute_ref": True}),
+                                              ("kto", {})], ids=["dpo", "dpo-precomputed",
+                                                                 "kto"])
+def test_the_reference_is_scored_at_the_objectives_temperature(tmp_path, objective, flags):
+    """At step 1 the policy is its reference: with --temperature both are scored at it, so
+    every implicit reward is 0 (with the reference at 1 they were not)."""
+    run(tiny_args(tmp_path, objective, max_steps=1, temperature=0.7, **flags))
+    first = records(tmp_path)[0]
+    for key in ("rewards/chosen", "rewards/rejected"):
+        assert abs(first[key]) < 1e-5, (key, first[key])

@@ -9,7 +9,22 @@ TINY = {"llama": dict(model_type="llama", vocab_size=1024, hidden_size=32, inter
                       max_position_embeddings=256, tie_word_embeddings=False),
         "qwen2": dict(model_type="qwen2", vocab_size=1024, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                      max_position_embeddings=256, tie_word_embeddings=False)}
+                      max_position_embeddings=256, tie_word_embeddings=False),
+        # Soft-capped logits (final_logit_softcapping), tied head. The cap at 1 with weights
+        # drawn 15 times wider than the default keeps logits of order 1, where the cap bends
+        # them; a sliding window past --max-length keeps padded positions attending to some
+        # token (a window of only padding gives NaN in the model's own forward).
+        "gemma2": dict(model_type="gemma2", vocab_size=1024, hidden_size=32,
+                       intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                       max_position_embeddings=256, sliding_window=256,
+                       final_logit_softcapping=1.0, initializer_range=0.3),
+        # Logits divided by 4 (logits_scaling): a linear transform, which distillation folds
+        # into the hidden states.
+        "granite": dict(model_type="granite", vocab_size=1024, hidden_size=32,
+                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=2, max_position_embeddings=256,
+                        tie_word_embeddings=False, logits_scaling=4.0)}
 
 
 # A distillation teacher: wider than the student (H = 48 vs 32), the same vocabulary; its head

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_losses
-from fused_losses.objectives.logprobs import causal_lm_head, check_logit_transform
+from fused_losses.objectives.logprobs import causal_lm_head, check_logit_transform, merged_options
 from fused_losses.reference import reference_logits
 
 from .. import data as D
@@ -70,7 +70,7 @@ def _no_models(cfg, lm, opts) -> dict:
     return {}
 
 
-def _no_context(models, batch, impl) -> dict:
+def _no_context(models, batch, impl, opts) -> dict:
     return {}
 
 
@@ -102,9 +102,10 @@ class Recipe:
     unfused_options: frozenset[str]  # options the unfused step implements
     items: Callable[[dict, dict], int]  # (batch, options) -> the loss divisor's count in batch
     frozen: Callable[..., dict] = _no_models  # (cfg, lm, options) -> frozen models by name
-    context: Callable[[dict, dict, str], dict] = _no_context  # (models, batch, impl) -> ctx
+    # (models, batch, impl, options) -> ctx
+    context: Callable[[dict, dict, str, dict], dict] = _no_context
     state: Callable[[dict], ObjectiveState] = _stateless
-    sampler: Callable[..., BatchSource] = dataset_batches  # (cfg, lm, data, enc, procs)
+    sampler: Callable[..., BatchSource] = dataset_batches  # (cfg, lm, data, enc, procs, options)
     check: Callable[..., list[str]] = _no_problems  # (cfg) -> problems with flags it reads
     own_flags: frozenset[str] = frozenset()  # Config fields only this objective reads: set
     # for another objective they are an error, not silently ignored
@@ -136,12 +137,6 @@ class Head(NamedTuple):
     weight: torch.Tensor  # [V, H] in the hidden states' dtype
     options: dict  # what makes hidden @ weight.T the model's own logits: bias, softcap,
     # temperature (1 / logit scale); the primitive's keywords
-
-
-def head_weight(lm, hidden: torch.Tensor) -> torch.Tensor:
-    """The output embedding's weight alone, in hidden's dtype: without the model's logit
-    transform (see :func:`head`, which the recipes should use)."""
-    return head(lm, hidden).weight
 
 
 def check_head(lm, flag: str) -> None:
@@ -208,31 +203,37 @@ def load_frozen(path: str, like, flag: str):
 
 
 @torch.no_grad()
-def frozen_logprobs(model, batch, impl: str) -> torch.Tensor:
+def frozen_logprobs(model, batch, impl: str, temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probs of a frozen model, labels' layout, [B, T] (float32, or the model's
-    dtype), computed by the same implementation as the policy's."""
+    dtype), computed by the same implementation as the policy's: of the model's own logits
+    divided by ``temperature`` (the objective's: a reference is scored at the temperature the
+    policy is; reward models at 1)."""
+    options = {"temperature": temperature}
     if impl == "fused":
         return fused_losses.token_logprobs(model, batch["input_ids"], batch["labels"],
-                                           batch["attention_mask"])
+                                           batch["attention_mask"], **options)
     hidden = decode(model, batch)
     lm_head = head(model, hidden)
     return to_label_layout(materialise(hidden, lm_head.weight, batch["labels"],
-                                       **lm_head.options).logp)
+                                       **merged_options(lm_head, options)).logp)
 
 
-def reference_context(models: dict, batch, impl: str) -> dict:
-    """``ref_logprobs`` from the batch (precomputed) or from the frozen reference."""
+def reference_context(models: dict, batch, impl: str, opts: dict) -> dict:
+    """``ref_logprobs`` from the batch (precomputed) or from the frozen reference (a
+    ``Recipe.context``)."""
     if "ref_logprobs" in batch:
         return {"ref_logprobs": batch["ref_logprobs"]}
-    return {"ref_logprobs": frozen_logprobs(models["ref"], batch, impl)}
+    return {"ref_logprobs": frozen_logprobs(models["ref"], batch, impl,
+                                            opts.get("temperature", 1.0))}
 
 
 @torch.no_grad()
 def precompute_reference(ref_lm, datasets, out: Path, impl: str, pad_id: int,
-                         procs: Processes) -> None:
-    """Reference log-probs of every row, computed once and cached in the output directory
-    (keyed by the implementation); each record's rows are padded alone, so the values do not
-    depend on which batch a record later lands in."""
+                         procs: Processes, temperature: float = 1.0) -> None:
+    """Reference log-probs of every row at the objective's ``temperature``, computed once and
+    cached in the output directory (keyed by the implementation; the checkpoint's fingerprint
+    holds the temperature); each record's rows are padded alone, so the values do not depend
+    on which batch a record later lands in."""
     path = out / f"ref_logprobs_{impl}.pt"
     if path.exists():
         cached = torch.load(path, weights_only=False)
@@ -244,7 +245,7 @@ def precompute_reference(ref_lm, datasets, out: Path, impl: str, pad_id: int,
         refs = []
         for index in range(len(data.rows)):
             batch = {k: v.to(device) for k, v in D.collate(data, [index], pad_id).items()}
-            values = frozen_logprobs(ref_lm, batch, impl).float().cpu()
+            values = frozen_logprobs(ref_lm, batch, impl, temperature).float().cpu()
             refs.append(tuple(values[k, :len(ids)].clone()
                               for k, (ids, _) in enumerate(data.rows[index])))
         data.ref = refs

@@ -11,33 +11,72 @@ on the completions of the data set (off-policy: GKD with λ = 0, no sampling).
 Items: scored tokens (the loss is their mean of D + hard_weight·CE).
 Unfused: ``reference.distill_loss_reference``, both models' logits materialised at every
 position.
+Each model's own logits: ``distill_loss`` takes a head bias for each model but one
+temperature for both (the user's τ) and no soft-cap. A model's logit scale (Cohere's
+``logit_scale``, Granite's ``logits_scaling``) is linear, so it is folded into that model's
+hidden states and bias (:func:`own_head`), exactly; a soft-capped model (Gemma-2's
+``final_logit_softcapping``), student or teacher, is refused at set-up.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 import fused_losses
 from fused_losses.divergence import DIVERGENCES
+from fused_losses.objectives.logprobs import causal_lm_head
 from fused_losses.reference import distill_loss_reference
 
 from ..errors import TrainError
 from ..model import PRESETS, build_model
-from ._common import Recipe, decode, head_weight, load_frozen, materialise, shift, IGNORE
+from ._common import Recipe, decode, head, load_frozen, materialise, shift, IGNORE
 from .sft import items
 
 TEACHER_SEED_OFFSET = 1  # a preset teacher is not the student's twin when both are one preset
 UNFUSED_OPTIONS = frozenset({"divergence", "beta", "temperature", "hard_weight"})
 
 
+class OwnHead(NamedTuple):
+    """A model's own logits as ``hidden @ weight.T + bias`` (its logit scale folded in)."""
+
+    hidden: torch.Tensor  # [B, T, H] the decoder's output divided by the head's temperature
+    weight: torch.Tensor  # [V, H] in hidden's dtype
+    bias: torch.Tensor | None  # [V] divided by the head's temperature, or None
+
+
+def own_head(lm, hidden: torch.Tensor) -> OwnHead:
+    """``lm``'s logits ``(hidden @ W.T + b) / t`` (``t``: 1 / its logit scale) written as
+    ``(hidden / t) @ W.T + b / t``, so that ``distill_loss``'s shared temperature divides the
+    model's own logits (and its hard term is the model's own cross-entropy). Differentiable
+    through ``hidden``; a soft-cap is refused before (:func:`check_transform`)."""
+    lm_head = head(lm, hidden)
+    scale = lm_head.options.get("temperature", 1.0)
+    bias = lm_head.options.get("bias")
+    if scale == 1.0:
+        return OwnHead(hidden, lm_head.weight, bias)
+    return OwnHead(hidden / scale, lm_head.weight, None if bias is None else bias / scale)
+
+
+def check_transform(model, flag: str) -> None:
+    """Refuse a soft-capped model: ``distill_loss`` has no soft-cap, and the logits it would
+    distil from (or into) would not be the model's."""
+    softcap = causal_lm_head(model).options.get("softcap")
+    if softcap is not None:
+        raise TrainError(f"{flag}: {type(model).__name__} soft-caps its logits "
+                         f"(final_logit_softcapping {softcap:g}) and distill_loss has no "
+                         "soft-cap, so it would not distil the model's own distributions; use "
+                         "a model without one")
+
+
 def fused(opts):
     def step(lm, batch, ctx):
-        hidden = decode(lm, batch)
-        out = fused_losses.distill_loss(hidden, head_weight(lm, hidden), ctx["teacher_hidden"],
+        student = own_head(lm, decode(lm, batch))
+        out = fused_losses.distill_loss(student.hidden, student.weight, ctx["teacher_hidden"],
                                         ctx["teacher_weight"], batch["labels"],
-                                        teacher_bias=ctx.get("teacher_bias"),
+                                        bias=student.bias, teacher_bias=ctx.get("teacher_bias"),
                                         num_items_in_batch=ctx["num_items"], **opts)
         return out.loss, dict(out.metrics)
     return step
@@ -49,18 +88,19 @@ def unfused(opts):
 
     def step(lm, batch, ctx):
         hidden = decode(lm, batch)
-        weight = head_weight(lm, hidden)
         scored = (shift(batch["labels"]) != IGNORE).sum().clamp_min(1)
         metrics = {}
         if hard_weight:
             # The cross-entropy's metric, from logits formed and freed before the loss's own
             # (so it adds time, not peak memory): the reference returns only the total.
             with torch.no_grad():
-                stats = materialise(hidden, weight, batch["labels"])
+                lm_head = head(lm, hidden)
+                stats = materialise(hidden, lm_head.weight, batch["labels"], **lm_head.options)
                 metrics["nll_loss"] = -stats.logp.sum() / scored
                 del stats
-        loss = distill_loss_reference(hidden, weight, ctx["teacher_hidden"],
-                                      ctx["teacher_weight"], batch["labels"],
+        student = own_head(lm, hidden)
+        loss = distill_loss_reference(student.hidden, student.weight, ctx["teacher_hidden"],
+                                      ctx["teacher_weight"], batch["labels"], bias=student.bias,
                                       teacher_bias=ctx.get("teacher_bias"),
                                       num_items_in_batch=ctx["num_items"], **implemented)
         total = loss.detach() * ctx["num_items"]  # Σ_t (D_t + hard_weight·CE_t)
@@ -82,7 +122,9 @@ def load_teacher(cfg, lm):
 
 
 def frozen(cfg, lm, opts) -> dict:
+    check_transform(lm, "--model-config" if cfg.model_config else f"--model {cfg.model}")
     teacher = load_teacher(cfg, lm)
+    check_transform(teacher, f"--teacher {cfg.teacher}")
     vocab, teacher_vocab = (m.get_output_embeddings().weight.shape[0] for m in (lm, teacher))
     if teacher_vocab != vocab:
         raise TrainError(f"--teacher {cfg.teacher}: its vocabulary has {teacher_vocab} entries "
@@ -93,14 +135,13 @@ def frozen(cfg, lm, opts) -> dict:
 
 
 @torch.no_grad()
-def context(models, batch, impl) -> dict:
-    """The teacher's hidden states and head (both implementations form its logits from them)."""
-    teacher = models["teacher"]
-    hidden = decode(teacher, batch)
-    ctx = {"teacher_hidden": hidden, "teacher_weight": head_weight(teacher, hidden)}
-    bias = getattr(teacher.get_output_embeddings(), "bias", None)
-    if bias is not None:
-        ctx["teacher_bias"] = bias.to(hidden.dtype)
+def context(models, batch, impl, opts) -> dict:
+    """The teacher's hidden states and head, its logit scale folded in (both implementations
+    form its own logits from them)."""
+    teacher = own_head(models["teacher"], decode(models["teacher"], batch))
+    ctx = {"teacher_hidden": teacher.hidden, "teacher_weight": teacher.weight}
+    if teacher.bias is not None:
+        ctx["teacher_bias"] = teacher.bias
     return ctx
 
 
@@ -139,4 +180,4 @@ RECIPE = Recipe(objective=fused_losses.distill_loss, data="sft", fused=fused, un
                 unfused_options=UNFUSED_OPTIONS,
                 items=items, frozen=frozen, context=context, check=check,
                 check_options=check_options,
-                provided=frozenset({"teacher_bias", "num_items_in_batch"}))
+                provided=frozenset({"bias", "teacher_bias", "num_items_in_batch"}))

@@ -2,12 +2,15 @@
 
 Batches come from ``sampling.GenerationBatches``: each step's prompts get
 ``--num-generations`` completions of at most ``--max-completion-length`` tokens sampled from
-the current policy, scored by ``rewards.reward`` (1 for the right final number, partial
-credit for the answer's format) and given group-normalised advantages
-``(r − mean_group) / (std_group + 1e-4)`` (TRL's default ``scale_rewards="group"``). One
-optimizer step per generation batch, so the loss is on-policy (the old policy is the current
-one: ``old_logprobs = sg(logp)``, as TRL does then). With ``beta > 0`` a frozen copy of the
-start policy is the reference.
+the current policy at the loss's temperature (``--temperature``, default 1: the model's own
+logits divided by it, as TRL samples and scores), scored by ``rewards.reward`` (1 for the
+right final number, partial credit for the answer's format) and given group-normalised
+advantages ``(r − mean_group) / (std_group + 1e-4)`` (TRL's default
+``scale_rewards="group"``). One optimizer step per generation batch, so the loss is
+on-policy (the old policy is the current one: ``old_logprobs = sg(logp)``, as TRL does then).
+With ``beta > 0`` a frozen copy of the start policy is the reference, scored at the same
+temperature. A model whose logits are soft-capped samples ``softcap(z) / τ``, which the
+primitive cannot form for τ ≠ 1 (it caps ``z / τ``): that pair is refused at set-up.
 
 Items (the loss divisor over the step): scored tokens for the token-normalised loss types
 (``dapo``, ``bnpo``, ``cispo``), completions for ``grpo`` and ``dr_grpo``. Each micro-batch's
@@ -16,14 +19,18 @@ for ``dapo`` that is the step's token sum over the step's tokens, exactly.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 import fused_losses
+from fused_losses.objectives.logprobs import causal_lm_head, merged_options
 
 from .. import rewards as R
-from ..sampling import generation_batches
-from ._common import (IGNORE, Recipe, decode, frozen_copy, head_weight, masked_mean,
-                      materialise, reference_context, shift, to_prediction_layout)
+from ..errors import TrainError
+from ..sampling import generation_batches, sampling_temperature
+from ._common import (IGNORE, Recipe, decode, frozen_copy, frozen_logprobs, head,
+                      masked_mean, materialise, shift, to_prediction_layout)
 
 TOKEN_ITEMS = frozenset({"dapo", "bnpo", "cispo"})
 
@@ -46,22 +53,28 @@ def reward_metrics(batch) -> dict:
 def fused(opts):
     def step(lm, batch, ctx):
         hidden = decode(lm, batch)
+        lm_head = head(lm, hidden)
         ref = {k: ctx[k] for k in ("ref_logprobs",) if k in ctx}
-        out = fused_losses.grpo_loss(hidden, head_weight(lm, hidden), batch["labels"],
-                                     batch["advantages"], **ref, **opts)
+        out = fused_losses.grpo_loss(hidden, lm_head.weight, batch["labels"],
+                                     batch["advantages"], **ref,
+                                     **merged_options(lm_head, opts))
         share = items(batch, opts) / ctx["num_items"]
         return out.loss * share, {**out.metrics, **reward_metrics(batch)}
     return step
 
 
 def unfused(opts):
-    """TRL's GRPO loss written out on materialised logits (prediction layout)."""
+    """TRL's GRPO loss written out on materialised logits (prediction layout): the model's
+    own logits divided by the sampling temperature."""
     loss_type, beta, coef = opts["loss_type"], opts["beta"], opts["entropy_coef"]
     low, high = opts["epsilon_low"], opts["epsilon_high"]
+    tempered = {"temperature": sampling_temperature(opts)}
 
     def step(lm, batch, ctx):
         hidden = decode(lm, batch)
-        stats = materialise(hidden, head_weight(lm, hidden), batch["labels"])
+        lm_head = head(lm, hidden)
+        stats = materialise(hidden, lm_head.weight, batch["labels"],
+                            **merged_options(lm_head, tempered))
         logp, mask = stats.logp, stats.mask
         adv = batch["advantages"].to(logp.dtype).unsqueeze(1)
         log_ratio = logp - logp.detach()  # on-policy: the sampling policy is this one
@@ -123,26 +136,55 @@ def clip_metrics(ratio, adv, mask, loss_type, low, high) -> dict:
 
 
 def frozen(cfg, lm, opts) -> dict:
+    """The reference (with β > 0); first refuses a temperature the loss cannot apply as
+    ``generate`` does on this model."""
+    softcap = causal_lm_head(lm).options.get("softcap")
+    temperature = sampling_temperature(opts)
+    if softcap is not None and temperature != 1:
+        given = "--temperature" if cfg.temperature is not None else "--loss-kwargs temperature"
+        model = "--model-config" if cfg.model_config else f"--model {cfg.model}"
+        raise TrainError(f"{given} {temperature:g} with {model}: {type(lm).__name__} soft-caps "
+                         f"its logits (final_logit_softcapping {softcap:g}), so generate "
+                         f"samples softcap(z)/τ, which the loss cannot form (the primitive "
+                         f"caps z/τ); use temperature 1 with this model")
     return {"ref": frozen_copy(lm)} if opts["beta"] else {}
 
 
-def context(models, batch, impl) -> dict:
-    return reference_context(models, batch, impl) if "ref" in models else {}
+def context(models, batch, impl, opts) -> dict:
+    """The reference's log-probs at the sampling temperature, as the policy's (TRL's)."""
+    if "ref" not in models:
+        return {}
+    return {"ref_logprobs": frozen_logprobs(models["ref"], batch, impl,
+                                            sampling_temperature(opts))}
 
 
 def check(cfg) -> list[str]:
+    problems = []
     if cfg.num_generations < 2:
-        return [f"--num-generations must be >= 2 for grpo (advantages are normalised within "
-                f"each prompt's group), got {cfg.num_generations}"]
+        problems.append(f"--num-generations must be >= 2 for grpo (advantages are normalised "
+                        f"within each prompt's group), got {cfg.num_generations}")
+    if cfg.precompute_ref:
+        problems.append("--precompute-ref is not available for grpo: its completions are "
+                        "sampled at each step, so there is nothing to score in advance")
+    return problems
+
+
+def check_options(opts) -> list[str]:
+    """The sampling temperature ``generate`` and both implementations divide by."""
+    temperature = opts.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not (math.isfinite(temperature) and temperature > 0):
+        return [f"temperature must be a finite number > 0 for grpo (the sampling "
+                f"temperature), got {temperature!r}"]
     return []
 
 
 RECIPE = Recipe(objective=fused_losses.grpo_loss, data="sft", fused=fused, unfused=unfused,
                 unfused_options=frozenset({"beta", "epsilon_low", "epsilon_high", "loss_type",
                                            "importance_sampling_level", "entropy_coef",
-                                           "max_completion_length"}),
+                                           "max_completion_length", "temperature"}),
                 items=items, frozen=frozen, context=context, sampler=generation_batches,
-                check=check, flags=("max_completion_length",),
+                check=check, check_options=check_options, flags=("max_completion_length",),
                 provided=frozenset({"advantages", "old_logprobs", "ref_logprobs", "ref_hidden",
                                     "ref_weight", "ref_bias", "vllm_is_ratio",
                                     "num_items_in_batch"}))

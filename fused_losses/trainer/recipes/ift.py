@@ -69,4 +69,6 @@ def items(batch, opts) -> int:
 RECIPE = Recipe(objective=fused_losses.ift_loss, data="sft", fused=fused, unfused=unfused,
                 unfused_options=frozenset({"lam", "gamma", "detach_weights", "eps",
                                            "train_embeddings"}),
-                items=items, provided=frozenset({"attention_mask"}))
+                # input_embeddings is a table, not a JSON value: the default (a frozen copy of
+                # the model's) is the recipe's choice; --loss-kwargs train_embeddings sets the other
+                items=items, provided=frozenset({"attention_mask", "input_embeddings"}))

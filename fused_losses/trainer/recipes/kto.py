@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 import fused_losses
+from fused_losses.objectives.logprobs import merged_options
 
-from ._common import (Recipe, decode, frozen_copy, frozen_logprobs, head_weight, masked_mean,
+from ._common import (Recipe, decode, frozen_copy, frozen_logprobs, head, masked_mean,
                       materialise, sequence_sums, to_prediction_layout)
 
 
@@ -31,10 +32,12 @@ def fused(opts):
         hidden = decode(lm, batch)
         with torch.no_grad():  # the estimate takes no gradient
             kl_hidden = decode(lm, ctx["kl_batch"])
-        out = fused_losses.kto_loss(hidden, head_weight(lm, hidden), batch["labels"],
+        lm_head = head(lm, hidden)
+        out = fused_losses.kto_loss(hidden, lm_head.weight, batch["labels"],
                                     desirable(batch), ref_logprobs=ctx["ref_logprobs"],
                                     kl_hidden=kl_hidden, kl_labels=ctx["kl_batch"]["labels"],
-                                    kl_ref_logprobs=ctx["kl_ref_logprobs"], **opts)
+                                    kl_ref_logprobs=ctx["kl_ref_logprobs"],
+                                    **merged_options(lm_head, opts))
         return out.loss * completions(batch, opts) / ctx["num_items"], dict(out.metrics)
     return step
 
@@ -51,14 +54,15 @@ def unfused(opts):
 
     def step(lm, batch, ctx):
         hidden = decode(lm, batch)
-        weight = head_weight(lm, hidden)
-        stats = materialise(hidden, weight, batch["labels"])
+        lm_head = head(lm, hidden)
+        stats = materialise(hidden, lm_head.weight, batch["labels"], **lm_head.options)
         policy, rho = sums(stats, ctx["ref_logprobs"])
         with torch.no_grad():
             kl_batch = ctx["kl_batch"]
             kl_hidden = decode(lm, kl_batch)
-            z = sums(materialise(kl_hidden, weight, kl_batch["labels"]),
-                     ctx["kl_ref_logprobs"])[1].mean().clamp(min=0)
+            kl_stats = materialise(kl_hidden, lm_head.weight, kl_batch["labels"],
+                                   **lm_head.options)
+            z = sums(kl_stats, ctx["kl_ref_logprobs"])[1].mean().clamp(min=0)
         good = desirable(batch)
         if opts["loss_type"] == "kto":
             losses = torch.where(good, 1 - torch.sigmoid(beta * (rho - z)),
@@ -84,13 +88,15 @@ def frozen(cfg, lm, opts) -> dict:
     return {"ref": frozen_copy(lm)}
 
 
-def context(models, batch, impl) -> dict:
+def context(models, batch, impl, opts) -> dict:
     """The reference on the batch and on its mismatched pairs (same implementation)."""
     ids, labels, mask = fused_losses.mismatched_pairs(batch["input_ids"], batch["labels"],
                                                       batch["attention_mask"])
     kl_batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    return {"ref_logprobs": frozen_logprobs(models["ref"], batch, impl), "kl_batch": kl_batch,
-            "kl_ref_logprobs": frozen_logprobs(models["ref"], kl_batch, impl)}
+    temperature = opts.get("temperature", 1.0)  # the reference is scored as the policy is
+    return {"ref_logprobs": frozen_logprobs(models["ref"], batch, impl, temperature),
+            "kl_batch": kl_batch,
+            "kl_ref_logprobs": frozen_logprobs(models["ref"], kl_batch, impl, temperature)}
 
 
 def check(cfg) -> list[str]:
@@ -107,4 +113,5 @@ RECIPE = Recipe(objective=fused_losses.kto_loss, data="preference", fused=fused,
                 items=completions, frozen=frozen, context=context, check=check,
                 provided=frozenset({"preference_labels", "ref_logprobs", "ref_hidden",
                                     "ref_weight", "ref_bias", "kl", "kl_hidden", "kl_labels",
-                                    "kl_ref_logprobs", "kl_ref_hidden"}))
+                                    "kl_ref_logprobs", "kl_ref_hidden", "ref_logps",
+                                    "ref_KL_logps"}))

@@ -66,7 +66,7 @@ def frozen(cfg, lm, opts) -> dict:
     return models
 
 
-def context(models, batch, impl) -> dict:
+def context(models, batch, impl, opts) -> dict:
     ctx = {"rewards": frozen_logprobs(models["reward"], batch, impl)
            - frozen_logprobs(models["reward_ref"], batch, impl)}
     if "init" in models:

@@ -106,8 +106,8 @@ def frozen(cfg, lm, opts) -> dict:
     return {} if _linear(opts) else {"ref": frozen_copy(lm)}
 
 
-def context(models, batch, impl) -> dict:
-    return reference_context(models, batch, impl) if "ref" in models else {}
+def context(models, batch, impl, opts) -> dict:
+    return reference_context(models, batch, impl, opts) if "ref" in models else {}
 
 
 RECIPE = Recipe(objective=fused_losses.sft_loss, data="sft", fused=fused, unfused=unfused,
