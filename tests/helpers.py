@@ -111,6 +111,13 @@ def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch
     assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
     assert torch.isfinite(actual).all(), f"{name}: non-finite entries"
     error, tol = normwise_error(actual, expected), grad_tol(dtype, backend)
+    if actual.dtype == torch.float16:
+        # Below fp16's smallest normal (2^-14) its spacing is a constant 2^-24: an entry stored
+        # there is off by up to half of it whatever the arithmetic before (a mean over 8192
+        # tokens makes dW entries ~5e-7 at V = 32000), so those entries add their own bound.
+        subnormal = int((expected.abs() < 2.0 ** -14).sum())
+        norm = float(torch.linalg.vector_norm(expected.double()).clamp(min=1e-300))
+        tol += 2.0 ** -25 * subnormal ** 0.5 / norm
     assert error <= tol, f"{name}: normwise relative error {error:.3g} > {tol:.3g} ({dtype})"
 
 
