@@ -111,6 +111,8 @@ def linear_cross_entropy(
                              chunk_size=chunk_size)
     scale = _scale(reduction, num_items_in_batch, (targets != ignore_index).sum())
 
+    if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
+        raise TypeError(f"grad_in_forward must be None or a bool, got {grad_in_forward!r}")
     if reduction == "none" or not _use_grad_in_forward(grad_in_forward, backend, hidden, weight,
                                                        bias):
         stats = linear_logprobs(hidden, weight, targets, bias, return_lse=True,
@@ -138,8 +140,6 @@ def _shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 def _use_grad_in_forward(requested: bool | None, backend: str, hidden, weight, bias) -> bool:
     """Gradients in forward only when some gradient is wanted at all: under ``no_grad`` (or
     with no input requiring one) the loss is a forward pass and nothing more."""
-    if requested is not None and not isinstance(requested, bool):
-        raise TypeError(f"grad_in_forward must be None or a bool, got {requested!r}")
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (hidden, weight, bias))
     if requested is False or not needs_grad:

@@ -214,14 +214,11 @@ class Chunking:
 GPU_CHUNKING = Chunking()
 
 
-def _chunk_rows(rows: int, size: int, group: int | None) -> tuple[int, int, int]:
-    """(largest, last, count) of the row chunks ``torch_chunked._chunks`` cuts: about ``size``
-    rows, ending only at group boundaries (uniform groups of ``group`` rows)."""
-    if rows == 0:
-        return 0, 0, 0
+def _chunk_rows(rows: int, size: int, group: int | None) -> int:
+    """Rows of the largest row chunk ``torch_chunked._chunks`` cuts: about ``size`` rows,
+    ending only at group boundaries (uniform groups of ``group`` rows)."""
     step = size if group is None else group * max(1, size // group)
-    count = -(-rows // step)
-    return min(step, rows), rows - step * (count - 1), count
+    return min(step, rows)
 
 
 @dataclass(frozen=True)
@@ -253,61 +250,64 @@ def _torch_term(s: _Head, path: str) -> int:
     ``_Workspace`` per call; ``backward`` and ``forward_backward`` hold the same buffers, only
     their chunks differ (the one pass's end at group boundaries)."""
     size = max(1, s.chunking.torch_chunk_bytes // (4 * s.v))
-    c, last, _ = _chunk_rows(s.n, size, s.group if path == "one-pass" else None)
+    c = _chunk_rows(s.n, size, s.group if path == "one-pass" else None)
     d, h, v = s.d, s.h, s.v
     accumulators = d * s.m * h + 4 * v * h
     # workspace: the chunk's fp32 logits, their 16-bit copy for the GEMMs, the soft-cap factor
     work = 4 * c * v + (d * c * v if s.low else 0) + (4 * c * v if s.softcap else 0)
-    rows = d * c * h  # the chunk's hidden rows (index_select)
-    # _Accumulator.add: dH's part [c, H] is still bound while dW's update runs; 16-bit: the
-    # update's [V, H] product in the compute dtype and its fp32 copy (fp32: addmm_ in place)
-    update = d * c * h + (d + 4) * v * h if s.low else 4 * c * h
-    loop = accumulators + work + rows + update
-    end = accumulators + work + d * last * h + (d * v * h if s.low else 0)  # dW's cast
+    # the chunk's hidden rows (index_select) and its dH part [c, H] (freed before dW's update,
+    # which allocates nothing: addmm_ in place, or 16-bit operands into fp32 by cuBLAS)
+    loop = accumulators + work + 2 * d * c * h
+    end = accumulators + (d * v * h if s.low else 0)  # dW's cast, the workspace freed
     return max(loop, end)
 
 
 def _triton_recompute(s: _Head) -> int:
     """``kernels/logprobs_bwd.backward``: dW in the compute dtype (written once), fp32 dH of
-    the scored rows, one ``[N, VC]`` gradient chunk; at the end dH's cast and its scatter into
-    ``zeros_like(hidden)``. The chunk is still referenced there (the loop's view ``chunk``
-    outlives the ``del``)."""
+    the scored rows, one ``[N, VC]`` gradient chunk; at the end, the chunk freed, dH's cast
+    and its scatter into ``zeros_like(hidden)`` (always: the launcher does not look at the
+    rows, which would cost a host sync)."""
     d, n, h, v = s.d, s.n, s.h, s.v
     columns = kernel_configs.chunk_width(n, v, d, s.chunking.backward_block_v(s.dtype),
                                          s.chunking.grad_chunk_bytes)
     loop = d * v * h + 4 * n * h + d * n * columns
-    return loop + (d * n * h if s.low else 0) + d * s.m * h
+    return max(loop, d * v * h + _grad_hidden_end(s, scatter=True))
 
 
 def _cublas_recompute(s: _Head) -> int:
     """``cublas_epilogue.backward``: dW in the compute dtype (one GEMM per vocabulary chunk),
     fp32 dH of the scored rows, one ``[N, C]`` fp32 products chunk, the scored rows gathered
-    when they are not ``hidden`` itself in order; at the end dH's cast and (gathered) its
-    scatter into ``zeros_like(hidden)``. The products are still referenced there (the loop's
-    views outlive the ``del``). Its forward holds less (the products and the gather)."""
+    when they are not ``hidden`` itself in order; at the end, the products and the gathered
+    rows freed, dH's cast beside the fp32 dH, then (gathered) the cast's scatter into
+    ``zeros_like(hidden)``, the fp32 dH freed first. Its forward holds less (the products and
+    the gather)."""
     d, n, h, v = s.d, s.n, s.h, s.v
     columns = kernel_configs.product_columns(n, v, s.chunking.product_chunk_bytes)
-    gather = d * n * h if s.gathered else 0
-    loop = d * v * h + 4 * n * h + 4 * n * columns + gather
-    return loop + (d * n * h if s.low else 0) + (d * s.m * h if s.gathered else 0)
+    loop = d * v * h + 4 * n * h + 4 * n * columns + (d * n * h if s.gathered else 0)
+    return max(loop, d * v * h + _grad_hidden_end(s, scatter=s.gathered))
+
+
+def _grad_hidden_end(s: _Head, scatter: bool) -> int:
+    """A recompute backward's dH at its end: the fp32 dH of the scored rows beside its cast,
+    then, with ``scatter``, the cast (fp32: the fp32 dH itself) beside the scatter's
+    ``zeros_like(hidden)``."""
+    cast = s.d * s.n * s.h if s.low else 4 * s.n * s.h
+    return max(4 * s.n * s.h + (cast if s.low else 0),
+               cast + s.d * s.m * s.h if scatter else 0)
 
 
 def _fused_one_pass(s: _Head, gathers_rows: bool) -> int:
     """``backends/_one_pass.run`` (cublas and triton): dH zeros_like(hidden), the fp32 dW
-    accumulator, one ``[r, V]`` fp32 products buffer (the largest chunk's); per chunk GEMM 2's
-    fresh fp32 ``[r, H]`` dH rows (made while the previous chunk's are still bound) and, on
-    cuBLAS, the chunk's gathered hidden rows; at the end dW's cast, with the last chunk's
-    buffers still referenced (the loop's views outlive ``del products``)."""
+    accumulator, one ``[r, V]`` fp32 products buffer (the largest chunk's); per chunk, on
+    cuBLAS, its gathered hidden rows, and GEMM 2's fresh fp32 ``[r, H]`` dH rows beside their
+    cast; at the end dW's cast, the products and the last chunk's buffers freed before it."""
     d, h, v = s.d, s.h, s.v
-    r, last, count = _chunk_rows(s.n, s.chunking.pass_rows(v), s.group)
-    base = d * s.m * h + 4 * v * h + 4 * r * v
+    r = _chunk_rows(s.n, s.chunking.pass_rows(v), s.group)
+    base = d * s.m * h + 4 * v * h
     operand = d * r * h if gathers_rows else 0
     cast = d * r * h if s.low else 0  # dH rows' cast before index_copy_
-    loop = base + operand + max(4 * r * h * (2 if count > 1 else 1), 4 * r * h + cast)
-    if gathers_rows and count > 1:  # the next chunk's gather beside the previous one's
-        loop = max(loop, base + 2 * operand + 4 * r * h)
-    end = base + (d * last * h if gathers_rows else 0) + 4 * last * h + (d * v * h if s.low
-                                                                          else 0)
+    loop = base + 4 * r * v + operand + 4 * r * h + cast
+    end = base + (d * v * h if s.low else 0)
     return max(loop, end)
 
 
@@ -409,7 +409,7 @@ def head_forward_bytes(impl: str, *, rows: int, scored: int, hidden: int, vocab:
         return (d + 8) * m * v + stats
     backend = resolve_backend_name(backend)
     if backend == "torch":
-        c = _chunk_rows(n, max(1, chunking.torch_chunk_bytes // (4 * v)), None)[0]
+        c = _chunk_rows(n, max(1, chunking.torch_chunk_bytes // (4 * v)), None)
         return 4 * c * v + d * c * h + stats
     if backend == "cublas":
         columns = kernel_configs.product_columns(n, v, chunking.product_chunk_bytes)

@@ -18,11 +18,11 @@ memory is the peak of what the step allocates above the inputs, dW and dH includ
 * on the CPU, :class:`fused_losses._memory.LiveTensorPeak`: the exact peak of live tensor
   storages (every ATen op seen by a dispatch mode; no allocator or RSS noise), in this
   process. The Triton backends run under ``TRITON_INTERPRET=1`` with the interpreter's chunk
-  budgets (the case's ``chunk_bytes`` when given: a few chunks at these sizes). Two CPU
-  stand-ins are not counted, because the GPU code they replace allocates nothing: the
-  fp32 upcasts of a 16-bit GEMM (``backends/_gemm.matmul`` and the torch backend's
-  ``_matmul_fp32``; cuBLAS writes fp32 from 16-bit operands directly). By default the Triton
-  kernels are not executed (their launches return at once): a kernel writes into tensors
+  budgets (the case's ``chunk_bytes`` when given: a few chunks at these sizes). The CPU's
+  stand-ins are not counted, because the GPU code they replace allocates nothing: the fp32
+  upcasts of a 16-bit GEMM (``backends/_gemm.matmul``, the torch backend's ``_matmul_fp32``
+  and ``_addmm_fp32``; cuBLAS writes fp32 from 16-bit operands directly). By default the
+  Triton kernels are not executed (their launches return at once): a kernel writes into tensors
   allocated before it and allocates none itself, so the allocations, and the peak, are those
   of a real run. ``--run-kernels`` executes them in the interpreter (slowly) and collects
   Python's reference cycles after each launch (the interpreter's frames keep a launch's
@@ -216,8 +216,9 @@ def _gpu_stand_ins(tracker: LiveTensorPeak, run_kernels: bool):
     with contextlib.ExitStack() as stack:
         for module in (cublas_epilogue, _one_pass):
             stack.enter_context(mock.patch.object(module, "matmul", uncounted(_gemm.matmul)))
-        stack.enter_context(mock.patch.object(torch_chunked, "_matmul_fp32",
-                                              uncounted(torch_chunked._matmul_fp32)))
+        for name in ("_matmul_fp32", "_addmm_fp32"):
+            stack.enter_context(mock.patch.object(torch_chunked, name,
+                                                  uncounted(getattr(torch_chunked, name))))
         if os.environ.get("TRITON_INTERPRET") == "1":
             from triton.runtime import interpreter
 
@@ -302,10 +303,49 @@ def validate(cases=CASES, echo=print, run_kernels: bool = False) -> list[dict]:
              f"{case['vocab']:>7} {case['dtype']:<9}{predicted / 2**20:>14.3f}"
              f"{measured / 2**20:>14.3f}{error:>+8.2%}")
     if results:
+        echo("")
+        for line in summary(results):
+            echo(line)
         worst = max(results, key=lambda r: abs(r["error"]))
         echo(f"largest |error|: {abs(worst['error']):.2%} over {len(results)} cases "
              f"({describe(worst)})")
     return results
+
+
+def _row(case: dict) -> tuple[str, str]:
+    """The (backend, path) row of :func:`summary` that a case falls in."""
+    if case["impl"] == "unfused":
+        return "unfused (materialised reference)", "-"
+    path = case["path"]
+    if "one_pass_bytes" in case:
+        path += ", pairs beyond the one-pass budget"
+    elif case.get("group"):
+        path += f", groups of {case['group']} rows"
+    elif case.get("softcap"):
+        path += f", soft-cap {case['softcap']:g}"
+    return case["backend"], path
+
+
+def summary(results: list[dict]) -> list[str]:
+    """The results per backend x path, the Markdown table of ``docs/planner.md``: cases,
+    error range, the worst case's predicted / measured MiB."""
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for result in results:
+        rows.setdefault(_row(result), []).append(result)
+    order = ("unfused (materialised reference)",) + BACKEND_NAMES
+
+    def percent(error: float) -> str:
+        return f"{error:+.2%}".replace("-", "\N{MINUS SIGN}")
+
+    lines = ["| backend | path | cases | error range | worst: predicted / measured MiB |",
+             "|---|---|---:|---|---|"]
+    for (backend, path), group in sorted(rows.items(), key=lambda kv: order.index(kv[0][0])):
+        errors = [r["error"] for r in group]
+        worst = max(group, key=lambda r: abs(r["error"]))
+        lines.append(f"| {backend} | {path} | {len(group)} | {percent(min(errors))} to "
+                     f"{percent(max(errors))} | {worst['predicted'] / 2**20:.3f} / "
+                     f"{worst['measured'] / 2**20:.3f} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

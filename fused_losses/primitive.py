@@ -201,15 +201,17 @@ def check_options(*, deterministic: bool = False, filter_eps=None, chunk_size=No
 # Autograd
 # ---------------------------------------------------------------------------------------------
 
-def first_order_only(backward):
+def first_order_only(backward, name: str | None = None):
     """Make differentiating a Function's gradients (double backward: a gradient penalty
     through ``create_graph=True``) a clear error instead of a silent zero.
 
     ``torch.autograd.function.once_differentiable`` marks the gradients only when an upstream
     gradient requires grad; ours also depend on the saved hidden and weight, so with
     ``create_graph=True`` they are always marked, and any use of them in a backward raises.
+    ``name``: what the message calls the Function (default: the backward's class).
     """
-    message = (f"fused_losses: {backward.__qualname__.split('.')[0]} has no double backward: "
+    name = name or backward.__qualname__.split(".")[0]
+    message = (f"fused_losses: {name} has no double backward: "
                "its gradients cannot be differentiated again (create_graph=True followed by "
                "a penalty on a gradient). Compute such a penalty without the fused LM head.")
 
@@ -409,7 +411,11 @@ def _op_backward(ctx, g_logprobs, g_lse, _g_argmax, g_entropy, g_logits_mean):
     return (*(g if need else None for g, need in zip(grads, needs)),) + (None,) * 10
 
 
-_logprobs_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+# Eagerly, or compiled by a backend without AOTAutograd (which refuses double backward by
+# itself), the op's backward would otherwise fail on the backward op having no autograd.
+_logprobs_op.register_autograd(
+    first_order_only(_op_backward, "the custom op fused_losses::linear_logprobs"),
+    setup_context=_op_setup_context)
 
 
 def _compiled_logprobs(hidden, weight, targets, bias, *, ignore_index, temperature, softcap,
@@ -442,17 +448,22 @@ def _loss_and_grads(loss_fn: ChunkLoss, stats: tuple, positions: torch.Tensor):
         leaves = [s if s is None or not s.is_floating_point() else s.detach().requires_grad_()
                   for s in stats]
         first_node = leaves[1].view_as(leaves[1]).grad_fn._sequence_nr()
-        loss = loss_fn(LogProbs(*leaves), positions)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) \
-                else type(loss).__name__
-            raise TypeError(f"loss_fn must return a scalar (0-dim) tensor, got {got}")
+        loss = _scalar(loss_fn(LogProbs(*leaves), positions))
         wrt = [leaves[i] for i in (0, 1, 3, 4)]
         present = [t for t in wrt if t is not None]
         _check_closed_over_statistics(loss, present, first_node)
         found = iter(torch.autograd.grad(loss, present, allow_unused=True)) if loss.requires_grad \
             else iter([None] * len(present))
     return loss.detach(), Grads(*(None if t is None else next(found) for t in wrt))
+
+
+def _scalar(loss):
+    """``loss_fn``'s result, which must be a scalar (0-dim) tensor."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) \
+            else type(loss).__name__
+        raise TypeError(f"loss_fn must return a scalar (0-dim) tensor, got {got}")
+    return loss
 
 
 def _check_closed_over_statistics(loss: torch.Tensor, leaves: list, first_node: int) -> None:
@@ -751,6 +762,6 @@ def linear_logprobs_loss(
             # gets its gradient).
             with torch.no_grad():
                 stats = inputs.backend.forward(*tensors, **_forward_kwargs(opts))
-            return loss_fn(LogProbs(*stats), rows)
+            return _scalar(loss_fn(LogProbs(*stats), rows))
         return GradInForwardFunction.apply(*tensors, inputs.backend, opts, loss_fn,
                                            boundaries)

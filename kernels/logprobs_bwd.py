@@ -199,6 +199,12 @@ def _grad_weight_kernel(
     tl.store(out, acc.to(grad_weight_ptr.dtype.element_ty), mask=out_mask)
 
 
+def _packed(buffer: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """The first ``rows * width`` elements of ``buffer`` as ``[rows, width]``: the kernels lay
+    a chunk narrower than the buffer out with row stride ``width``, not the buffer's."""
+    return buffer.view(-1)[:rows * width].view(rows, width)
+
+
 def grad_hidden_gemm(grad_chunk, weight, v0, out, keep, cfg: dict, *, filtered: bool) -> None:
     """``out [N, H]`` fp32 ``+= grad_chunk [N, C] @ weight[v0:v0 + C]``; ``grad_chunk`` with
     inner stride 1 and any row stride (the one-pass path's gradient lies over fp32 rows);
@@ -304,26 +310,25 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_ROW_SCALE=row_scale, WITH_ENTROPY_GRAD=with_entropy_grad,
             WITH_MEAN_GRAD=with_mean_grad, NEED_BIAS_GRAD=need_bias, **flags, **meta)
-        # the kernels lay a chunk out with row stride width_here, not columns
-        chunk = grad_chunk.view(-1)[:num_rows * width_here].view(num_rows, width_here)
         if need_hidden:
-            grad_hidden_gemm(chunk, weight, v0, grad_hidden_f32, keep, cfg,
-                             filtered=filter_eps is not None)
+            grad_hidden_gemm(_packed(grad_chunk, num_rows, width_here), weight, v0,
+                             grad_hidden_f32, keep, cfg, filtered=filter_eps is not None)
         if need_weight:
-            grad_weight_gemm(chunk, hidden, rows, v0, grad_weight, keep,
-                             ratio if row_scale else None, max_bound, cfg,
+            grad_weight_gemm(_packed(grad_chunk, num_rows, width_here), hidden, rows, v0,
+                             grad_weight, keep, ratio if row_scale else None, max_bound, cfg,
                              filtered=filter_eps is not None, accumulate=False)
         if need_bias:
-            # the kernels lay a chunk out with row stride width_here, not columns
-            partials = bias_partials.view(-1)[:token_tiles * width_here]
-            torch.sum(partials.view(token_tiles, width_here), dim=0,
+            torch.sum(_packed(bias_partials, token_tiles, width_here), dim=0,
                       out=grad_bias_f32[v0:v0 + width_here])
-    del grad_chunk, bias_partials, keep  # before dH's cast and scatter: lower peak
+    # Before dH's cast and scatter, lower peak: the chunk buffers (no view of them outlives
+    # the loop), then the fp32 dH once cast, before the scatter's zeros_like.
+    del grad_chunk, bias_partials, keep
     grad_hidden = None
     if need_hidden:
         if row_scale:
             grad_hidden_f32.mul_(bound.unsqueeze(1))
-        grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows,
-                                                           grad_hidden_f32.to(hidden.dtype))
+        grad_hidden = grad_hidden_f32.to(hidden.dtype)
+        del grad_hidden_f32
+        grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_hidden)
     grad_bias = grad_bias_f32.to(bias.dtype) if need_bias else None
     return grad_hidden, grad_weight, grad_bias

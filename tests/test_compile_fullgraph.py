@@ -80,3 +80,17 @@ def test_linear_logprobs_loss_says_it_does_not_trace():
         h, w, labels, lambda s, p: s.logprobs.sum()), fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="linear_logprobs_loss cannot be traced"):
         fn(hidden, weight)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "eager"])
+def test_double_backward_when_compiled_is_a_clear_error(compiler):
+    """Compiled, the primitive is the custom op: AOTAutograd (every backend but dynamo's
+    "eager") refuses double backward itself; without it the op's own backward says so."""
+    hidden, weight, labels, _ = _batch()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda h, w: fl.linear_logprobs(h, w, labels, backend="torch")
+                       .logprobs.sum(), fullgraph=True, backend=compiler)
+    loss = fn(hidden, weight)
+    grad_hidden, = torch.autograd.grad(loss, hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        (loss + grad_hidden.square().sum()).backward()

@@ -1,10 +1,12 @@
 """linear_logprobs on both backends against the float64 materialised reference."""
 import itertools
+import re
 
 import pytest
 import torch
 
-from fused_losses import linear_logprobs
+from fused_losses import (distill_loss, linear_divergence, linear_divergence_loss,
+                          linear_logprobs, linear_logprobs_loss)
 from tests.helpers import (BACKEND_PARAMS, OUTPUTS, check_against_reference,
                            make_inputs)
 
@@ -114,21 +116,62 @@ def test_gradient_filtering_is_opt_in(backend):
         # tests/backends/test_contract.py)
 
 
+@pytest.fixture
+def one_process_group():
+    """The default process group, of one gloo process: vocabulary parallelism over a single
+    shard, in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def _teacher(hidden, vocab):
+    """A teacher head of its own width for ``hidden``'s tokens; it gets no gradient."""
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(*hidden.shape[:-1], 5, generator=g), torch.randn(vocab, 5, generator=g)
+
+
+# Every autograd Function (as the error names it), reached through a public function:
+# route -> (Function, (hidden [N, H], weight, targets [N], backend, process group) -> loss).
+DOUBLE_BACKWARD_LOSSES = {
+    "linear_logprobs": ("LinearLogProbsFunction", lambda h, w, t, backend, group:
+                        linear_logprobs(h, w, t, backend=backend).logprobs.sum()),
+    "linear_logprobs_loss": ("GradInForwardFunction", lambda h, w, t, backend, group:
+                             linear_logprobs_loss(h, w, t, lambda stats, _: stats.logprobs.sum(),
+                                                  backend=backend)),
+    "vocab_parallel": ("VocabParallelLogProbsFunction", lambda h, w, t, backend, group:
+                       linear_logprobs(h, w, t, backend=backend, process_group=group,
+                                       return_entropy=True).entropy.sum()),
+    "custom_op": ("the custom op fused_losses::linear_logprobs", lambda h, w, t, backend, group:
+                  torch.ops.fused_losses.linear_logprobs(h, w, None, t, -100, 1.0, None, backend,
+                                                         None, None, False, False, False)[0].sum()),
+    "linear_divergence": ("LinearDivergenceFunction", lambda h, w, t, backend, group:
+                          linear_divergence(h, w, *_teacher(h, w.shape[0]), t,
+                                            backend=backend).divergence.sum()),
+    "linear_divergence_loss": ("DivergenceLossFunction", lambda h, w, t, backend, group:
+                               linear_divergence_loss(h, w, *_teacher(h, w.shape[0]), t,
+                                                      hard_weight=0.5, backend=backend,
+                                                      grad_in_forward=True)[0]),
+    "distill_loss": ("LinearDivergenceFunction", lambda h, w, t, backend, group: distill_loss(
+        h[None], w, *_teacher(h[None], w.shape[0]), t[None], divergence="reverse_kl",
+        backend=backend, grad_in_forward=False).loss),
+}
+
+
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
-@pytest.mark.parametrize("path", ["linear_logprobs", "linear_logprobs_loss"])
-def test_double_backward_is_a_clear_error(backend, path):
-    """A penalty on a gradient (create_graph=True) needs the backward's own gradient; the
-    Functions do not provide one, and say so instead of dropping the penalty silently."""
-    from fused_losses import linear_logprobs_loss
+@pytest.mark.parametrize("route", DOUBLE_BACKWARD_LOSSES)
+def test_double_backward_is_a_clear_error(backend, route, request):
+    """A penalty on a gradient (create_graph=True) needs the backward's own gradient; no
+    Function provides one, and each says so instead of dropping the penalty silently."""
+    group = request.getfixturevalue("one_process_group") if route == "vocab_parallel" else None
+    function, loss_of = DOUBLE_BACKWARD_LOSSES[route]
     hidden, weight, targets, _ = make_inputs(6, 8, 20, torch.float32)
-    if path == "linear_logprobs":
-        loss = linear_logprobs(hidden, weight, targets, backend=backend).logprobs.sum()
-    else:
-        loss = linear_logprobs_loss(hidden, weight, targets, lambda s, p: s.logprobs.sum(),
-                                    backend=backend)
+    loss = loss_of(hidden, weight, targets, backend, group)
     grad_hidden, = torch.autograd.grad(loss, hidden, create_graph=True)
     penalty = grad_hidden.square().sum()
-    with pytest.raises(RuntimeError, match="has no double backward"):
+    with pytest.raises(RuntimeError, match=f"{re.escape(function)} has no double backward"):
         (loss + penalty).backward()
 
 

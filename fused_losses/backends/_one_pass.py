@@ -126,24 +126,32 @@ def sweep(gemms: Gemms, product_dtype: torch.dtype, hidden, weight, bias, rows, 
     grad_weight_f32 = torch.zeros(vocab, width, **f32) if need_weight else None
     grad_bias_f32 = torch.zeros(vocab, **f32) if need_bias else None
     products = Products(vocab, product_dtype, device)
-    for piece in chunks:
+
+    def add_chunk(piece) -> torch.Tensor:
+        # A function, not the loop's body, so that the chunk's operand, its views of the
+        # products and its dH rows die on return: the next chunk's are made without them,
+        # and the products buffer is free before dW's cast.
         piece_rows = rows[piece]
         operand = gemms.rows(hidden, piece_rows)
         product = products.get(piece_rows.numel(), vocab)
         gemms.products(operand, weight, product)
         chunk_loss, grad, scale = chunk_gradient(piece, product)
-        loss += chunk_loss
         if grad is None:
-            continue
+            return chunk_loss
         if need_hidden:
             rows_f32 = gemms.grad_hidden(grad, weight)
             if scale is not None:
                 rows_f32.mul_(scale.bound.unsqueeze(1))
             grad_hidden.index_copy_(0, piece_rows, rows_f32.to(hidden.dtype))
+            del rows_f32  # not beside dW's GEMM
         if need_weight:
             gemms.grad_weight(grad, operand, grad_weight_f32, scale)
         if need_bias:
-            grad_bias_f32 += column_sums(grad, scale)
+            grad_bias_f32.add_(column_sums(grad, scale))
+        return chunk_loss
+
+    for piece in chunks:
+        loss += add_chunk(piece)
     del products  # before dW's cast: lower peak
     return (loss, grad_hidden,
             None if grad_weight_f32 is None else grad_weight_f32.to(weight.dtype),

@@ -99,13 +99,18 @@ def vocabulary_sweep(hidden, weight, bias, rows, scored, scale, chunk_gradient, 
             matmul(grad.T, rows_for_weight, grad_weight[v0:v0 + block.shape[0]], alpha=alpha)
         if need_bias:
             grad_bias_f32[v0:v0 + block.shape[0]] = column_sums(grad, scale)
-    del products  # before dH's cast: lower peak
+    scatter = scored is not hidden
+    # Before dH's cast and scatter, free what the loop no longer needs: the products (the
+    # loop's names still view their buffer) and the gathered rows (the caller keeps no
+    # reference); the fp32 dH goes once cast, before the scatter's zeros_like.
+    products = product = grad = scored = rows_for_weight = None
     grad_hidden = None
     if need_hidden:
         if scale is not None:
             grad_hidden_f32.mul_(scale.bound.unsqueeze(1))
         grad_hidden = grad_hidden_f32.to(hidden.dtype)
-        if scored is not hidden:
+        grad_hidden_f32 = None
+        if scatter:
             grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_hidden)
     return grad_hidden, grad_weight, None if grad_bias_f32 is None else grad_bias_f32.to(bias.dtype)
 

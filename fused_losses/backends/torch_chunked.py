@@ -90,6 +90,29 @@ def _matmul_fp32(hidden_chunk, weight, bias, out):
         out += bias.to(out.dtype)
 
 
+def _addmm_fp32(acc, a, b, scale=None):
+    """``acc += (a @ b) * scale`` into the fp32 ``acc`` from 16-bit operands, the fp32
+    products of their values (no rounding to 16 bits) and no ``acc``-sized 16-bit copy: cuBLAS
+    accumulates in place (``out_dtype``); fp16's ``scale`` (a 0-dim fp32 tensor, read on the
+    device: no host sync) takes one fp32 product beside ``acc``. Elsewhere (the CPU) ``a`` is
+    upcast ``UPCAST_BYTES`` of rows at a time. On CUDA without ``out_dtype`` (torch < 2.8) the
+    product is rounded to 16 bits, then added in fp32."""
+    if a.is_cuda:
+        if not _HAS_OUT_DTYPE:
+            acc.add_(a @ b if scale is None else (a @ b).float().mul_(scale))
+        elif scale is None:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        else:
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype).mul_(scale))
+        return
+    b_up = b.to(acc.dtype)
+    if scale is not None:
+        b_up.mul_(scale)
+    step = max(1, UPCAST_BYTES // (acc.element_size() * max(a.shape[1], 1)))
+    for r0 in range(0, a.shape[0], step):
+        acc[r0:r0 + step].addmm_(a[r0:r0 + step].to(acc.dtype), b_up)
+
+
 def _logits(hidden_chunk, weight, bias, temperature, softcap, ws: _Workspace) -> torch.Tensor:
     """[n, H] -> [n, V] tempered, soft-capped logits in the accumulation dtype (workspace)."""
     rows, acc = hidden_chunk.shape[0], _acc_dtype(hidden_chunk.dtype)
@@ -218,16 +241,17 @@ class _Accumulator:
             if bound is not None:
                 part = (part.float() * bound.unsqueeze(1)).to(part.dtype)
             self.grad_hidden.index_copy_(0, rows, part)
+            del part  # not beside dW's update
         if self.grad_weight is not None:
             if grad_low.dtype == self.grad_weight.dtype:
                 self.grad_weight.addmm_(grad_low.T, hidden_chunk)
             elif bound is None:
-                self.grad_weight += (grad_low.T @ hidden_chunk).to(self.grad_weight.dtype)
-            else:
+                _addmm_fp32(self.grad_weight, grad_low.T, hidden_chunk)
+            else:  # fp16: rows times bound / max_bound (in [0, 1]), max_bound applied in fp32
                 max_bound = bound.max()
                 scaled = (hidden_chunk.float() * (bound / max_bound).unsqueeze(1))
-                part = grad_low.T @ scaled.to(hidden_chunk.dtype)
-                self.grad_weight.add_(part.to(self.grad_weight.dtype) * max_bound)
+                _addmm_fp32(self.grad_weight, grad_low.T, scaled.to(hidden_chunk.dtype),
+                            max_bound)
 
     def result(self):
         dtype = self.weight.dtype
@@ -261,7 +285,8 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
     """Recompute each chunk's logits and accumulate (dH [M, H], dW [V, H], dBias [V])."""
     acc = _Accumulator(hidden, weight, bias, need_hidden, need_weight, need_bias)
     ws = _Workspace(weight.shape[0], hidden.device)
-    for piece in _chunks(rows.numel(), weight.shape[0], chunk_size):
+
+    def add_chunk(piece):  # a function: its rows and workspace views die before dW's cast
         hidden_chunk = hidden.index_select(0, rows[piece])
         logits = _logits(hidden_chunk, weight, bias, temperature, softcap, ws)
 
@@ -272,6 +297,10 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
         grad = _grad_logits(logits, targets[piece], lse[piece], take(entropy), *grads,
                             temperature, _softcap_chain(logits, softcap, ws), filter_eps, ws)
         acc.add(grad, rows[piece], hidden_chunk, ws, _bound(weight, grads, take(entropy)))
+
+    for piece in _chunks(rows.numel(), weight.shape[0], chunk_size):
+        add_chunk(piece)
+    del ws  # its buffers, before dW's cast
     return acc.result()
 
 
@@ -296,7 +325,8 @@ def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=No
     acc = _Accumulator(hidden, weight, bias, need_hidden, need_weight, need_bias)
     loss = torch.zeros((), dtype=_acc_dtype(hidden.dtype), device=hidden.device)
     ws = _Workspace(weight.shape[0], hidden.device)
-    for piece in _chunks(rows.numel(), weight.shape[0], chunk_size, boundaries):
+
+    def add_chunk(piece):  # a function: its rows and workspace views die before dW's cast
         hidden_chunk = hidden.index_select(0, rows[piece])
         logits = _logits(hidden_chunk, weight, bias, temperature, softcap, ws)
         chain = _softcap_chain(logits, softcap, ws)
@@ -306,8 +336,12 @@ def forward_backward(hidden, weight, bias, rows, targets, head, *, boundaries=No
         stats = _stats(logits, targets[piece], with_argmax, with_entropy, with_logits_mean,
                        scratch, keep_probs=not with_entropy)
         chunk_loss, grads = head(stats, piece)
-        loss += chunk_loss
         grad = _grad_logits(logits, targets[piece], stats[1], stats[3], *grads,
                             temperature, chain, filter_eps, ws, holds_probs=not with_entropy)
         acc.add(grad, rows[piece], hidden_chunk, ws, _bound(weight, grads, stats[3]))
+        return chunk_loss
+
+    for piece in _chunks(rows.numel(), weight.shape[0], chunk_size, boundaries):
+        loss += add_chunk(piece)
+    del ws  # its buffers, before dW's cast
     return (loss, *acc.result())

@@ -56,7 +56,8 @@ class FusedCausalLMOutput(ModelOutput):
 
 def check_outputs(outputs) -> tuple[str, ...]:
     """``outputs`` as a tuple of known field names (``log_probs`` always included)."""
-    if isinstance(outputs, str) or not all(isinstance(name, str) for name in outputs):
+    if isinstance(outputs, str) or not isinstance(outputs, (tuple, list, set, frozenset)) \
+            or not all(isinstance(name, str) for name in outputs):
         raise TypeError(f"outputs must be a tuple of field names from {OUTPUTS}, got {outputs!r}")
     unknown = sorted(set(outputs) - set(OUTPUTS))
     if unknown:

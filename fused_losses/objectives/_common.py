@@ -150,7 +150,7 @@ def resolve_alias(function: str, name: str, value, default, alias: str, alias_va
     """
     if alias_value is None:
         return value
-    if value != default:
+    if isinstance(value, bool) or value != default:  # True == 1.0, yet not a default
         raise TypeError(f"{function}() got both {name}={value!r} and {alias}={alias_value!r}; "
                         f"{alias} is TRL's name for {name}: pass one of them")
     return alias_value

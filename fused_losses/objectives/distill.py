@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 
 from ..divergence import Divergence, linear_divergence_loss
-from ._common import IGNORE_INDEX, NLL_LOSS, LossOutput, check_labels, masked_mean, shift_targets
+from ..primitive import check_ignore_index
+from ._common import (IGNORE_INDEX, NLL_LOSS, LossOutput, check_count, check_labels,
+                      masked_mean, shift_targets)
 
 
 def distill_loss(
@@ -86,6 +88,8 @@ def distill_loss(
     Paper: GKD §3 Eq. 1; Hinton et al. 2015 §2.
     """
     check_labels(hidden, labels)
+    check_ignore_index(ignore_index)
+    check_count("num_items_in_batch", num_items_in_batch)
     targets = shift_targets(labels, ignore_index)
     total, out = linear_divergence_loss(
         hidden, weight, teacher_hidden, teacher_weight, targets, bias=bias,

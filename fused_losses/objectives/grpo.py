@@ -54,7 +54,7 @@ def _batch_tokens(per_row, batch, step, rows, max_len):  # BNPO: token mean of t
 
 
 def _constant(per_row, batch, step, rows, max_len):  # Dr. GRPO: a length-free constant
-    return 1.0 / (rows * max_len)
+    return 1.0 / (max(rows, 1) * max_len)  # (an empty batch has no token to weigh)
 
 
 def _step_tokens(per_row, batch, step, rows, max_len):  # DAPO / CISPO: the step's tokens
@@ -346,7 +346,8 @@ def _clip_metrics(ratio, adv, mask, per_sequence, loss_type, epsilon_low, epsilo
     (every sequence counts), else [B, T] over the scored tokens."""
     def mean(indicator):
         values = indicator.to(mask.dtype)
-        return values.mean() if per_sequence else masked_mean(values, mask)
+        return values.sum() / max(values.numel(), 1) if per_sequence \
+            else masked_mean(values, mask)
 
     def row_means(indicator):  # [B]
         values = indicator.to(mask.dtype)
@@ -358,13 +359,10 @@ def _clip_metrics(ratio, adv, mask, per_sequence, loss_type, epsilon_low, epsilo
     low = (ratio < 1 - epsilon_low) & (adv < 0)
     high = (ratio > 1 + epsilon_high) & (adv > 0)
     has = torch.ones_like(mask[:, 0], dtype=torch.bool) if per_sequence else mask.sum(-1) > 0
-    inf = torch.tensor(math.inf, dtype=mask.dtype, device=mask.device)
-    any_row = has.any()  # the extremes over sequences with a scored token (0 when none)
-    return {
+    return {  # the extremes over sequences with a scored token
         CLIP_LOW: mean(low), CLIP_HIGH: mean(high), CLIP_REGION: mean(low | high),
-        CLIP_LOW_MIN: torch.where(any_row, torch.where(has, row_means(low), inf).amin(), 0.0),
-        CLIP_HIGH_MAX: torch.where(any_row, torch.where(has, row_means(high), -inf).amax(),
-                                   0.0),
+        CLIP_LOW_MIN: _extreme(row_means(low), has, largest=False),
+        CLIP_HIGH_MAX: _extreme(row_means(high), has, largest=True),
     }
 
 
@@ -375,12 +373,18 @@ def _ratio_stats(is_ratio, scored):
                                                            device=is_ratio.device)
     else:
         values, counted = is_ratio, scored
-    inf = torch.tensor(math.inf, dtype=values.dtype, device=values.device)
-    any_counted = counted.any()
     return {
-        f"{SAMPLING_RATIO}/min": torch.where(any_counted,
-                                             torch.where(counted, values, inf).amin(), 0.0),
+        f"{SAMPLING_RATIO}/min": _extreme(values, counted, largest=False),
         f"{SAMPLING_RATIO}/mean": masked_mean(values, counted.to(values.dtype)),
-        f"{SAMPLING_RATIO}/max": torch.where(any_counted,
-                                             torch.where(counted, values, -inf).amax(), 0.0),
+        f"{SAMPLING_RATIO}/max": _extreme(values, counted, largest=True),
     }
+
+
+def _extreme(values, counted, *, largest: bool):
+    """The max (``largest``) or min of ``values`` where ``counted``; 0 where nothing is
+    counted, an empty batch included (without a host sync to find out)."""
+    fill = torch.tensor(-math.inf if largest else math.inf, dtype=values.dtype,
+                        device=values.device)
+    candidates = torch.cat((torch.where(counted, values, fill).reshape(-1), fill.reshape(1)))
+    extreme = candidates.amax() if largest else candidates.amin()
+    return torch.where(counted.any(), extreme, 0.0)

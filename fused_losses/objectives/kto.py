@@ -249,6 +249,10 @@ def _reference_point(kl, kl_hidden, kl_labels, kl_ref_logprobs, kl_ref_hidden, r
                 raise ValueError(f"kl must be a scalar or [B] = [{labels.shape[0]}], got shape "
                                  f"{tuple(kl.shape)}")
             z = kl.detach().to(labels.device, torch.float64)
+            # a CPU value is checked as a number's is; an accelerator's is not (a host sync)
+            if z.device.type == "cpu" and not torch.compiler.is_compiling() \
+                    and not bool(torch.isfinite(z).all()):
+                raise ValueError(f"kl must be finite, got {kl}")
             return (z.reshape(()) if z.numel() == 1 and z.dim() != 1 else z).clamp_min(0)
         check_range("kl", kl, -math.inf, math.inf)  # a number (NaN is refused)
         return torch.tensor(max(float(kl), 0.0), dtype=torch.float64, device=labels.device)

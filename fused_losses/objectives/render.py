@@ -44,12 +44,26 @@ def render_token_rewards(
         str: the HTML document. Colour intensity is ``|r| / max |r|`` over the page's
         coloured tokens; hovering a token shows its reward.
     """
+    if not isinstance(title, str):
+        raise TypeError(f"title must be a str, got {type(title).__name__}")
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() not in (1, 2):
+        got = f"shape {tuple(rewards.shape)}" if isinstance(rewards, torch.Tensor) \
+            else type(rewards).__name__
+        raise TypeError(f"rewards must be a tensor [B, T] (or [T]), got {got}")
+    if mask is not None and (not isinstance(mask, torch.Tensor)
+                             or tuple(mask.shape) != tuple(rewards.shape)):
+        raise ValueError(f"mask must be a tensor of the shape of rewards "
+                         f"{tuple(rewards.shape)}, got "
+                         f"{tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
     rewards = rewards.detach().double().cpu()
     if rewards.dim() == 1:
         rewards = rewards.unsqueeze(0)
         tokens = [tokens] if tokens and isinstance(tokens[0], str) else tokens
     keep = torch.ones_like(rewards, dtype=torch.bool) if mask is None \
         else mask.detach().cpu().reshape(rewards.shape).bool()
+    if not bool(torch.isfinite(rewards[keep]).all()):  # it would set the colour scale
+        raise ValueError("rewards must be finite where they are shown (mask on); got NaN or "
+                         "inf there")
     if len(tokens) != rewards.shape[0] or any(len(row) != rewards.shape[1] for row in tokens):
         raise ValueError(f"tokens must be [B][T] = [{rewards.shape[0]}][{rewards.shape[1]}] to "
                          f"match rewards, got {len(tokens)} rows of lengths "

@@ -29,7 +29,7 @@ def naive_reinforce(hidden, weight, labels, rewards, gamma, whiten, kl_coef, ini
             acc = r[b, t] + gamma * acc
             G[b, t] = acc
     G = G * mask
-    if whiten:
+    if whiten and mask.any():  # nothing scored: nothing to whiten
         vals = G[mask]
         G = (G - vals.mean()) / (vals.std(unbiased=False) + 1e-8) * mask
     return -(logps * G).sum() / B
