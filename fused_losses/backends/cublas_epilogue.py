@@ -68,10 +68,10 @@ def vocabulary_products(scored: torch.Tensor, weight: torch.Tensor, columns: int
         yield v0, block, product
 
 
-def vocabulary_sweep(hidden, weight, bias, rows, scored, scale, chunk_gradient, *,
+def vocabulary_sweep(hidden, weight, bias, rows, scale, chunk_gradient, *,
                      need_hidden=True, need_weight=True, need_bias=True, columns: int):
     """The recompute backward's loop: per vocabulary chunk, the products of every scored row
-    (``scored`` = ``hidden[rows]``), ``chunk_gradient(v0, product) -> grad`` (the chunk's logit
+    (``hidden[rows]``), ``chunk_gradient(v0, product) -> grad`` (the chunk's logit
     gradient written in place, a ``gradient_view`` of ``product``, rows divided by
     ``scale.bound`` when ``scale`` is given), then ``dH += G @ W[chunk]`` into an fp32
     ``[N, H]`` accumulator, ``dW[chunk] = Gᵀ @ scored`` (K = N: written once, no fp32 [V, H]
@@ -83,6 +83,11 @@ def vocabulary_sweep(hidden, weight, bias, rows, scored, scale, chunk_gradient, 
     if num_rows == 0:
         return _zeros(hidden, weight, bias, need_hidden, need_weight, need_bias)
     f32 = dict(dtype=torch.float32, device=hidden.device)
+    # Gathered here, not by the caller: an argument the caller formed stays alive until this
+    # returns wherever CPython does not hand it over (a frame-evaluation hook such as
+    # torch.compile's, once installed, keeps the caller's reference), defeating its release
+    # below.
+    scored = _scored_hidden(hidden, rows)
     # dW's other operand and alpha: the scored rows, or for fp16 their scaled copy
     rows_for_weight, alpha = (scored, 1.0) if scale is None else \
         (scale.scaled_rows(scored), scale.alpha())
@@ -101,8 +106,8 @@ def vocabulary_sweep(hidden, weight, bias, rows, scored, scale, chunk_gradient, 
             grad_bias_f32[v0:v0 + block.shape[0]] = column_sums(grad, scale)
     scatter = scored is not hidden
     # Before dH's cast and scatter, free what the loop no longer needs: the products (the
-    # loop's names still view their buffer) and the gathered rows (the caller keeps no
-    # reference); the fp32 dH goes once cast, before the scatter's zeros_like.
+    # loop's names still view their buffer) and the gathered rows; the fp32 dH goes once
+    # cast, before the scatter's zeros_like.
     products = product = grad = scored = rows_for_weight = None
     grad_hidden = None
     if need_hidden:
@@ -160,9 +165,8 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
         return grad
 
     return vocabulary_sweep(
-        hidden, weight, bias, rows, _scored_hidden(hidden, rows) if num_rows else hidden,
-        scale, chunk_gradient, need_hidden=need_hidden, need_weight=need_weight,
-        need_bias=need_bias,
+        hidden, weight, bias, rows, scale, chunk_gradient, need_hidden=need_hidden,
+        need_weight=need_weight, need_bias=need_bias,
         columns=configs.product_columns(num_rows, vocab, chunk_bytes or _chunk_bytes()))
 
 

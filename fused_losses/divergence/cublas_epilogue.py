@@ -130,9 +130,8 @@ def backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
         return grad
 
     return vocabulary_sweep(
-        hidden, weight, bias, rows, _scored_hidden(hidden, rows) if num_rows else hidden,
-        scale, chunk_gradient, need_hidden=need_hidden, need_weight=need_weight,
-        need_bias=need_bias, columns=columns)
+        hidden, weight, bias, rows, scale, chunk_gradient, need_hidden=need_hidden,
+        need_weight=need_weight, need_bias=need_bias, columns=columns)
 
 
 @torch.no_grad()
