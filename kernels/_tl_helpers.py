@@ -124,14 +124,20 @@ def grad_logits_tile(
 
 
 @triton.jit
-def grouped_tile(pid, tiles_n, tiles_v, GROUP_N: tl.constexpr):
-    """(token tile, vocabulary tile) of program ``pid`` in grouped order (Triton's matmul
-    tutorial): GROUP_N token tiles run back to back on one vocabulary tile, so its weight rows
-    come from L2 after the first, and the group's hidden rows stay in L2 across it."""
-    per_group = GROUP_N * tiles_v
-    first_n = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(tiles_n - first_n, GROUP_N)
-    return first_n + (pid % per_group) % group_size, (pid % per_group) // group_size
+def grouped_tile(pid, grouped_tiles, other_tiles, GROUP: tl.constexpr):
+    """(grouped-axis tile, other-axis tile) of program ``pid`` of a 1-D grid over
+    ``grouped_tiles x other_tiles`` output tiles, in grouped order (Triton's matmul
+    tutorial): ``GROUP`` consecutive tiles of the grouped axis (fewer in the last group) run
+    back to back on each tile of the other axis, grouped axis fastest. The programs resident
+    at once then share ``GROUP`` operand slabs of the grouped axis, which stay in L2 across
+    the group, and each slab of the other axis is read from HBM about once per group
+    instead of once per grouped-axis tile. Callers: (token tile, vocabulary tile) in the
+    logit-tile kernels, (token tile, H tile) in the dH GEMM, (vocabulary tile, H tile) in
+    the dW GEMM."""
+    per_group = GROUP * other_tiles
+    first = (pid // per_group) * GROUP
+    group_size = tl.minimum(grouped_tiles - first, GROUP)
+    return first + (pid % per_group) % group_size, (pid % per_group) // group_size
 
 
 @triton.jit

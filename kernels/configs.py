@@ -54,7 +54,9 @@ _GPU = {
     },
     # All backward kernels: the GEMMs' M and K blocks are the gradient tiles
     # (BLOCK_N x BLOCK_V) so that filtering can skip whole K blocks; BLOCK_OUT is the width of
-    # their output tiles along H.
+    # their output tiles along H. GROUP_N is every kernel's group of the grouped program order
+    # (_tl_helpers.grouped_tile): token tiles, except vocabulary tiles in the dW GEMM
+    # (logprobs_bwd's docstring: which axis each GEMM groups, and why).
     "bwd": {
         "16bit": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, BLOCK_OUT=128, GROUP_N=8,
                       num_warps=8, num_stages=3),

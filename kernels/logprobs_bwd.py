@@ -11,19 +11,47 @@ gradient takes about ``configs.GRAD_CHUNK_BYTES``):
    ``scaling.py``), its column sums (for dBias) in ``bias_partials [cdiv(N, BLOCK_N), VC]``,
    and with ``FILTER`` whether any entry is nonzero after filtering in
    ``keep [cdiv(N, BLOCK_N), cdiv(VC, BLOCK_V)]``.
-2. ``_grad_hidden_kernel``, grid ``(cdiv(N, BLOCK_N), cdiv(H, BLOCK_OUT))``:
-   ``grad_hidden[N, H] += grad_chunk @ weight[v0:v0 + VC]`` (K = VC) in an fp32 accumulator,
-   read and written once per chunk (fp16: unscaled by the launcher once, at the end).
-3. ``_grad_weight_kernel``, grid ``(cdiv(VC, BLOCK_V), cdiv(H, BLOCK_OUT))``:
-   ``grad_weight[v0:v0 + VC] = grad_chunkᵀ @ hidden[rows]`` (K = N), summed in fp32 registers
-   over every token and written once in the weight's dtype, so no fp32 ``[V, H]`` buffer
-   (fp16: hidden rows times ``bound_i / max_bound``, the sum times ``max_bound``).
+2. ``_grad_hidden_kernel``, grid ``(cdiv(N, BLOCK_N) * cdiv(H, BLOCK_OUT),)`` in grouped
+   order over token tiles: ``grad_hidden[N, H] += grad_chunk @ weight[v0:v0 + VC]`` (K = VC)
+   in an fp32 accumulator, read and written once per chunk (fp16: unscaled by the launcher
+   once, at the end).
+3. ``_grad_weight_kernel``, grid ``(cdiv(VC, BLOCK_V) * cdiv(H, BLOCK_OUT),)`` in grouped
+   order over vocabulary tiles: ``grad_weight[v0:v0 + VC] = grad_chunkᵀ @ hidden[rows]``
+   (K = N), summed in fp32 registers over every token and written once in the weight's
+   dtype, so no fp32 ``[V, H]`` buffer (fp16: hidden rows times ``bound_i / max_bound``, the
+   sum times ``max_bound``).
 
 FLOPs: 2NHV of recompute and 4NHV of gradient GEMMs, 8NHV with the forward (floor: 6NHV).
 Every program owns the outputs it writes: no atomics, bitwise reproducible. ``FILTER`` drops
 the softmax terms where ``p < filter_eps`` (``fused_losses.backends``), and both GEMMs skip
 the K blocks whose filtered gradient tile is zero everywhere, which is where filtering saves
 time; the tiles of the GEMMs are the gradient tiles for that reason.
+
+Program order of the two GEMMs (``_tl_helpers.grouped_tile``, the config's ``GROUP_N`` = G).
+An output of TM x TN tiles reads a slab of operand A per row tile and of B per column tile.
+Grouping G row tiles keeps their A slabs in L2 while all of B streams past once per group: A
+is read from HBM about once, B TM / G times; grouping column tiles reads B once and A TN / G
+times. With square b x b output tiles both streamed terms are 2·M·N·K / (b·G) bytes of
+16-bit operands, and they cost HBM traffic only where the streamed operand does not fit L2
+(~50 MB on an H200). At Llama-3-8B's head (N = 8192, H = 4096, V = 128256, bf16, b = 128,
+G = 8):
+
+- dH (A = grad_chunk [N, VC], B = W[chunk] [VC, H], VC = 4096): grouping token tiles reads
+  64 MiB + 8 x 32 MiB = 320 MiB per chunk, grouping H tiles 32 + 4 x 64 = 288 MiB: even. In
+  the one pass (1024-row chunks, K = V: A = 263 MB, B = all of W, 1.05 GB; 8 token tiles)
+  grouping token tiles reads each once (1.3 GB), grouping H tiles re-reads the gradient 4
+  times (2.1 GB): token tiles are grouped.
+- dW (A = grad_chunkᵀ [VC, N], B = hidden[rows] [N, H]): both groupings read 64 MiB +
+  4 x 64 MiB = 320 MiB per chunk. In the one pass (A = 263 MB, B = 8 MiB of hidden rows,
+  L2-resident) grouping vocabulary tiles reads the gradient once (0.27 GB), grouping H
+  tiles 4 times (1.06 GB): vocabulary tiles are grouped.
+
+The plain 2-D grids these replace (row tile fastest) kept ~132 programs resident (one per SM:
+129-192 KiB of shared memory each) on every row tile of one to four column tiles, so each
+wave re-read the whole row operand: 1.0-2.1 GB per chunk for dH, 0.5-2.1 GB for dW at the
+head above, and 8.4 GB (32 x 263 MB) per one-pass chunk for dW. Measured on an H200
+(``benchmarks/notes.md``, G8): HBM reads per chunk 1.49 -> 0.55 GB for dH, 0.62 -> 0.46 GB
+for dW, 10.5 -> 2.6 GB for the one pass's dW (fp32 accumulator included), 9-11 % faster.
 """
 from __future__ import annotations
 
@@ -94,11 +122,13 @@ def _grad_hidden_kernel(
     grad_chunk_ptr, weight_ptr, keep_ptr,                       # [N, VC], [V, H], [TN, TV]
     grad_hidden_ptr,                                            # [N, H] fp32, accumulated
     N, H, v0, chunk_width, stride_gn, stride_wv, stride_wh,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr, GROUP_N: tl.constexpr,
     FILTER: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    # GROUP_N token tiles' gradient rows stay in L2 while W[chunk] streams past them (see the
+    # module docstring for why token tiles, not H tiles, are grouped)
+    pid_n, pid_h = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(H, BLOCK_OUT),
+                                GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_h = (pid_h * BLOCK_OUT + tl.arange(0, BLOCK_OUT)).to(tl.int64)
@@ -131,17 +161,18 @@ def _grad_weight_kernel(
     ratio_ptr, max_bound_ptr,                                   # [N], [1] fp32 (HAS_ROW_SCALE)
     grad_weight_ptr,                                            # -> [V, H] contiguous, weight dtype
     N, H, v0, chunk_width, stride_gn, stride_hm, stride_hh,     # (ACCUMULATE: fp32, added to)
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr, GROUP_V: tl.constexpr,
     FILTER: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    # GROUP_V vocabulary tiles' gradient columns stay in L2 while the hidden rows stream past
+    # them (see the module docstring for why vocabulary tiles, not H tiles, are grouped)
+    vocab_tiles = tl.cdiv(chunk_width, BLOCK_V)
+    pid_v, pid_h = grouped_tile(tl.program_id(0), vocab_tiles, tl.cdiv(H, BLOCK_OUT), GROUP_V)
     offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_c = offs_c < chunk_width
     offs_h = (pid_h * BLOCK_OUT + tl.arange(0, BLOCK_OUT)).to(tl.int64)
     mask_h = offs_h < H
-    vocab_tiles = tl.cdiv(chunk_width, BLOCK_V)
     acc = tl.zeros((BLOCK_V, BLOCK_OUT), dtype=tl.float32)
     for tile in range(0, tl.cdiv(N, BLOCK_N)):
         keep = True
@@ -181,13 +212,13 @@ def grad_hidden_gemm(grad_chunk, weight, v0, out, keep, cfg: dict, *, filtered: 
     inner stride 1 and any row stride (the one-pass path's gradient lies over fp32 rows);
     with ``filtered``, the K blocks ``keep`` marks zero are skipped."""
     num_rows, columns = grad_chunk.shape
-    grid = (triton.cdiv(num_rows, cfg["BLOCK_N"]), triton.cdiv(out.shape[1], cfg["BLOCK_OUT"]))
+    grid = (triton.cdiv(num_rows, cfg["BLOCK_N"]) * triton.cdiv(out.shape[1], cfg["BLOCK_OUT"]),)
     _grad_hidden_kernel[grid](
         grad_chunk, weight, keep, out, num_rows, out.shape[1], v0, columns,
         grad_chunk.stride(0), weight.stride(0), weight.stride(1),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_OUT=cfg["BLOCK_OUT"],
-        FILTER=filtered, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **_launch.dot_flags(weight))
+        GROUP_N=cfg["GROUP_N"], FILTER=filtered, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **_launch.dot_flags(weight))
 
 
 def grad_weight_gemm(grad_chunk, hidden, rows, v0, out, keep, ratio, max_bound, cfg: dict, *,
@@ -200,12 +231,12 @@ def grad_weight_gemm(grad_chunk, hidden, rows, v0, out, keep, ratio, max_bound, 
     scaled = ratio is not None
     if not scaled:  # never read: any fp32 pointer
         ratio = max_bound = torch.empty(1, dtype=torch.float32, device=out.device)
-    grid = (triton.cdiv(columns, cfg["BLOCK_V"]), triton.cdiv(width, cfg["BLOCK_OUT"]))
+    grid = (triton.cdiv(columns, cfg["BLOCK_V"]) * triton.cdiv(width, cfg["BLOCK_OUT"]),)
     _grad_weight_kernel[grid](
         grad_chunk, hidden, rows, keep, ratio, max_bound, out, num_rows, width, v0, columns,
         grad_chunk.stride(0), hidden.stride(0), hidden.stride(1),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_OUT=cfg["BLOCK_OUT"],
-        FILTER=filtered, HAS_ROW_SCALE=scaled, ACCUMULATE=accumulate,
+        GROUP_V=cfg["GROUP_N"], FILTER=filtered, HAS_ROW_SCALE=scaled, ACCUMULATE=accumulate,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_launch.dot_flags(hidden))
 
 

@@ -62,11 +62,22 @@ INT64_POINTERS = {"rows_ptr", "targets_ptr", "argmax_ptr"}
 FLOAT_SCALARS = {"inv_temperature", "softcap", "inv_vocab", "filter_eps", "log_ratio",
                  "one_minus_beta"}
 UNIT_STRIDES = {"stride_hh", "stride_wh", "stride_thh", "stride_twh"}
+# constexprs a launcher fills from a config entry of another name: the dW GEMM groups
+# vocabulary tiles by the config's GROUP_N (logprobs_bwd.grad_weight_gemm)
+CONFIG_ALIASES = {"GROUP_V": "GROUP_N"}
 # constexprs that select a code path: (value with every flag off, with every flag on); the
 # divergence kernels' KIND: forward KL (0, the simplest) and JSD (2, the largest). Their
 # gradient kernels are never launched without any upstream gradient (nothing would be
 # computed), so the divergence's own stays on at both extremes.
 EXTREMES = {"KIND": (0, 2), "WITH_DIVERGENCE_GRAD": (True, True)}
+
+
+def config_meta(fn, cfg: dict) -> dict:
+    """The constexprs of ``fn`` that a launcher fills from the config ``cfg``."""
+    meta = {k: v for k, v in cfg.items() if k in fn.arg_names}
+    meta.update({alias: cfg[name] for alias, name in CONFIG_ALIASES.items()
+                 if alias in fn.arg_names})
+    return meta
 
 
 def signature(fn, dtype: str, meta: dict):
@@ -119,7 +130,7 @@ def flag_sets(fn):
 
 
 def compile_one(fn, entry: str, dtype: str, flags: dict, cfg: dict, arch: int) -> dict:
-    meta = {k: v for k, v in cfg.items() if k in fn.arg_names}
+    meta = config_meta(fn, cfg)
     every = any(flags.values())  # a flag set is all on or all off (or empty: none)
     meta.update(flags, DOT_FP32=False, TEACHER_DOT_FP32=False, DOT_PRECISION="ieee")
     meta.update({name: ends[every] for name, ends in EXTREMES.items() if name in fn.arg_names})

@@ -20,13 +20,13 @@ from triton.compiler.compiler import make_backend
 
 from fused_losses.kernels import configs
 try:
-    from tests.kernels.compile_probe import EXTREMES, KERNELS, flag_sets, signature
+    from tests.kernels.compile_probe import EXTREMES, KERNELS, config_meta, flag_sets, signature
 except ModuleNotFoundError:  # run as a script: this folder is on sys.path
-    from compile_probe import EXTREMES, KERNELS, flag_sets, signature
+    from compile_probe import EXTREMES, KERNELS, config_meta, flag_sets, signature
 
 
 def triton_ir(fn, cfg: dict, flags: dict) -> str:
-    meta = {k: v for k, v in cfg.items() if k in fn.arg_names}
+    meta = config_meta(fn, cfg)
     meta.update(flags, DOT_FP32=False, TEACHER_DOT_FP32=False, DOT_PRECISION="ieee")
     every = any(flags.values())
     meta.update({name: ends[every] for name, ends in EXTREMES.items() if name in fn.arg_names})

@@ -60,6 +60,47 @@ def test_backward_block_configs_chunks_and_strided_hidden(config, chunk_bytes):
         assert_close(a, b, torch.float32, scale=4.0)
 
 
+@pytest.mark.parametrize("group", [4, 7])
+def test_grad_gemms_grouped_order_covers_ragged_grids_and_filter_flags(group):
+    """The dH and dW GEMMs on their 1-D grouped grids: 5 token tiles, 6 vocabulary tiles and
+    7 H tiles, the last of each ragged, in groups of 4 (a partial last group on both grouped
+    axes) or 7 (one partial group), at a vocabulary offset, with a gradient row stride wider
+    than the chunk; filtered, the keep flags (token tile x vocabulary tile) drop K blocks.
+    Every output entry against a float64 product of the kept blocks: a tile visited twice,
+    never, or with another tile's flags fails."""
+    from fused_losses.kernels import logprobs_bwd
+    block = 16
+    cfg = dict(BLOCK_N=block, BLOCK_V=block, BLOCK_OUT=block, GROUP_N=group, num_warps=4,
+               num_stages=1)
+    num_rows, columns, width, v0 = 5 * block - 5, 6 * block - 6, 7 * block - 8, 7
+    generator = torch.Generator().manual_seed(group)
+    weight = torch.randn(v0 + columns + 3, width, generator=generator)
+    hidden = torch.randn(num_rows + 4, width, generator=generator)
+    rows = torch.randperm(num_rows + 4, generator=generator)[:num_rows]
+    grad = torch.randn(num_rows, columns + 5, generator=generator)[:, :columns]
+    keep = (torch.rand(5, 6, generator=generator) > 0.3).to(torch.int8)
+    kept = keep.repeat_interleave(block, 0)[:num_rows].repeat_interleave(block, 1)[:, :columns]
+    for filtered in (False, True):
+        product = grad.double() * kept if filtered else grad.double()
+        grad_hidden = torch.randn(num_rows, width, generator=generator)  # accumulated into
+        want = grad_hidden.double() + product @ weight[v0:v0 + columns].double()
+        logprobs_bwd.grad_hidden_gemm(grad, weight, v0, grad_hidden, keep, cfg,
+                                      filtered=filtered)
+        assert_close(grad_hidden, want, torch.float32, name="dH")
+        # written once (accumulate=False: NaN outside the chunk stays), or added to
+        start = torch.full_like(weight, float("nan")) if not filtered else torch.randn_like(weight)
+        grad_weight = start.clone()
+        logprobs_bwd.grad_weight_gemm(grad, hidden, rows, v0, grad_weight, keep, None, None,
+                                      cfg, filtered=filtered, accumulate=filtered)
+        want = product.T @ hidden[rows].double()
+        if filtered:
+            want += start[v0:v0 + columns].double()
+        assert_close(grad_weight[v0:v0 + columns], want, torch.float32, name="dW")
+        for rest in (slice(0, v0), slice(v0 + columns, None)):  # other rows: untouched
+            torch.testing.assert_close(grad_weight[rest], start[rest], rtol=0, atol=0,
+                                       equal_nan=True)
+
+
 @pytest.mark.parametrize("rows,vocab,block_v,budget,expected", [
     (8, 1000, 32, 8 * 4 * 64, 64),        # two tiles fit
     (8, 1000, 32, 1, 32),                 # never less than one tile
