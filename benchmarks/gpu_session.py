@@ -857,7 +857,9 @@ def session_meta(args, device: str) -> dict:
             "backends": list(providers.our_backends()), "auto_on_cuda": auto_on_cuda,
             "command": " ".join(shlex.quote(a) for a in sys.argv), "device": None,
             "device_name": device, "dry_run": args.dry_run, "distill": args.distill,
-            "commit": git_commit() or os.environ.get("FL_COMMIT", "unknown"),
+            # The caller's word first: the device's copy of the tree can carry a stale git
+            # index (the first H200 session reported a commit weeks old, "+dirty").
+            "commit": os.environ.get("FL_COMMIT") or git_commit() or "unknown",
             "tree_sha256": tree_hash(), "cpu_model": run._cpu_model(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
