@@ -741,7 +741,7 @@ def linear_logprobs_loss(
     """
     check_options(filter_eps=filter_eps, chunk_size=chunk_size)
     if torch.compiler.is_compiling():
-        raise NotImplementedError(
+        raise RuntimeError(
             "linear_logprobs_loss cannot be traced by torch.compile (a Python loss_fn over "
             "data-dependent chunks of scored rows): compute the loss from linear_logprobs "
             "instead, as linear_cross_entropy and the objectives do while compiling")
