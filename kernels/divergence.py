@@ -60,7 +60,7 @@ import triton.language as tl
 
 from . import _launch, configs, scaling
 from ._tl_helpers import grouped_tile, logits_tile
-from .logprobs_bwd import grad_hidden_gemm, grad_weight_gemm
+from .logprobs_bwd import grad_buffers, grad_hidden_gemm, grad_weight_gemm, packed
 
 KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
@@ -555,19 +555,9 @@ def backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                  zeros if grad_logprobs is None else grad_logprobs, inv_bound)
     flags = _flags(hidden, teacher_hidden, bias, teacher_bias)
 
-    grad_hidden_f32 = torch.zeros(num_rows, width, **f32) if need_hidden else None
-    # Contiguous whatever weight's strides: the dW kernel writes row-major, every entry once
-    # when there are rows to visit.
-    grad_weight = None
-    if need_weight:
-        grad_weight = (torch.empty if num_rows else torch.zeros)(
-            vocab, width, dtype=weight.dtype, device=device)
-    grad_bias_f32 = torch.zeros(vocab, **f32) if need_bias else None
-    columns = configs.chunk_width(num_rows, vocab, weight.element_size(), block_v,
-                                  chunk_bytes or _launch.grad_chunk_bytes())
-    token_tiles = triton.cdiv(num_rows, block_n)
-    grad_chunk = torch.empty(num_rows, columns, dtype=weight.dtype, device=device)
-    bias_partials = torch.empty(token_tiles, columns, **f32) if need_bias else zeros
+    grad_hidden_f32, grad_weight, grad_bias_f32, grad_chunk, bias_partials, columns, \
+        token_tiles = grad_buffers(num_rows, weight, block_n, block_v, chunk_bytes,
+                                   need_hidden, need_weight, need_bias, zeros)
     heads = (hidden, weight, bias if bias is not None else weight, teacher_hidden,
              teacher_weight, teacher_bias if teacher_bias is not None else teacher_weight)
     strides = _strides(hidden, weight, teacher_hidden, teacher_weight)
@@ -583,24 +573,26 @@ def backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
             WITH_DIVERGENCE_GRAD=grad_divergence is not None,
             WITH_LOGPROB_GRAD=grad_logprobs is not None, WITH_RAW_LSE=raw_lse is not None,
             NEED_BIAS_GRAD=need_bias, **flags, **meta)
-        # the kernel lays a chunk out with row stride width_here, not columns
-        chunk = grad_chunk.view(-1)[:num_rows * width_here].view(num_rows, width_here)
-        if need_hidden:  # grad_chunk stands in for the keep flags: never read unfiltered
-            grad_hidden_gemm(chunk, weight, v0, grad_hidden_f32, grad_chunk, cfg,
-                             filtered=False)
+        # grad_chunk stands in for the keep flags: never read unfiltered
+        if need_hidden:
+            grad_hidden_gemm(packed(grad_chunk, num_rows, width_here), weight, v0,
+                             grad_hidden_f32, grad_chunk, cfg, filtered=False)
         if need_weight:
-            grad_weight_gemm(chunk, hidden, rows, v0, grad_weight, grad_chunk, ratio,
-                             max_bound, cfg, filtered=False, accumulate=False)
+            grad_weight_gemm(packed(grad_chunk, num_rows, width_here), hidden, rows, v0,
+                             grad_weight, grad_chunk, ratio, max_bound, cfg, filtered=False,
+                             accumulate=False)
         if need_bias:
-            partials = bias_partials.view(-1)[:token_tiles * width_here]
-            torch.sum(partials.view(token_tiles, width_here), dim=0,
+            torch.sum(packed(bias_partials, token_tiles, width_here), dim=0,
                       out=grad_bias_f32[v0:v0 + width_here])
+    # As the log-prob backward: no view of the chunk buffers outlives the loop, and the fp32
+    # dH goes once cast, before the scatter's zeros_like.
     del grad_chunk, bias_partials
     grad_hidden = None
     if need_hidden:
         if row_scale:
             grad_hidden_f32.mul_(bound.unsqueeze(1))
-        grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows,
-                                                           grad_hidden_f32.to(hidden.dtype))
+        grad_hidden = grad_hidden_f32.to(hidden.dtype)
+        del grad_hidden_f32
+        grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_hidden)
     grad_bias = grad_bias_f32.to(bias.dtype) if need_bias else None
     return grad_hidden, grad_weight, grad_bias

@@ -201,7 +201,33 @@ def _grad_weight_kernel(
     tl.store(out, acc.to(grad_weight_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _packed(buffer: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+def grad_buffers(num_rows: int, weight: torch.Tensor, block_n: int, block_v: int,
+                 chunk_bytes: int | None, need_hidden: bool, need_weight: bool,
+                 need_bias: bool, spare: torch.Tensor):
+    """The recompute backward's buffers (this one's and the distillation's): fp32 dH rows
+    [N, H], dW [V, H] in the weight's dtype, fp32 dBias [V], the gradient chunk [N, columns],
+    the per-token-tile bias partials [tiles, columns] (``spare`` stands in when not needed),
+    the chunk's width and the token tiles. None where a gradient is not needed."""
+    vocab, width = weight.shape
+    f32 = dict(dtype=torch.float32, device=weight.device)
+    grad_hidden_f32 = torch.zeros(num_rows, width, **f32) if need_hidden else None
+    # Contiguous whatever weight's strides (a transposed head's zeros_like would not be): the
+    # dW kernel writes row-major. Every entry is written when there are rows to visit.
+    grad_weight = None
+    if need_weight:
+        grad_weight = (torch.empty if num_rows else torch.zeros)(
+            vocab, width, dtype=weight.dtype, device=weight.device)
+    grad_bias_f32 = torch.zeros(vocab, **f32) if need_bias else None
+    columns = configs.chunk_width(num_rows, vocab, weight.element_size(), block_v,
+                                  chunk_bytes or _launch.grad_chunk_bytes())
+    token_tiles = triton.cdiv(num_rows, block_n)
+    grad_chunk = torch.empty(num_rows, columns, dtype=weight.dtype, device=weight.device)
+    bias_partials = torch.empty(token_tiles, columns, **f32) if need_bias else spare
+    return (grad_hidden_f32, grad_weight, grad_bias_f32, grad_chunk, bias_partials, columns,
+            token_tiles)
+
+
+def packed(buffer: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     """The first ``rows * width`` elements of ``buffer`` as ``[rows, width]``: the kernels lay
     a chunk narrower than the buffer out with row stride ``width``, not the buffer's."""
     return buffer.view(-1)[:rows * width].view(rows, width)
@@ -284,19 +310,9 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
         max_bound = bound.max().reshape(1)  # stays on the device: no host sync
     inv_bound, ratio = (1.0 / bound, bound / max_bound) if row_scale else (zeros, zeros)
 
-    grad_hidden_f32 = torch.zeros(num_rows, width, **f32) if need_hidden else None
-    # Contiguous whatever weight's strides (a transposed head's zeros_like would not be): the
-    # dW kernel writes row-major. Every entry is written when there are rows to visit.
-    grad_weight = None
-    if need_weight:
-        grad_weight = (torch.empty if num_rows else torch.zeros)(
-            vocab, width, dtype=weight.dtype, device=device)
-    grad_bias_f32 = torch.zeros(vocab, **f32) if need_bias else None
-    columns = configs.chunk_width(num_rows, vocab, weight.element_size(), block_v,
-                                  chunk_bytes or _launch.grad_chunk_bytes())
-    token_tiles = triton.cdiv(num_rows, block_n)
-    grad_chunk = torch.empty(num_rows, columns, dtype=weight.dtype, device=device)
-    bias_partials = torch.empty(token_tiles, columns, **f32) if need_bias else zeros
+    grad_hidden_f32, grad_weight, grad_bias_f32, grad_chunk, bias_partials, columns, \
+        token_tiles = grad_buffers(num_rows, weight, block_n, block_v, chunk_bytes,
+                                   need_hidden, need_weight, need_bias, zeros)
     keep = torch.empty(token_tiles, triton.cdiv(columns, block_v), dtype=torch.int8,
                        device=device)
     for v0 in range(0, vocab if num_rows else 0, columns):
@@ -313,14 +329,14 @@ def backward(hidden, weight, bias, rows, targets, lse, entropy, grad_logprobs, g
             HAS_ROW_SCALE=row_scale, WITH_ENTROPY_GRAD=with_entropy_grad,
             WITH_MEAN_GRAD=with_mean_grad, NEED_BIAS_GRAD=need_bias, **flags, **meta)
         if need_hidden:
-            grad_hidden_gemm(_packed(grad_chunk, num_rows, width_here), weight, v0,
+            grad_hidden_gemm(packed(grad_chunk, num_rows, width_here), weight, v0,
                              grad_hidden_f32, keep, cfg, filtered=filter_eps is not None)
         if need_weight:
-            grad_weight_gemm(_packed(grad_chunk, num_rows, width_here), hidden, rows, v0,
+            grad_weight_gemm(packed(grad_chunk, num_rows, width_here), hidden, rows, v0,
                              grad_weight, keep, ratio if row_scale else None, max_bound, cfg,
                              filtered=filter_eps is not None, accumulate=False)
         if need_bias:
-            torch.sum(_packed(bias_partials, token_tiles, width_here), dim=0,
+            torch.sum(packed(bias_partials, token_tiles, width_here), dim=0,
                       out=grad_bias_f32[v0:v0 + width_here])
     # Before dH's cast and scatter, lower peak: the chunk buffers (no view of them outlives
     # the loop), then the fp32 dH once cast, before the scatter's zeros_like.
